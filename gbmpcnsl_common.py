@@ -1,0 +1,397 @@
+"""Shared pieces of the gbm-pcnsl steps: class labels, the HDF5 layout, the image
+loader and the model builder/loader.
+
+Everything that two or more steps must agree on lives here, nothing else. TensorFlow is
+imported lazily (inside the model functions) so that `--help` and argument errors answer
+at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__version__ = "1.0.0"
+
+# ---------------------------------------------------------------------------- classes
+# The model outputs P(PCNSL): GBM is label 0, PCNSL is label 1.
+CLASS_NAMES = ("GBM", "PCNSL")
+CLASS_FOLDERS = ("gbm", "pcnsl")
+CLASS_LABELS = {"gbm": 0, "pcnsl": 1}
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+DEFAULT_SIZE = (380, 380)
+
+
+class UserError(Exception):
+    """An expected failure (bad file, bad flag, existing output): reported in one line."""
+
+
+log = logging.getLogger("gbmpcnsl")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr; silence TensorFlow's C++ and Python chatter unless verbose."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def run_main(main_body, argv) -> int:
+    """Run a step's main body, turning UserError into a one-line message and exit code 2.
+
+    KeyboardInterrupt exits 130 with one line, never a traceback.
+    """
+    try:
+        return main_body(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------- images
+def is_image_file(path: Path) -> bool:
+    """True for a visible file with a supported image extension (any case)."""
+    return (
+        path.is_file()
+        and not path.name.startswith(".")
+        and path.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def find_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand files and folders into image paths, in the order given.
+
+    A folder expands recursively to its supported image files, sorted; hidden files and
+    folders are skipped. A file is kept as given (a bad one fails later, when loaded).
+    A path that does not exist raises UserError.
+    """
+    images: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if is_image_file(p)
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                raise UserError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            images.extend(found)
+        elif path.exists():
+            images.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return images
+
+
+def _scale_to_uint8(image: Image.Image) -> Image.Image:
+    """Window a 16-bit or float image to 0-255 (0.5-99.5 percentiles) as an 8-bit L image.
+
+    PIL's convert("RGB") clips such images at 255, which turns most of a 16-bit MRI export
+    white; a robust window keeps the contrast instead.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return Image.fromarray(np.zeros(values.shape, dtype=np.uint8), mode="L")
+    low, high = np.percentile(finite, [0.5, 99.5])
+    if high <= low:  # constant image (or nearly): keep it flat rather than divide by 0
+        low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        scaled = np.zeros(values.shape)
+    else:
+        scaled = (np.nan_to_num(values, nan=low) - low) / (high - low) * 255.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_image(path: str | Path, size: tuple[int, int] = DEFAULT_SIZE) -> np.ndarray:
+    """Read an image file as a uint8 array of shape (H, W, 3), size = (H, W).
+
+    8-bit images go through `Image.convert("RGB").resize((W, H), Image.LANCZOS)`, bit for
+    bit as the original implementation (published checkpoints were trained on these
+    pixels). 16-bit and float images (modes I;16*, I, F) are first windowed to 0-255.
+    Any unreadable or truncated file raises UserError naming the file.
+    """
+    height, width = size
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, inside the try
+            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                image = _scale_to_uint8(image)
+            rgb = image.convert("RGB").resize((width, height), Image.LANCZOS)
+            return np.asarray(rgb, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UserError(f"{path}: cannot read image ({error})") from error
+
+
+# ---------------------------------------------------------------------------- HDF5
+# /<class>/<H>_<W>/features  uint8 (N, H, W, 3)
+# /<class>/<H>_<W>/labels    uint8 (N,)
+# /<class>/<H>_<W>/paths     UTF-8 strings (relative to the data folder)
+# /<class>/<H>_<W>/groups    UTF-8 strings (patient id)
+HDF5_FORMAT_VERSION = 1
+
+
+def size_key(size: tuple[int, int]) -> str:
+    """(380, 380) -> "380_380", the name of a size group in the HDF5 file."""
+    return f"{size[0]}_{size[1]}"
+
+
+def parse_size_key(key: str) -> tuple[int, int]:
+    """ "380_380" -> (380, 380)."""
+    height, width = key.split("_")
+    return int(height), int(width)
+
+
+def hdf5_sizes(h5file) -> list[tuple[int, int]]:
+    """The image sizes present for every class in an open h5py.File, sorted."""
+    per_class = []
+    for folder in CLASS_FOLDERS:
+        if folder not in h5file:
+            return []
+        per_class.append(
+            {parse_size_key(k) for k in h5file[folder] if "features" in h5file[folder][k]}
+        )
+    return sorted(set.intersection(*per_class))
+
+
+def choose_hdf5_size(h5file, size: tuple[int, int] | None, filename: str | Path) -> tuple[int, int]:
+    """The size to read: `size` if given (must exist), else the only one in the file."""
+    sizes = hdf5_sizes(h5file)
+    if not sizes:
+        raise UserError(f"{filename}: no gbm/<H>_<W>/features and pcnsl/<H>_<W>/features groups")
+    if size is not None:
+        if tuple(size) not in sizes:
+            listed = ", ".join(f"{h} {w}" for h, w in sizes)
+            raise UserError(f"{filename}: no images of size {size[0]} {size[1]} (has: {listed})")
+        return tuple(size)
+    if len(sizes) > 1:
+        listed = ", ".join(f"{h} {w}" for h, w in sizes)
+        raise UserError(f"{filename}: holds several sizes ({listed}); pick one with --size H W")
+    return sizes[0]
+
+
+def read_hdf5_index(h5file, size: tuple[int, int]) -> tuple[list[dict], bool]:
+    """One record per image {class, row, label, path, group}, and whether the file has groups.
+
+    A file in the original layout (features + labels only) gets synthetic paths
+    "<class>/<row>" and each slice becomes its own group (has_groups is then False).
+    """
+    key = size_key(size)
+    records: list[dict] = []
+    has_groups = True
+    for folder in CLASS_FOLDERS:
+        group = h5file[folder][key]
+        count = group["features"].shape[0]
+        if "paths" in group and "groups" in group:
+            paths = [p.decode() if isinstance(p, bytes) else str(p) for p in group["paths"][:]]
+            groups = [g.decode() if isinstance(g, bytes) else str(g) for g in group["groups"][:]]
+        else:
+            has_groups = False
+            paths = [f"{folder}/{row}" for row in range(count)]
+            groups = list(paths)
+        for row in range(count):
+            records.append(
+                {
+                    "class": folder,
+                    "row": row,
+                    "label": CLASS_LABELS[folder],
+                    "path": paths[row],
+                    "group": groups[row],
+                }
+            )
+    return records, has_groups
+
+
+def hdf5_root_attributes() -> dict:
+    """Root attributes written by step0: format version, class mapping, tool version."""
+    return {
+        "format_version": HDF5_FORMAT_VERSION,
+        "class_labels": json.dumps(CLASS_LABELS),
+        "tool": "gbm-pcnsl",
+        "tool_version": __version__,
+    }
+
+
+# ---------------------------------------------------------------------------- model
+BACKBONES = tuple(f"efficientnetb{i}" for i in range(8))
+LAST_CONV_LAYER = "top_activation"
+LOGIT_LAYER = "logit"
+OUTPUT_LAYER = "predictions"
+# keras.applications.efficientnet divides by sqrt(stddev) once more when it loads the
+# ImageNet weights (tensorflow issue 49930); we fold that into the Normalization variance.
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def _backbone_constructor(backbone: str):
+    import keras
+
+    names = {f"efficientnetb{i}": f"EfficientNetB{i}" for i in range(8)}
+    if backbone not in names:
+        raise UserError(f"--backbone {backbone}: expected one of {', '.join(BACKBONES)}")
+    return getattr(keras.applications, names[backbone])
+
+
+def imagenet_cache_hint(backbone: str) -> str:
+    """Where Keras caches the ImageNet file and how to give one by hand."""
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    name = f"{backbone}_notop.h5"
+    return (
+        f"Keras caches it as {os.path.join(keras_home, 'models', name)}; copy the file there "
+        f"(from https://storage.googleapis.com/keras-applications/{name}) or pass "
+        f"--weights /path/to/{name}"
+    )
+
+
+def _imagenet_backbone_weights(backbone: str, input_shape, weights: str) -> list:
+    """The backbone's ImageNet weights, through Keras's own download-and-cache path, or
+    from a local notop file; returned as a list of arrays for a weights=None backbone."""
+    constructor = _backbone_constructor(backbone)
+    if weights == "imagenet":
+        try:
+            reference = constructor(include_top=False, weights="imagenet", input_shape=input_shape)
+        except Exception as error:  # urllib/socket errors differ by platform
+            raise UserError(
+                f"--weights imagenet: could not load the {backbone} ImageNet weights "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+                + imagenet_cache_hint(backbone)
+            ) from error
+    else:
+        if not Path(weights).is_file():
+            raise UserError(f"--weights {weights}: no such file")
+        try:
+            reference = constructor(include_top=False, weights=weights, input_shape=input_shape)
+        except Exception as error:
+            raise UserError(
+                f"--weights {weights}: not a {backbone} notop weights file ({error})"
+            ) from error
+    return reference.get_weights()
+
+
+def build_model(
+    backbone: str = "efficientnetb4",
+    input_shape: tuple[int, int, int] = (380, 380, 3),
+    weights: str | None = "imagenet",
+):
+    """EfficientNet backbone -> GlobalAveragePooling2D("avg_pool") -> Dropout(0.5) ->
+    Dense(1) logit ("logit") -> sigmoid in float32 ("predictions"), giving P(PCNSL).
+
+    Inputs are RGB floats in 0-255 (the backbone scales them itself). `weights` is
+    "imagenet" (Keras downloads and caches the file), None, or a path to the backbone's
+    notop weights file (the same file Keras downloads).
+
+    The graph is always the weights=None graph of keras.applications, the one TF 2.5
+    trained the published checkpoints with. For ImageNet weights Keras would add an extra
+    Rescaling layer after Normalization (tensorflow issue 49930); we fold that constant
+    into the Normalization variance instead, which gives the same function with one graph
+    for every kind of weights (so weights-only and legacy files always load).
+    """
+    import keras
+
+    constructor = _backbone_constructor(backbone)
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    base = constructor(include_top=False, weights=None, input_tensor=inputs)
+    if weights is not None:
+        base.set_weights(_imagenet_backbone_weights(backbone, tuple(input_shape), weights))
+        normalization = next(
+            layer for layer in base.layers if isinstance(layer, keras.layers.Normalization)
+        )
+        mean, variance, count = normalization.get_weights()
+        normalization.set_weights([mean, variance * np.asarray(IMAGENET_STDDEV_RGB), count])
+        normalization.finalize_state()  # set_weights alone leaves the layer's cached mean/variance stale
+    features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    features = keras.layers.Dropout(0.5, name="top_dropout")(features)
+    # Float32 head: with mixed_float16 the logit and the probability stay float32.
+    logit = keras.layers.Dense(1, dtype="float32", name=LOGIT_LAYER)(features)
+    prob_pcnsl = keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_LAYER)(logit)
+    return keras.Model(inputs, prob_pcnsl, name=f"{backbone}_gbm_pcnsl")
+
+
+def model_input_size(model) -> tuple[int, int]:
+    """(H, W) of a model's image input."""
+    shape = model.inputs[0].shape
+    return int(shape[1]), int(shape[2])
+
+
+def _legacy_input_shape(path: Path) -> tuple[int, int, int]:
+    """The input shape recorded in a tf.keras 2.x full-model .h5 file (default 380x380)."""
+    import h5py
+
+    with h5py.File(path, "r") as h5file:
+        config = h5file.attrs.get("model_config")
+    if config is None:
+        return (380, 380, 3)
+    if isinstance(config, bytes):
+        config = config.decode()
+    try:
+        for layer in json.loads(config)["config"]["layers"]:
+            if layer["class_name"] == "InputLayer":
+                shape = layer["config"].get("batch_input_shape") or layer["config"].get("batch_shape")
+                return tuple(int(d) for d in shape[1:])
+    except (KeyError, TypeError, ValueError):
+        pass
+    return (380, 380, 3)
+
+
+def load_model_for_inference(path: str | Path):
+    """Load a checkpoint for prediction or Grad-CAM; never downloads anything.
+
+    - `.keras`: a full Keras 3 model (step1's checkpoints), loaded with safe_mode on.
+    - `.weights.h5`: weights only, with a run.json beside it (or one folder up) that
+      records the backbone and image size.
+    - `.h5` / `.hdf5`: a file saved by tf.keras 2.x with the original architecture
+      (EfficientNetB4 at 380x380, full model or weights only): the graph is rebuilt and
+      the weights loaded into it.
+    """
+    import keras
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--model-weights {path}: no such file")
+    name = path.name.lower()
+    expected = (
+        "expected a .keras model from step1, a .weights.h5 file with its run.json, "
+        "or a tf.keras 2.x .h5/.hdf5 checkpoint of the original EfficientNetB4 model"
+    )
+    try:
+        if name.endswith(".keras"):
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
+        if name.endswith(".weights.h5"):
+            run_json = next(
+                (p / "run.json" for p in (path.parent, path.parent.parent) if (p / "run.json").is_file()),
+                None,
+            )
+            if run_json is None:
+                raise UserError(f"{path}: a .weights.h5 file needs the run.json of its training run beside it")
+            run = json.loads(run_json.read_text())
+            model = build_model(run["backbone"], tuple(run["input_shape"]), weights=None)
+            model.load_weights(path)
+            return model
+        if name.endswith((".h5", ".hdf5")):
+            model = build_model("efficientnetb4", _legacy_input_shape(path), weights=None)
+            model.load_weights(path)
+            return model
+    except UserError:
+        raise
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: cannot load model ({first_line}); {expected}") from error
+    raise UserError(f"{path}: unknown checkpoint type; {expected}")

@@ -1,0 +1,58 @@
+"""Session fixtures shared by the test modules: a tiny demo cohort, its HDF5 file and one
+tiny model trained on it by step1 (EfficientNetB4, 64x64, weights=None, 2 epochs).
+
+Everything is offline and small; building these takes about a minute on 2 CPU cores and
+is done once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """A demo cohort: DATA/{gbm,pcnsl}/<patient>/<slice>.png, masks under DATA/masks/."""
+    import make_demo_data
+
+    data_dir = tmp_path_factory.mktemp("demo") / "data"
+    argv = [str(data_dir), "--patients-per-class", "8", "--slices-per-patient", "3", "--size", "96"]
+    assert make_demo_data.main([*argv, "--seed", "0"]) == 0
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def demo_h5(demo_data, tmp_path_factory) -> Path:
+    """The demo cohort converted by step0 at 64x64."""
+    import step0_convert_images_to_hdf5 as step0
+
+    h5_path = tmp_path_factory.mktemp("h5") / "demo.h5"
+    assert step0.main([str(demo_data), str(h5_path), "--size", str(TINY_SIZE), str(TINY_SIZE)]) == 0
+    return h5_path
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_h5, tmp_path_factory) -> Path:
+    """A run folder written by step1: checkpoints, history.csv, run.json, split.csv."""
+    import step1_train_model as step1
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    argv = ["--augmentation", "base", "--epochs", "2", "--weights", "none", "--seed", "0"]
+    assert step1.main([*argv, str(demo_h5), str(run_dir)]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(trained_run) -> Path:
+    """The best (last written) .keras checkpoint of the tiny run."""
+    checkpoints = sorted(trained_run.glob("ckpt_*.keras"))
+    assert checkpoints, f"step1 wrote no checkpoint in {trained_run}"
+    return checkpoints[-1]
