@@ -1,0 +1,252 @@
+"""The step 3 and step 4 notebooks, run headless as the README runs them (papermill with
+parameters, on the python3 kernel), and the figures and tables they write.
+
+The inputs are small synthetic fixtures (a run folder with history.csv and run.json,
+predictions CSVs in step2's format with gbm/pcnsl and patient folders in the paths). To run
+the notebooks on the real tiny run instead, change `step3_run_dirs` / `step4_predictions`
+to build their inputs from conftest's `trained_run` (and step2's CSV); the checks below
+read everything they compare against from those inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+N_BOOTSTRAPS = 200
+STEP3 = "step3_plot_training_metrics.ipynb"
+STEP4 = "step4_plot_roc.ipynb"
+
+
+def run_notebook(name: str, executed_path: Path, parameters: dict) -> nbformat.NotebookNode:
+    """Execute a notebook from the repository root with papermill; return the executed copy."""
+    import papermill
+
+    papermill.execute_notebook(
+        str(ROOT / name),
+        str(executed_path),
+        parameters=parameters,
+        cwd=str(ROOT),
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    return nbformat.read(executed_path, as_version=4)
+
+
+def check_figure(stem: Path) -> None:
+    """stem.png opens as a non-blank image, stem.pdf is a non-trivial PDF."""
+    png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
+    assert png.is_file() and pdf.is_file(), f"missing {png.name} or {pdf.name}"
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        assert image.width > 300 and image.height > 300
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.std() > 5, f"{png.name} looks blank"
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 2000
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+def write_run(run_dir: Path, val_loss: list[float], names: dict[str, str]) -> Path:
+    """A run folder as step1 writes it: history.csv (CSVLogger: 0-based epochs) + run.json."""
+    run_dir.mkdir(parents=True)
+    epochs = len(val_loss)
+    rng = np.random.default_rng(len(val_loss))
+    history = pd.DataFrame(
+        {
+            "epoch": np.arange(epochs),
+            names["accuracy"]: np.linspace(0.55, 0.95, epochs),
+            names["auc"]: np.linspace(0.6, 0.99, epochs),
+            "learning_rate": np.full(epochs, 1e-4),
+            "loss": np.linspace(0.7, 0.1, epochs),
+            f"val_{names['accuracy']}": np.clip(
+                np.linspace(0.5, 0.9, epochs) + rng.normal(0, 0.02, epochs), 0, 1
+            ),
+            f"val_{names['auc']}": np.clip(
+                np.linspace(0.55, 0.95, epochs) + rng.normal(0, 0.02, epochs), 0, 1
+            ),
+            "val_loss": val_loss,
+        }
+    )
+    history.to_csv(run_dir / "history.csv", index=False)
+    best = int(np.argmin(val_loss))
+    run_info = {"backbone": "efficientnetb0", "input_shape": [64, 64, 3], "best_epoch": best + 1}
+    (run_dir / "run.json").write_text(json.dumps({**run_info, "best_val_loss": float(val_loss[best])}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def step3_run_dirs(tmp_path_factory) -> list[Path]:
+    """Two runs, with Keras's two spellings of the metric names."""
+    base = tmp_path_factory.mktemp("step3")
+    return [
+        write_run(base / "run_a", [0.69, 0.6, 0.52, 0.45, 0.47, 0.5], {"accuracy": "accuracy", "auc": "auc"}),
+        write_run(
+            base / "run_b",
+            [0.7, 0.62, 0.58, 0.55, 0.54, 0.56, 0.6],
+            {"accuracy": "binary_accuracy", "auc": "auc_1"},
+        ),
+    ]
+
+
+def write_predictions(csv_path: Path, seed: int, separation: float) -> Path:
+    """step2's CSV for 10 GBM and 10 PCNSL patients, 3 slices each, under test/<class>/<patient>/."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for folder, label in (("gbm", 0), ("pcnsl", 1)):
+        for patient in range(10):
+            patient_shift = rng.normal(0, 0.7)  # slices of one patient are correlated
+            for slice_number in range(3):
+                logit = separation * (2 * label - 1) + patient_shift + rng.normal(0, 1)
+                prob_pcnsl = 1 / (1 + np.exp(-logit))
+                path = f"test/{folder}/{folder}_p{patient:03d}/slice{slice_number:02d}.png"
+                rows.append({"path": path, "prob_gbm": 1 - prob_pcnsl, "prob_pcnsl": prob_pcnsl})
+    pd.DataFrame(rows).to_csv(csv_path, index=False)
+    return csv_path
+
+
+@pytest.fixture(scope="module")
+def step4_predictions(tmp_path_factory) -> dict[str, Path]:
+    """Two models' predictions on the same images, one better than the other."""
+    base = tmp_path_factory.mktemp("step4")
+    return {
+        "model A": write_predictions(base / "a.csv", seed=1, separation=1.2),
+        "model B": write_predictions(base / "b.csv", seed=2, separation=0.5),
+    }
+
+
+# ---------------------------------------------------------------------------- step 3
+
+
+def test_step3_notebook_writes_training_figures(step3_run_dirs, tmp_path):
+    output_dir = tmp_path / "figures"
+    run_notebook(
+        STEP3,
+        tmp_path / STEP3,
+        # as papermill -p passes it from a shell: a JSON string
+        {"run_dirs": json.dumps([str(p) for p in step3_run_dirs]), "output_dir": str(output_dir)},
+    )
+    for run_dir in step3_run_dirs:
+        check_figure(output_dir / f"training_{run_dir.name}")
+    check_figure(output_dir / "training_overlay")
+
+    summary = pd.read_csv(output_dir / "training_summary.csv").set_index("run")
+    for run_dir in step3_run_dirs:
+        history = pd.read_csv(run_dir / "history.csv")
+        best_row = history.loc[history["val_loss"].idxmin()]
+        row = summary.loc[run_dir.name]
+        assert row["epochs"] == len(history)
+        assert (
+            row["best_epoch"]
+            == best_row["epoch"] + 1
+            == json.loads((run_dir / "run.json").read_text())["best_epoch"]
+        )
+        assert row["best_val_loss"] == pytest.approx(best_row["val_loss"])
+        val_auc = "val_auc" if "val_auc" in history else "val_auc_1"
+        assert row["best_val_auc"] == pytest.approx(best_row[val_auc])
+
+
+def test_step3_notebook_refuses_a_pickle_without_the_flag(tmp_path):
+    import pickle
+
+    from papermill.exceptions import PapermillExecutionError
+
+    run_dir = tmp_path / "original_run"
+    run_dir.mkdir()
+    with open(run_dir / "history.pkl", "wb") as file:
+        pickle.dump({"loss": [0.7, 0.5], "val_loss": [0.72, 0.6]}, file)
+    with pytest.raises(PapermillExecutionError, match="allow_pickle"):
+        run_notebook(
+            STEP3, tmp_path / STEP3, {"run_dirs": [str(run_dir)], "output_dir": str(tmp_path / "out")}
+        )
+
+
+# ---------------------------------------------------------------------------- step 4
+
+
+def test_step4_notebook_writes_roc_figures_and_metrics(step4_predictions, tmp_path):
+    output_dir = tmp_path / "figures"
+    notebook = run_notebook(
+        STEP4,
+        tmp_path / STEP4,
+        {
+            "predictions": json.dumps({name: str(path) for name, path in step4_predictions.items()}),
+            "output_dir": str(output_dir),
+            "n_bootstraps": N_BOOTSTRAPS,
+            "seed": 3,
+        },
+    )
+    check_figure(output_dir / "roc_gbm")
+    check_figure(output_dir / "roc_pcnsl")
+
+    metrics = pd.read_csv(output_dir / "roc_metrics.csv")
+    assert len(metrics) == 2 * len(step4_predictions)
+    for name, csv_path in step4_predictions.items():
+        predictions = pd.read_csv(csv_path)
+        is_pcnsl = predictions["path"].str.contains("/pcnsl/").to_numpy()
+        patients = (
+            predictions.assign(patient=predictions["path"].str.rsplit("/", n=1).str[0], is_pcnsl=is_pcnsl)
+            .groupby("patient")[["prob_pcnsl", "is_pcnsl"]]
+            .mean()
+        )
+        called_pcnsl = predictions["prob_pcnsl"].to_numpy() > 0.5
+        for positive_class, is_positive, score, patient_positive, patient_score, called in (
+            (
+                "GBM",
+                ~is_pcnsl,
+                predictions["prob_gbm"],
+                patients["is_pcnsl"] == 0,
+                1 - patients["prob_pcnsl"],
+                ~called_pcnsl,
+            ),
+            (
+                "PCNSL",
+                is_pcnsl,
+                predictions["prob_pcnsl"],
+                patients["is_pcnsl"] == 1,
+                patients["prob_pcnsl"],
+                called_pcnsl,
+            ),
+        ):
+            row = metrics[(metrics["model"] == name) & (metrics["positive_class"] == positive_class)].iloc[0]
+            assert row["auc"] == pytest.approx(roc_auc_score(is_positive, score), abs=1e-12)
+            assert row["auc_ci_low"] < row["auc"] < row["auc_ci_high"]
+            assert row["delong_ci_low"] < row["auc"] < row["delong_ci_high"]
+            assert row["n_bootstraps"] == N_BOOTSTRAPS and row["n_skipped"] == 0
+            assert row["sensitivity"] == pytest.approx((called & is_positive).sum() / is_positive.sum())
+            assert row["specificity"] == pytest.approx((~called & ~is_positive).sum() / (~is_positive).sum())
+            assert row["n_patients"] == 20
+            assert row["patient_auc"] == pytest.approx(
+                roc_auc_score(patient_positive, patient_score), abs=1e-12
+            )
+            assert row["patient_auc_ci_low"] <= row["patient_auc"] <= row["patient_auc_ci_high"]
+
+    markdown = (output_dir / "roc_metrics.md").read_text().splitlines()
+    assert markdown[0].startswith("| Model | Positive class |") and "AUROC" in markdown[0]
+    assert len(markdown) == 2 + len(metrics)
+    first = metrics.iloc[0]
+    assert f"| {first['auc']:.3f} | {first['auc_ci_low']:.3f}-{first['auc_ci_high']:.3f} |" in markdown[2]
+
+    reports = (output_dir / "classification_reports.txt").read_text()
+    assert reports.count("precision") == len(step4_predictions) and "true PCNSL" in reports
+    # The executed notebook shows the AUCs it saved (its outputs are kept in the executed copy).
+    shown = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
+    assert "model B" in shown
+
+
+def test_committed_notebooks_are_stripped_and_parameterised():
+    for name in (STEP3, STEP4):
+        notebook = nbformat.read(ROOT / name, as_version=4)
+        code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        assert "parameters" in code_cells[0].metadata.get("tags", []), name
+        for cell in code_cells:
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: outputs not stripped"
