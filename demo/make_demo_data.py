@@ -1,0 +1,276 @@
+"""Write a synthetic GBM / PCNSL cohort of MRI-like slices (no download, no real patients).
+
+    python demo/make_demo_data.py OUT_DIR [--patients-per-class 20] [--slices-per-patient 5]
+                                          [--size 256] [--format png|jpg] [--seed 0] [--overwrite]
+
+Writes 8-bit grayscale axial "contrast-enhanced T1" slices in step0's input layout, and a
+lesion mask (0/255 PNG) for every slice in a parallel tree that step0 never reads:
+
+    OUT_DIR/gbm/gbm_s0_p000/slice00.png       OUT_DIR/masks/gbm/gbm_s0_p000/slice00.png
+    OUT_DIR/pcnsl/pcnsl_s0_p000/slice00.png   OUT_DIR/masks/pcnsl/pcnsl_s0_p000/slice00.png
+
+Every slice shows a head (scalp, skull, brain with grey/white texture, ventricles, noise,
+a smooth bias field) and one kind of lesion:
+- GBM-like: a thick, irregular ring of enhancement around a dark necrotic core, with
+  hypointense oedema around it; anywhere in the hemispheres.
+- PCNSL-like: solid, homogeneous enhancement with a smoother outline, often next to the
+  ventricles, sometimes several lesions.
+Lesion size and brightness ranges overlap between the classes, some GBMs have thin rings
+and small cores and some PCNSLs are faintly heterogeneous, so the task is learnable but
+not trivial. A patient's lesion stays in place across its slices; its size changes a
+little from slice to slice. The same --seed gives byte-identical files; patient ids carry
+the seed, so cohorts made with different seeds (e.g. train and test) never share a patient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+CLASS_FOLDERS = ("gbm", "pcnsl")
+
+
+# ---------------------------------------------------------------------------- patients
+def make_patient(rng: np.random.Generator, kind: str) -> dict:
+    """Draw one synthetic patient: head shape, tissue contrast and its lesion(s).
+
+    Coordinates are normalised: the image spans -1..1, the head's semi-axes are ~0.8/0.9.
+    """
+    patient = {
+        "head_axes": (rng.uniform(0.74, 0.82), rng.uniform(0.86, 0.93)),
+        "head_shift": tuple(rng.uniform(-0.03, 0.03, size=2)),
+        "head_angle": rng.uniform(-0.12, 0.12),
+        "grey": rng.uniform(85, 100),
+        "white": rng.uniform(108, 125),
+        "ventricle_size": rng.uniform(0.8, 1.3),
+        "noise_sigma": rng.uniform(3.0, 7.0),
+        "bias": tuple(rng.uniform(-0.08, 0.08, size=2)),
+        "lesions": [],
+    }
+    if kind == "gbm":
+        # One large irregular ring-enhancing lesion, somewhere in a hemisphere.
+        angle = rng.uniform(0, 2 * np.pi)
+        distance = rng.uniform(0.28, 0.5)
+        thin_ring = rng.random() < 0.2  # a minority with thin rings: overlaps with PCNSL
+        patient["lesions"].append(
+            {
+                "center": (distance * np.cos(angle), distance * np.sin(angle)),
+                "radius": rng.uniform(0.13, 0.24),
+                "harmonics": rng.uniform(0.0, 0.13, size=4),
+                "phases": rng.uniform(0, 2 * np.pi, size=4),
+                "core": rng.uniform(0.3, 0.5) if thin_ring else rng.uniform(0.45, 0.72),
+                "core_level": rng.uniform(35, 75),
+                "enhancement": rng.uniform(165, 235),
+                "oedema": rng.uniform(0.3, 0.8),
+            }
+        )
+    else:
+        # 1-3 solid homogeneous lesions, mostly periventricular.
+        count = rng.choice([1, 1, 1, 2, 2, 3])
+        for index in range(count):
+            if rng.random() < 0.7:  # periventricular: just lateral to a ventricle
+                side = rng.choice([-1.0, 1.0])
+                center = (side * rng.uniform(0.18, 0.32), rng.uniform(-0.3, 0.25))
+            else:
+                angle = rng.uniform(0, 2 * np.pi)
+                distance = rng.uniform(0.25, 0.5)
+                center = (distance * np.cos(angle), distance * np.sin(angle))
+            heterogeneous = rng.random() < 0.15  # faint central dip: overlaps with GBM
+            patient["lesions"].append(
+                {
+                    "center": center,
+                    "radius": rng.uniform(0.11, 0.21) * (1.0 if index == 0 else 0.7),
+                    "harmonics": rng.uniform(0.0, 0.06, size=4),
+                    "phases": rng.uniform(0, 2 * np.pi, size=4),
+                    "core": rng.uniform(0.3, 0.5) if heterogeneous else 0.0,
+                    "core_level_fraction": rng.uniform(0.8, 0.9),
+                    "enhancement": rng.uniform(155, 225),
+                    "oedema": rng.uniform(0.2, 0.7),
+                }
+            )
+    return patient
+
+
+# ---------------------------------------------------------------------------- drawing
+def smooth_noise(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian-smoothed noise; `scale` is a fraction of the image."""
+    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma=max(scale * size, 0.5))
+    return field / (field.std() + 1e-12)
+
+
+def draw_slice(
+    rng: np.random.Generator, patient: dict, kind: str, z: float, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One axial slice at height z (-1..1 across the patient's slices): uint8 image and
+    boolean lesion mask (enhancing rim plus necrotic core, not oedema), both (size, size)."""
+    axis = (np.arange(size) + 0.5) / size * 2 - 1
+    v, u = np.meshgrid(axis, axis, indexing="ij")  # v: rows (down), u: columns (right)
+
+    # Head: rotated ellipse, a little smaller away from the middle slice.
+    cos, sin = np.cos(patient["head_angle"]), np.sin(patient["head_angle"])
+    uc, vc = u - patient["head_shift"][0], v - patient["head_shift"][1]
+    ur, vr = cos * uc + sin * vc, -sin * uc + cos * vc
+    head_scale = 1.0 - 0.04 * abs(z)
+    rho = np.hypot(ur / (patient["head_axes"][0] * head_scale), vr / (patient["head_axes"][1] * head_scale))
+
+    image = np.zeros((size, size))
+    image[rho < 1.0] = 145.0  # scalp fat, bright on T1
+    image[(rho >= 0.88) & (rho < 0.95)] = 35.0  # cortical bone, dark
+    image[(rho >= 0.905) & (rho < 0.925)] = 115.0  # diploe (marrow) stripe inside the skull
+    image[(rho >= 0.86) & (rho < 0.88)] = 45.0  # CSF rim around the brain
+    brain = rho < 0.86
+
+    # Brain: white matter core with a wobbly border, grey matter around it, fine texture.
+    wobble = 0.06 * smooth_noise(rng, size, 0.04)
+    white = rho + wobble < 0.68
+    tissue = np.where(white, patient["white"], patient["grey"]) + 4.0 * smooth_noise(rng, size, 0.01)
+    image[brain] = tissue[brain]
+
+    # Ventricles: two dark crescents either side of the midline.
+    ventricle_scale = patient["ventricle_size"] * (1.0 - 0.3 * abs(z))
+    for side in (-1.0, 1.0):
+        a = 0.11 * side * 0.5  # slight outward tilt
+        du, dv = ur - side * 0.09, vr + 0.02
+        du, dv = np.cos(a) * du + np.sin(a) * dv, -np.sin(a) * du + np.cos(a) * dv
+        inside = (du / (0.055 * ventricle_scale)) ** 2 + (dv / (0.22 * ventricle_scale)) ** 2 < 1.0
+        image[inside & brain] = 32.0
+
+    # Lesions: distance to the centre relative to an irregular radius r(theta).
+    mask = np.zeros((size, size), dtype=bool)
+    lesion_layer = np.zeros((size, size))
+    lesion_weight = np.zeros((size, size))
+    oedema_factor = np.ones((size, size))
+    lesion_scale = np.sqrt(1.0 - 0.4 * z * z)  # largest on the middle slice
+    for lesion in patient["lesions"]:
+        du, dv = ur - lesion["center"][0], vr - lesion["center"][1]
+        theta = np.arctan2(dv, du)
+        radius = (
+            lesion["radius"]
+            * lesion_scale
+            * (
+                1.0
+                + sum(
+                    amplitude * np.cos((k + 2) * theta + phase)
+                    for k, (amplitude, phase) in enumerate(
+                        zip(lesion["harmonics"], lesion["phases"], strict=True)
+                    )
+                )
+            )
+        )
+        d = np.hypot(du, dv) / radius
+        inside = (d < 1.0) & brain
+        mask |= inside
+        level = lesion["enhancement"] * (1.0 + 0.05 * smooth_noise(rng, size, 0.015))
+        if kind == "gbm":
+            # Thick irregular rim, dark necrotic core.
+            core_edge = lesion["core"] * (1.0 + 0.15 * smooth_noise(rng, size, 0.03))
+            level = np.where(d < core_edge, lesion["core_level"], level)
+        elif lesion["core"] > 0:
+            level = np.where(d < lesion["core"], level * lesion["core_level_fraction"], level)
+        lesion_layer = np.where(inside, level, lesion_layer)
+        lesion_weight = np.maximum(lesion_weight, inside)
+        ring = (d >= 1.0) & (d < 1.0 + lesion["oedema"]) & brain
+        oedema_factor = np.where(
+            ring, np.minimum(oedema_factor, 0.7 + 0.3 * (d - 1.0) / lesion["oedema"]), oedema_factor
+        )
+
+    image = image * oedema_factor
+    lesion_weight = ndimage.gaussian_filter(lesion_weight.astype(float), sigma=0.4 * size / 256)
+    image = image * (1 - lesion_weight) + lesion_layer * lesion_weight
+
+    # Scanner: smooth bias field, thermal noise (Rician-like in the background).
+    bias = 1.0 + patient["bias"][0] * u + patient["bias"][1] * v
+    image = ndimage.gaussian_filter(image, sigma=0.5 * size / 256) * bias
+    noise = patient["noise_sigma"] * rng.standard_normal((size, size, 2))
+    image = np.hypot(image + noise[..., 0], noise[..., 1])
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+
+
+# ---------------------------------------------------------------------------- cohort
+def make_cohort(
+    out_dir: Path, patients_per_class: int, slices_per_patient: int, size: int, fmt: str, seed: int
+) -> int:
+    """Write every class, patient and slice; returns the number of images written."""
+    written = 0
+    for class_index, kind in enumerate(CLASS_FOLDERS):
+        for patient_index in range(patients_per_class):
+            # One generator per patient: its slices do not depend on how many others exist.
+            rng = np.random.default_rng([seed, class_index, patient_index])
+            patient = make_patient(rng, kind)
+            patient_id = f"{kind}_s{seed}_p{patient_index:03d}"
+            image_dir = out_dir / kind / patient_id
+            mask_dir = out_dir / "masks" / kind / patient_id
+            image_dir.mkdir(parents=True, exist_ok=True)
+            mask_dir.mkdir(parents=True, exist_ok=True)
+            heights = np.linspace(-1.0, 1.0, slices_per_patient) if slices_per_patient > 1 else [0.0]
+            for slice_index, z in enumerate(heights):
+                pixels, mask = draw_slice(rng, patient, kind, float(z), size)
+                name = f"slice{slice_index:02d}"
+                if fmt == "png":
+                    Image.fromarray(pixels, mode="L").save(image_dir / f"{name}.png")
+                else:
+                    Image.fromarray(pixels, mode="L").save(image_dir / f"{name}.jpg", quality=92)
+                Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_dir / f"{name}.png")
+                written += 1
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Masks are always PNG, at OUT_DIR/masks/<class>/<patient>/<slice>.png.",
+    )
+    parser.add_argument("out_dir", type=Path, help="folder to write (must be empty or absent)")
+    parser.add_argument("--patients-per-class", type=int, default=20)
+    parser.add_argument("--slices-per-patient", type=int, default=5)
+    parser.add_argument("--size", type=int, default=256, help="image height and width in pixels")
+    parser.add_argument("--format", choices=("png", "jpg"), default="png")
+    parser.add_argument("--seed", type=int, default=0, help="cohort seed (also part of the patient ids)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace gbm/, pcnsl/ and masks/ in a non-empty OUT_DIR"
+    )
+    args = parser.parse_args(argv)
+    if args.patients_per_class < 1 or args.slices_per_patient < 1:
+        parser.error("--patients-per-class and --slices-per-patient must be at least 1")
+    if args.size < 16:
+        parser.error("--size must be at least 16")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+
+    out_dir: Path = args.out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"error: {out_dir}: exists and is not a folder", file=sys.stderr)
+        return 2
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not args.overwrite:
+            print(
+                f"error: {out_dir}: folder is not empty (use --overwrite to replace its demo data)",
+                file=sys.stderr,
+            )
+            return 2
+        for sub in ("gbm", "pcnsl", "masks"):  # only what this script writes, nothing else
+            shutil.rmtree(out_dir / sub, ignore_errors=True)
+
+    start = time.perf_counter()
+    count = make_cohort(
+        out_dir, args.patients_per_class, args.slices_per_patient, args.size, args.format, args.seed
+    )
+    print(
+        f"wrote {count} {args.size}x{args.size} {args.format} slices to {out_dir}: "
+        f"{args.patients_per_class} gbm + {args.patients_per_class} pcnsl patients x "
+        f"{args.slices_per_patient} slices, seed {args.seed}, masks in {out_dir / 'masks'} "
+        f"({time.perf_counter() - start:.1f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

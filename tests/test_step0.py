@@ -1,0 +1,376 @@
+"""step0: images -> HDF5. Layout, pixels, groups, skipped files, --strict, errors,
+atomic writes, --overwrite, other sizes kept, original-layout files, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import make_demo_data
+import numpy as np
+import pytest
+from PIL import Image
+
+import step0_convert_images_to_hdf5 as step0
+from gbmpcnsl_common import hdf5_root_attributes, load_image, read_hdf5_index
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def save_image(path: Path, seed: int, size=(40, 30), mode="L") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """Patient folders and flat files, with one hidden file, one text file and one
+    truncated image in each class; visible, readable images: gbm 5, pcnsl 4."""
+    data = tmp_path / "data"
+    save_image(data / "gbm" / "patient01" / "slice01.png", 1)
+    save_image(data / "gbm" / "patient01" / "slice02.jpg", 2, mode="RGB")
+    save_image(data / "gbm" / "patient02" / "slice01.PNG", 3)
+    save_image(data / "gbm" / "patient02" / "series2" / "slice09.tif", 4)  # deeper: still patient02
+    save_image(data / "gbm" / "img001.bmp", 5, mode="RGB")  # flat file: its own group
+    save_image(data / "pcnsl" / "p7" / "a.png", 6)
+    save_image(data / "pcnsl" / "p7" / "b.png", 7, size=(90, 70))
+    save_image(data / "pcnsl" / "img001.jpeg", 8)
+    save_image(data / "pcnsl" / "img002.png", 9, mode="P")
+    for folder in ("gbm", "pcnsl"):
+        (data / folder / ".DS_Store").write_bytes(b"\x00\x01junk")
+        save_image(data / folder / ".hidden_patient" / "x.png", 10)
+        (data / folder / "notes.txt").write_text("not an image")
+        broken = save_image(data / folder / "p9" / "broken.png", 11, size=(200, 200), mode="RGB")
+        broken.write_bytes(broken.read_bytes()[:300])
+    return data
+
+
+def run(data: Path, output: Path, *extra: str) -> int:
+    return step0.main([str(data), str(output), "--size", "24", "32", "--workers", "1", *extra])
+
+
+def read_class(output: Path, folder: str, key: str = "24_32") -> dict:
+    with h5py.File(output, "r") as h5file:
+        group = h5file[f"{folder}/{key}"]
+        return {
+            "features": group["features"][:],
+            "labels": group["labels"][:],
+            "paths": list(group["paths"].asstr()[:]),
+            "groups": list(group["groups"].asstr()[:]),
+            "chunks": group["features"].chunks,
+            "compression": group["features"].compression,
+            "dtypes": (group["features"].dtype, group["labels"].dtype),
+        }
+
+
+def last_line(err: str) -> str:
+    """The last message on stderr, after the progress bar's carriage returns."""
+    return err.strip().replace("\r", "\n").splitlines()[-1]
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_layout_pixels_paths_groups_and_summary(data_dir, tmp_path, capsys):
+    output = tmp_path / "out.h5"
+    assert run(data_dir, output) == 0
+    err = capsys.readouterr().err
+
+    gbm, pcnsl = read_class(output, "gbm"), read_class(output, "pcnsl")
+    assert gbm["paths"] == [
+        "gbm/img001.bmp",
+        "gbm/patient01/slice01.png",
+        "gbm/patient01/slice02.jpg",
+        "gbm/patient02/series2/slice09.tif",
+        "gbm/patient02/slice01.PNG",
+    ]
+    assert gbm["groups"] == ["gbm/img001", "patient01", "patient01", "patient02", "patient02"]
+    assert pcnsl["paths"] == ["pcnsl/img001.jpeg", "pcnsl/img002.png", "pcnsl/p7/a.png", "pcnsl/p7/b.png"]
+    assert pcnsl["groups"] == ["pcnsl/img001", "pcnsl/img002", "p7", "p7"]
+    for record, label in ((gbm, 0), (pcnsl, 1)):
+        assert record["features"].shape == (len(record["paths"]), 24, 32, 3)
+        assert record["dtypes"] == (np.uint8, np.uint8)
+        assert record["labels"].tolist() == [label] * len(record["paths"])
+        assert record["chunks"] == (1, 24, 32, 3)
+        assert record["compression"] == "gzip"
+        for row, path in enumerate(record["paths"]):
+            np.testing.assert_array_equal(record["features"][row], load_image(data_dir / path, (24, 32)))
+    with h5py.File(output, "r") as h5file:
+        assert {
+            k: (v.item() if hasattr(v, "item") else v) for k, v in h5file.attrs.items()
+        } == hdf5_root_attributes()
+        assert json.loads(h5file.attrs["class_labels"]) == {"gbm": 0, "pcnsl": 1}
+
+    # Warnings name each skipped file; the summary counts images, patients and skips.
+    assert str(data_dir / "gbm" / "p9" / "broken.png") in err
+    assert str(data_dir / "pcnsl" / "notes.txt") in err
+    assert ".DS_Store" not in err  # hidden files are only counted
+    assert "9 images" in err
+    assert "gbm   (label 0):     5 images,    3 patients" in err
+    assert "pcnsl (label 1):     4 images,    3 patients" in err
+    assert "skipped 8 files (4 hidden, 2 not an image, 2 unreadable)" in err
+    assert files_in(tmp_path) == ["data", "out.h5"]  # no temporary file left
+
+
+@pytest.mark.parametrize("with_thread", [False, True], ids=["fork", "forkserver"])
+def test_parallel_workers_write_the_same_pixels(data_dir, tmp_path, with_thread):
+    """A process with threads (TensorFlow, a notebook) gets forkserver workers: same result."""
+    assert run(data_dir, tmp_path / "one.h5") == 0
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    if with_thread:
+        thread.start()
+    try:
+        assert (
+            step0.main([str(data_dir), str(tmp_path / "two.h5"), "--size", "24", "32", "--workers", "2"]) == 0
+        )
+    finally:
+        stop.set()
+    for folder in ("gbm", "pcnsl"):
+        one, two = read_class(tmp_path / "one.h5", folder), read_class(tmp_path / "two.h5", folder)
+        np.testing.assert_array_equal(one["features"], two["features"])
+        assert one["paths"] == two["paths"] and one["groups"] == two["groups"]
+
+
+@pytest.mark.parametrize("compression", ["lzf", "none"])
+def test_other_compressions(data_dir, tmp_path, compression):
+    assert run(data_dir, tmp_path / "gz.h5") == 0
+    assert run(data_dir, tmp_path / "other.h5", "--compression", compression) == 0
+    other = read_class(tmp_path / "other.h5", "gbm")
+    assert other["compression"] == (None if compression == "none" else compression)
+    assert other["chunks"] == (1, 24, 32, 3)
+    np.testing.assert_array_equal(other["features"], read_class(tmp_path / "gz.h5", "gbm")["features"])
+
+
+def test_strict_stops_at_a_corrupt_image_and_writes_nothing(data_dir, tmp_path, capsys):
+    for folder in ("gbm", "pcnsl"):
+        (data_dir / folder / "notes.txt").unlink()
+    output = tmp_path / "out.h5"
+    assert run(data_dir, output, "--strict") == 2
+    captured = capsys.readouterr().err
+    err = last_line(captured)
+    assert err.startswith("error: ") and "Traceback" not in captured
+    assert str(data_dir / "gbm" / "p9" / "broken.png") in err
+    assert files_in(tmp_path) == ["data"]
+
+
+def test_strict_stops_at_a_non_image_file(data_dir, tmp_path, capsys):
+    assert run(data_dir, tmp_path / "out.h5", "--strict") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "notes.txt" in err and "\n" not in err
+    assert files_in(tmp_path) == ["data"]
+
+
+def test_strict_accepts_hidden_files(data_dir, tmp_path):
+    for path in data_dir.rglob("*"):
+        if path.name in ("notes.txt", "broken.png"):
+            path.unlink()
+    assert run(data_dir, tmp_path / "out.h5", "--strict") == 0
+    assert len(read_class(tmp_path / "out.h5", "gbm")["paths"]) == 5
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "only_junk", "all_unreadable"])
+def test_missing_or_empty_class_folder_is_an_error(data_dir, tmp_path, capsys, problem):
+    pcnsl = data_dir / "pcnsl"
+    for path in sorted(pcnsl.rglob("*"), reverse=True):
+        if problem == "all_unreadable" and path.name in ("broken.png", "p9"):
+            continue
+        path.unlink() if path.is_file() else path.rmdir()
+    if problem == "missing":
+        pcnsl.rmdir()
+    elif problem == "only_junk":
+        (pcnsl / "notes.txt").write_text("x")
+        (pcnsl / ".DS_Store").write_text("x")
+    assert run(data_dir, tmp_path / "out.h5") == 2
+    err = capsys.readouterr().err
+    assert str(pcnsl) in err
+    assert {"missing": "no such folder", "all_unreadable": "could be read"}.get(problem, "no images") in err
+    assert files_in(tmp_path) == ["data"]
+
+
+def test_bad_data_or_output_folder(tmp_path, capsys):
+    assert step0.main([str(tmp_path / "nope"), str(tmp_path / "out.h5")]) == 2
+    assert "nope: no such folder" in capsys.readouterr().err
+    (tmp_path / "data").mkdir()
+    assert step0.main([str(tmp_path / "data"), str(tmp_path / "missing" / "out.h5")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_existing_size_needs_overwrite_and_other_sizes_are_kept(data_dir, tmp_path, capsys):
+    output = tmp_path / "out.h5"
+    assert run(data_dir, output) == 0
+    before = read_class(output, "gbm")
+    capsys.readouterr()
+
+    # Same size again: refused, file untouched.
+    snapshot = output.read_bytes()
+    assert run(data_dir, output) == 2
+    assert "already holds size 24_32" in capsys.readouterr().err
+    assert output.read_bytes() == snapshot
+
+    # Another size: added, the first one kept as it was.
+    assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 0
+    with h5py.File(output, "r") as h5file:
+        assert sorted(h5file["gbm"]) == ["16_16", "24_32"] and sorted(h5file["pcnsl"]) == ["16_16", "24_32"]
+        assert h5file["gbm/16_16/features"].shape == (5, 16, 16, 3)
+    np.testing.assert_array_equal(read_class(output, "gbm")["features"], before["features"])
+
+    # --overwrite replaces that size only (here: with one patient fewer).
+    for path in (data_dir / "gbm" / "patient01").iterdir():
+        path.unlink()
+    assert run(data_dir, output, "--overwrite") == 0
+    after = read_class(output, "gbm")
+    assert after["groups"] == ["gbm/img001", "patient02", "patient02"]
+    assert after["features"].shape == (3, 24, 32, 3)
+    with h5py.File(output, "r") as h5file:
+        assert h5file["gbm/16_16/features"].shape == (5, 16, 16, 3)
+    assert files_in(tmp_path) == ["data", "out.h5"]
+
+
+def test_output_that_is_not_hdf5_is_refused(data_dir, tmp_path, capsys):
+    output = tmp_path / "out.h5"
+    output.write_text("my notes")
+    assert run(data_dir, output, "--overwrite") == 2
+    assert "not an HDF5 file" in capsys.readouterr().err
+    assert output.read_text() == "my notes"
+
+
+@pytest.mark.parametrize(
+    ("failure", "workers"), [(RuntimeError, "1"), (KeyboardInterrupt, "1"), (KeyboardInterrupt, "2")]
+)
+def test_failure_mid_way_leaves_the_old_file_untouched(data_dir, tmp_path, monkeypatch, failure, workers):
+    output = tmp_path / "out.h5"
+    assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 0
+    snapshot = output.read_bytes()
+    real_write_image = step0.write_image
+    written = []
+
+    def failing_write_image(features, row, payload):
+        if len(written) == 3:
+            raise failure("disk full" if failure is RuntimeError else None)
+        written.append(row)
+        real_write_image(features, row, payload)
+
+    monkeypatch.setattr(step0, "write_image", failing_write_image)
+    argv = [str(data_dir), str(output), "--size", "24", "32", "--workers", workers]
+    if failure is KeyboardInterrupt:
+        assert step0.main(argv) == 130
+    else:
+        with pytest.raises(RuntimeError, match="disk full"):
+            step0.main(argv)
+    assert len(written) == 3
+    assert output.read_bytes() == snapshot
+    assert files_in(tmp_path) == ["data", "out.h5"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_in_a_real_run_leaves_the_old_file_untouched(tmp_path):
+    data = tmp_path / "data"
+    assert make_demo_data.main([str(data), "--patients-per-class", "20", "--size", "64"]) == 0
+    output = tmp_path / "out.h5"
+    assert step0.main([str(data), str(output), "--size", "16", "16", "--workers", "1"]) == 0
+    snapshot = output.read_bytes()
+    command = [sys.executable, str(ROOT / "step0_convert_images_to_hdf5.py"), str(data), str(output)]
+    process = subprocess.Popen(
+        [*command, "--size", "512", "512", "--workers", "2"], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob(".out.h5.*.tmp")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # let it write a few images
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert last_line(err) == "interrupted" and "Traceback" not in err
+    assert output.read_bytes() == snapshot
+    assert files_in(tmp_path) == ["data", "out.h5"]
+
+
+def test_original_layout_file_is_read_and_kept(data_dir, tmp_path):
+    output = tmp_path / "original.h5"
+    with h5py.File(output, "w") as h5file:  # what the original step0 wrote: features + labels
+        for folder, label, count in (("gbm", 0, 3), ("pcnsl", 1, 2)):
+            h5file.create_dataset(
+                f"/{folder}/24_32/features", data=np.full((count, 24, 32, 3), 7, np.uint8), compression="gzip"
+            )
+            h5file.create_dataset(
+                f"/{folder}/24_32/labels", data=np.full(count, label, np.uint8), compression="gzip"
+            )
+    with h5py.File(output, "r") as h5file:
+        records, has_groups = read_hdf5_index(h5file, (24, 32))
+    assert not has_groups
+    assert [(r["class"], r["label"], r["path"]) for r in records] == [
+        ("gbm", 0, "gbm/0"),
+        ("gbm", 0, "gbm/1"),
+        ("gbm", 0, "gbm/2"),
+        ("pcnsl", 1, "pcnsl/0"),
+        ("pcnsl", 1, "pcnsl/1"),
+    ]
+    assert len({r["group"] for r in records}) == 5  # each slice its own group
+
+    # step0 adds a size to such a file and leaves the original datasets as they were.
+    assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 0
+    with h5py.File(output, "r") as h5file:
+        assert sorted(h5file["gbm/24_32"]) == ["features", "labels"]
+        assert (h5file["gbm/24_32/features"][:] == 7).all()
+        records, has_groups = read_hdf5_index(h5file, (16, 16))
+    assert has_groups and len(records) == 9
+
+
+def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
+    code = textwrap.dedent(
+        """
+        import sys
+        import step0_convert_images_to_hdf5 as step0
+        for argv in (["--help"], ["only-one-arg"], ["a", "b", "--size", "0", "3"]):
+            try:
+                step0.main(argv)
+            except SystemExit as exit:
+                print("exit", exit.code)
+        print("tensorflow" in sys.modules, "keras" in sys.modules)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.splitlines()[-4:] == ["exit 0", "exit 2", "exit 2", "False False"], result.stderr
+    assert "usage:" in result.stdout and "DATA/gbm/patient017/slice04.png" in result.stdout
+
+
+PEAK_RSS_SCRIPT = """
+import resource, sys
+import step0_convert_images_to_hdf5 as step0
+assert step0.main(sys.argv[1:]) == 0
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units differ by platform")
+def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    """N and 4N images at 256x256 (192 KiB each): the whole-dataset approach would add
+    about 3N x 192 KiB (28 MiB here); streaming must stay well below half of that."""
+    peaks = {}
+    for patients in (5, 20):  # x 5 slices x 2 classes = 50 and 200 images
+        data = tmp_path / f"data{patients}"
+        argv = [str(data), "--patients-per-class", str(patients), "--size", "64", "--seed", "3"]
+        assert make_demo_data.main(argv) == 0
+        command = [sys.executable, "-c", PEAK_RSS_SCRIPT, str(data), str(tmp_path / f"{patients}.h5")]
+        command += ["--size", "256", "256", "--workers", "1"]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        peaks[patients] = int(result.stdout.split()[-1]) / 1024  # MiB
+        with h5py.File(tmp_path / f"{patients}.h5", "r") as h5file:
+            assert h5file["gbm/256_256/features"].shape[0] == patients * 5
+    whole_dataset_growth = 150 * 256 * 256 * 3 / 2**20
+    assert peaks[20] - peaks[5] < 0.5 * whole_dataset_growth, peaks
