@@ -1,0 +1,31 @@
+# Quick start:  make demo   (set up, then run the whole pipeline on demo data, CPU)
+#               make test   (set up with the dev requirements, then lint and run the tests)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.requirements: requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+$(VENV)/.requirements-dev: requirements.txt requirements-dev.txt $(VENV)/.requirements
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.requirements
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo/run_demo.sh
+
+test: $(VENV)/.requirements-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+clean-demo:
+	rm -rf demo_output

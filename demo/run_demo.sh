@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole gbm-pcnsl pipeline on synthetic demo data, on CPU (about 10 minutes on 2 cores):
+# demo cohort (separate train and test patients) -> step0 -> step1 -> step2 -> step3/step4
+# notebooks -> step5. Everything is written under demo_output/ (DEMO_OUTPUT), which this
+# script replaces on every run. The model trains from scratch (--weights none) so that the
+# demo runs offline; it is a demonstration, not the paper's ImageNet-initialised model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${DEMO_OUTPUT:-demo_output}"
+TRAIN_PATIENTS="${DEMO_TRAIN_PATIENTS:-40}"    # per class
+TEST_PATIENTS="${DEMO_TEST_PATIENTS:-15}"      # per class
+SLICES="${DEMO_SLICES:-4}"                     # per patient
+SIZE="${DEMO_SIZE:-96}"                        # model input, pixels
+BACKBONE="${DEMO_BACKBONE:-efficientnetb0}"
+EPOCHS="${DEMO_EPOCHS:-24}"
+BOOTSTRAPS="${DEMO_BOOTSTRAPS:-10000}"
+
+run() { echo "+ $*" >&2; "$@"; }
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+run python demo/make_demo_data.py "$OUT/data_train" --patients-per-class "$TRAIN_PATIENTS" \
+    --slices-per-patient "$SLICES" --size 256 --seed 1
+run python demo/make_demo_data.py "$OUT/data_test" --patients-per-class "$TEST_PATIENTS" \
+    --slices-per-patient "$SLICES" --size 256 --seed 2
+
+run python step0_convert_images_to_hdf5.py "$OUT/data_train" "$OUT/train.h5" --size "$SIZE" "$SIZE"
+
+run python step1_train_model.py --augmentation base --epochs "$EPOCHS" --weights none \
+    --backbone "$BACKBONE" --learning-rate 1e-3 --seed 0 "$OUT/train.h5" "$OUT/run"
+CHECKPOINT="$(ls "$OUT"/run/ckpt_*.keras | sort | tail -n 1)"
+
+run python step2_predict.py --model-weights "$CHECKPOINT" --csv "$OUT/predictions_test.csv" \
+    "$OUT/data_test/gbm" "$OUT/data_test/pcnsl" > "$OUT/predictions_test.txt"
+
+run papermill --log-level WARNING step3_plot_training_metrics.ipynb "$OUT/step3_plot_training_metrics.ipynb" \
+    -p run_dirs "[\"$OUT/run\"]" -p output_dir "$OUT/figures"
+run papermill --log-level WARNING step4_plot_roc.ipynb "$OUT/step4_plot_roc.ipynb" \
+    -p predictions "{\"demo model\": \"$OUT/predictions_test.csv\"}" -p output_dir "$OUT/figures" \
+    -p n_bootstraps "$BOOTSTRAPS"
+
+# Grad-CAM for the first slice of two test patients per class.
+mapfile -t GRADCAM_SLICES < <(ls "$OUT"/data_test/gbm/*/slice00.png | head -n 2
+                              ls "$OUT"/data_test/pcnsl/*/slice00.png | head -n 2)
+run python step5_plot_grad_cam.py --model-weights "$CHECKPOINT" --output-dir "$OUT/gradcam" --annotate \
+    "${GRADCAM_SLICES[@]}"
+
+python demo/summarize_demo.py "$OUT"
