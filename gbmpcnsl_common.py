@@ -8,6 +8,7 @@ at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,42 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null for the duration (C++ libraries write there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def import_tensorflow(verbose: bool = False):
+    """Import TensorFlow and Keras and find the devices, without TF's start-up chatter.
+
+    TF 2.21 writes absl/oneDNN/CUDA notices to stderr from C++ at import and at device
+    discovery whatever TF_CPP_MIN_LOG_LEVEL says; unless verbose, they go to /dev/null.
+    Python exceptions still surface (after stderr is restored). Returns the tf module.
+    """
+    if verbose:
+        import tensorflow as tf
+
+        return tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _native_stderr_silenced():
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    return tf
+
+
 def run_main(main_body, argv) -> int:
     """Run a step's main body, turning UserError into a one-line message and exit code 2.
 
@@ -68,11 +105,7 @@ def run_main(main_body, argv) -> int:
 # ---------------------------------------------------------------------------- images
 def is_image_file(path: Path) -> bool:
     """True for a visible file with a supported image extension (any case)."""
-    return (
-        path.is_file()
-        and not path.name.startswith(".")
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def find_images(inputs: list[str | Path]) -> list[Path]:
@@ -89,8 +122,7 @@ def find_images(inputs: list[str | Path]) -> list[Path]:
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if is_image_file(p)
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
                 raise UserError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -167,9 +199,7 @@ def hdf5_sizes(h5file) -> list[tuple[int, int]]:
     for folder in CLASS_FOLDERS:
         if folder not in h5file:
             return []
-        per_class.append(
-            {parse_size_key(k) for k in h5file[folder] if "features" in h5file[folder][k]}
-        )
+        per_class.append({parse_size_key(k) for k in h5file[folder] if "features" in h5file[folder][k]})
     return sorted(set.intersection(*per_class))
 
 
@@ -280,9 +310,7 @@ def _imagenet_backbone_weights(backbone: str, input_shape, weights: str) -> list
         try:
             reference = constructor(include_top=False, weights=weights, input_shape=input_shape)
         except Exception as error:
-            raise UserError(
-                f"--weights {weights}: not a {backbone} notop weights file ({error})"
-            ) from error
+            raise UserError(f"--weights {weights}: not a {backbone} notop weights file ({error})") from error
     return reference.get_weights()
 
 
@@ -311,9 +339,7 @@ def build_model(
     base = constructor(include_top=False, weights=None, input_tensor=inputs)
     if weights is not None:
         base.set_weights(_imagenet_backbone_weights(backbone, tuple(input_shape), weights))
-        normalization = next(
-            layer for layer in base.layers if isinstance(layer, keras.layers.Normalization)
-        )
+        normalization = next(layer for layer in base.layers if isinstance(layer, keras.layers.Normalization))
         mean, variance, count = normalization.get_weights()
         normalization.set_weights([mean, variance * np.asarray(IMAGENET_STDDEV_RGB), count])
         normalization.finalize_state()  # set_weights alone leaves the layer's cached mean/variance stale
@@ -331,24 +357,108 @@ def model_input_size(model) -> tuple[int, int]:
     return int(shape[1]), int(shape[2])
 
 
-def _legacy_input_shape(path: Path) -> tuple[int, int, int]:
-    """The input shape recorded in a tf.keras 2.x full-model .h5 file (default 380x380)."""
+# Blocks (count of "block*_project_conv" layers) and channels of "top_conv" of each
+# keras.applications EfficientNet: together they name the backbone of a legacy file.
+_EFFICIENTNET_SIGNATURES = {
+    (16, 1280): "efficientnetb0",
+    (23, 1280): "efficientnetb1",
+    (23, 1408): "efficientnetb2",
+    (26, 1536): "efficientnetb3",
+    (32, 1792): "efficientnetb4",
+    (39, 2048): "efficientnetb5",
+    (45, 2304): "efficientnetb6",
+    (55, 2560): "efficientnetb7",
+}
+
+
+def _decode(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _legacy_model_info(path: Path) -> dict:
+    """What a tf.keras 2.x HDF5 checkpoint (full model or weights only) holds:
+    {"backbone", "input_shape", "extra_scale"}.
+
+    The backbone comes from the layer names and the top_conv kernel; the input shape from
+    the saved model config (weights-only files: the original 380x380). "extra_scale" is
+    the per-channel factor of the scaling op that tf.keras >= 2.6 inserts after
+    Normalization when a model is built with weights="imagenet" (tensorflow issue 49930;
+    None for TF 2.5 graphs such as the paper's); a weights-only file cannot tell, and is
+    taken to be a TF 2.5 graph.
+    """
     import h5py
 
-    with h5py.File(path, "r") as h5file:
-        config = h5file.attrs.get("model_config")
-    if config is None:
-        return (380, 380, 3)
-    if isinstance(config, bytes):
-        config = config.decode()
     try:
-        for layer in json.loads(config)["config"]["layers"]:
+        h5file = h5py.File(path, "r")
+    except OSError as error:
+        raise UserError(f"{path}: not an HDF5 file ({error})") from error
+    with h5file:
+        weights_group = h5file["model_weights"] if "model_weights" in h5file else h5file
+        if "layer_names" not in weights_group.attrs:
+            raise UserError(f"{path}: an HDF5 file without Keras layer weights (is it step0's image file?)")
+        layer_names = [_decode(name) for name in weights_group.attrs["layer_names"]]
+        blocks = sum(1 for name in layer_names if name.startswith("block") and name.endswith("_project_conv"))
+        top_channels = None
+        if "top_conv" in weights_group:
+            kernels = []  # "top_conv/kernel:0" (tf.keras 2.x) or "top_conv/kernel" (Keras 3)
+
+            def collect_kernel(name, item):
+                if "kernel" in name:
+                    kernels.append(item.shape)
+
+            weights_group["top_conv"].visititems(collect_kernel)
+            top_channels = int(kernels[0][-1]) if kernels else None
+        config = h5file.attrs.get("model_config")
+    backbone = _EFFICIENTNET_SIGNATURES.get((blocks, top_channels))
+    if backbone is None:
+        raise UserError(
+            f"{path}: not an EfficientNet model of the original architecture "
+            f"({blocks} blocks, top_conv with {top_channels} channels)"
+        )
+    info = {"backbone": backbone, "input_shape": (380, 380, 3), "extra_scale": None}
+    if config is None:
+        return info
+    try:
+        layers = json.loads(_decode(config))["config"]["layers"]
+        for layer in layers:
             if layer["class_name"] == "InputLayer":
                 shape = layer["config"].get("batch_input_shape") or layer["config"].get("batch_shape")
-                return tuple(int(d) for d in shape[1:])
+                info["input_shape"] = tuple(int(d) for d in shape[1:])
+                break
+        classes = [layer["class_name"] for layer in layers]
+        names = [layer["name"] for layer in layers]
+        between = layers[classes.index("Normalization") + 1 : names.index("stem_conv_pad")]
     except (KeyError, TypeError, ValueError):
-        pass
-    return (380, 380, 3)
+        return info
+    if between:  # tf.math.multiply (TFOpLambda) or Rescaling, by 1 / sqrt(stddev)
+        scale = _find_scale(between[0])
+        numbers = [float(v) for v in np.ravel(scale)] if scale is not None else []
+        if len(numbers) != 3:
+            numbers = [1.0 / np.sqrt(s) for s in IMAGENET_STDDEV_RGB]
+        info["extra_scale"] = np.asarray(numbers, dtype=np.float64)
+    return info
+
+
+def _find_scale(layer_config: dict):
+    """The constant of the extra ImageNet scaling layer, as saved in a model config."""
+    if layer_config["class_name"] == "Rescaling":
+        return layer_config["config"].get("scale")
+    try:  # TFOpLambda: [[inbound_layer, 0, 0, {"y": constant}]]
+        return layer_config["inbound_nodes"][0][0][3]["y"]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _check_image_model(model, path: Path):
+    """A model step2/step5 can use: one (H, W, 3) image input, one probability out."""
+    input_shape = tuple(model.inputs[0].shape) if len(model.inputs) == 1 else None
+    output_shape = tuple(model.outputs[0].shape) if len(model.outputs) == 1 else None
+    if input_shape is None or len(input_shape) != 4 or input_shape[-1] != 3 or output_shape[1:] != (1,):
+        raise UserError(
+            f"{path}: expected a model from (H, W, 3) images to one probability, "
+            f"got inputs {[tuple(t.shape) for t in model.inputs]} -> outputs {[tuple(t.shape) for t in model.outputs]}"
+        )
+    return model
 
 
 def load_model_for_inference(path: str | Path):
@@ -358,40 +468,64 @@ def load_model_for_inference(path: str | Path):
     - `.weights.h5`: weights only, with a run.json beside it (or one folder up) that
       records the backbone and image size.
     - `.h5` / `.hdf5`: a file saved by tf.keras 2.x with the original architecture
-      (EfficientNetB4 at 380x380, full model or weights only): the graph is rebuilt and
-      the weights loaded into it.
+      (an EfficientNet at any size, the paper's B4 at 380x380; full model or weights
+      only): the graph is rebuilt and the weights loaded into it. The backbone and input
+      size are read from the file; tf.keras >= 2.6's extra ImageNet scaling op, where the
+      file's config has one, is folded into the Normalization variance as in build_model.
+    The image size is the model's input size (model_input_size). Anything else raises
+    UserError saying what was expected.
     """
-    import keras
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--model-weights {path}: no such file")
     name = path.name.lower()
     expected = (
         "expected a .keras model from step1, a .weights.h5 file with its run.json, "
-        "or a tf.keras 2.x .h5/.hdf5 checkpoint of the original EfficientNetB4 model"
+        "or a tf.keras 2.x .h5/.hdf5 checkpoint of the original EfficientNet model"
     )
+    if not name.endswith((".keras", ".h5", ".hdf5")):
+        raise UserError(f"{path}: unknown checkpoint type; {expected}")
+    import keras
+
     try:
         if name.endswith(".keras"):
-            return keras.saving.load_model(path, compile=False, safe_mode=True)
-        if name.endswith(".weights.h5"):
-            run_json = next(
-                (p / "run.json" for p in (path.parent, path.parent.parent) if (p / "run.json").is_file()),
-                None,
-            )
-            if run_json is None:
-                raise UserError(f"{path}: a .weights.h5 file needs the run.json of its training run beside it")
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
+            return _check_image_model(model, path)
+        run_json = next(
+            (p / "run.json" for p in (path.parent, path.parent.parent) if (p / "run.json").is_file()),
+            None,
+        )
+        if name.endswith(".weights.h5") and run_json is not None:
             run = json.loads(run_json.read_text())
             model = build_model(run["backbone"], tuple(run["input_shape"]), weights=None)
             model.load_weights(path)
             return model
-        if name.endswith((".h5", ".hdf5")):
-            model = build_model("efficientnetb4", _legacy_input_shape(path), weights=None)
-            model.load_weights(path)
-            return model
+        if name.endswith(".weights.h5") and not _is_legacy_h5(path):
+            raise UserError(f"{path}: a .weights.h5 file needs the run.json of its training run beside it")
+        info = _legacy_model_info(path)
+        model = build_model(info["backbone"], info["input_shape"], weights=None)
+        model.load_weights(path)
+        if info["extra_scale"] is not None:
+            normalization = next(
+                layer for layer in model.layers if isinstance(layer, keras.layers.Normalization)
+            )
+            mean, variance, count = normalization.get_weights()
+            normalization.set_weights([mean, variance / info["extra_scale"] ** 2, count])
+            normalization.finalize_state()  # set_weights alone leaves the cached mean/variance stale
+        return model
     except UserError:
         raise
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{path}: cannot load model ({first_line}); {expected}") from error
-    raise UserError(f"{path}: unknown checkpoint type; {expected}")
+
+
+def _is_legacy_h5(path: Path) -> bool:
+    """True for an HDF5 file in tf.keras 2.x's layout (root or model_weights layer_names)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5file:
+            return "layer_names" in h5file.attrs or "model_weights" in h5file
+    except OSError:
+        return False

@@ -1,0 +1,266 @@
+"""Benchmark step2 (prediction) against the original approach, and look for the CPU limit.
+
+    python benchmarks/bench_predict.py [--counts 64 256] [--size 380] [--work-dir DIR]
+                                       [--repeat 1] [--skip-tuning]
+
+Predicts demo slices (demo/make_demo_data.py, --size px PNGs) with the same paper-era
+checkpoint: an EfficientNetB4 of the original architecture built by tf-keras with
+weights=None (nothing is downloaded) and saved with model.save("ckpt.hdf5").
+- ours: `python step2_predict.py --model-weights ckpt.hdf5 IMAGES...` (tf.data pipeline,
+  parallel decoding, batches of 32);
+- original: the original approach, in tf.keras 2.x (tf-keras): build the model, load the
+  weights, then for each image PIL convert("RGB") + LANCZOS resize and one
+  `model.predict(image[None])` call, printing one line per image.
+Each run is a whole command in its own subprocess (interpreter start, imports and model
+loading included). Wall time runs from start to exit; time to first result is when the
+first result line reaches stdout. Runs alternate so that other load on a shared machine
+favours neither side; the fastest of --repeat counts.
+
+Tuning (unless --skip-tuning): step2 on the smaller count with other batch sizes,
+oneDNN off, and TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS; and the model-only limit,
+the model's own throughput on in-memory batches (no start-up, no image decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SAVE_ORIGINAL = """
+import sys
+import tf_keras
+size = int(sys.argv[2])
+base = tf_keras.applications.EfficientNetB4(include_top=False, input_shape=(size, size, 3), weights=None)
+x = tf_keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+x = tf_keras.layers.Dropout(0.5)(x)
+x = tf_keras.layers.Dense(1, activation="sigmoid", name="predictions")(x)
+tf_keras.Model(inputs=base.input, outputs=x).save(sys.argv[1])
+"""
+
+# The original's predict step, on today's stack: tf.keras 2.x API (tf-keras), the model
+# built per the original with weights=None, one predict call per image.
+ORIGINAL = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np
+import tf_keras
+from PIL import Image
+
+size = int(sys.argv[2])
+base = tf_keras.applications.EfficientNetB4(include_top=False, input_shape=(size, size, 3), weights=None)
+x = tf_keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+x = tf_keras.layers.Dropout(0.5)(x)
+x = tf_keras.layers.Dense(1, activation="sigmoid", name="predictions")(x)
+model = tf_keras.Model(inputs=base.input, outputs=x)
+model.load_weights(sys.argv[1])
+for path in sys.argv[3:]:
+    image = Image.open(path).convert("RGB").resize((size, size), Image.LANCZOS)
+    prob_pcnsl = model.predict(np.asarray(image, dtype=np.float32)[None])
+    prob_pcnsl = float(prob_pcnsl[0, 0])  # float(prob[0]) raises on numpy 2
+    prob_gbm = 1 - prob_pcnsl
+    if prob_pcnsl > prob_gbm:
+        print(f"{path:<40} {100 * prob_pcnsl:.2f} % PCNSL")
+    else:
+        print(f"{path:<40} {100 * prob_gbm:.2f} % GBM")
+"""
+
+# The model's own throughput: batches already in memory, after a warm-up batch.
+MODEL_ONLY = """
+import sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from gbmpcnsl_common import load_model_for_inference, model_input_size, setup_logging
+from step2_predict import predict_function
+setup_logging()
+model = load_model_for_inference(sys.argv[2])
+count, batch_size = int(sys.argv[3]), int(sys.argv[4])
+height, width = model_input_size(model)
+images = np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
+predict = predict_function(model, tta=False)
+predict(images).numpy()
+started = time.perf_counter()
+for _ in range(count // batch_size):
+    predict(images).numpy()
+print(f"{(count // batch_size) * batch_size / (time.perf_counter() - started):.3f}")
+"""
+
+
+def timed_run(command: list[str], env: dict | None = None) -> dict:
+    """Run a command; wall time, time to the first result line, and the result lines."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr_chunks: list[str] = []
+    reader = threading.Thread(target=lambda: stderr_chunks.append(process.stderr.read()), daemon=True)
+    reader.start()
+    arrivals = []
+    for line in process.stdout:
+        if line.rstrip().endswith(("% GBM", "% PCNSL")):  # the original's predict also prints progress
+            arrivals.append(time.perf_counter() - started)
+    process.wait()
+    reader.join()
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])}... failed:\n{''.join(stderr_chunks)[-3000:]}")
+    return {"wall": wall, "first": arrivals[0] if arrivals else float("nan"), "lines": len(arrivals)}
+
+
+def step2_command(checkpoint: Path, images: list[str], batch_size: int = 32) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "step2_predict.py"),
+        "--model-weights",
+        str(checkpoint),
+        "--batch-size",
+        str(batch_size),
+        *images,
+    ]
+
+
+def best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda run: run["wall"])
+
+
+def load_average() -> str:
+    return "/".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--counts", type=int, nargs="+", default=[64, 256], help="images per run")
+    parser.add_argument("--size", type=int, default=380, help="model input and demo image size")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per side; the fastest counts")
+    parser.add_argument("--work-dir", type=Path, help="keep the demo images and checkpoint here")
+    parser.add_argument("--skip-tuning", action="store_true")
+    args = parser.parse_args(argv)
+
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load_average()}"
+    )
+
+    # Demo slices and a paper-era checkpoint (neither side downloads anything).
+    data_dir = work_dir / "data"
+    needed = max(args.counts)
+    if not data_dir.is_dir():
+        patients = -(-needed // 16)  # 8 slices per patient, both classes
+        subprocess.run(
+            [sys.executable, str(ROOT / "demo" / "make_demo_data.py"), str(data_dir)]
+            + ["--patients-per-class", str(patients), "--slices-per-patient", "8", "--size", str(args.size)],
+            check=True,
+        )
+    all_images = sorted(str(p) for p in data_dir.glob("[gp]*/*/*.png"))
+    # Interleave the classes so that any prefix holds both.
+    gbm = [p for p in all_images if "/gbm/" in p]
+    pcnsl = [p for p in all_images if "/pcnsl/" in p]
+    images = [p for pair in zip(gbm, pcnsl, strict=False) for p in pair][:needed]
+    assert len(images) == needed, f"only {len(images)} demo images"
+    checkpoint = work_dir / "original.hdf5"
+    if not checkpoint.is_file():
+        subprocess.run([sys.executable, "-c", SAVE_ORIGINAL, str(checkpoint), str(args.size)], check=True)
+
+    original_env = {"PYTHONUNBUFFERED": "1"}  # each result line is seen when printed
+    results = {}
+    for count in args.counts:
+        ours, original = [], []
+        for _ in range(args.repeat):
+            ours.append(timed_run(step2_command(checkpoint, images[:count])))
+            print(
+                f"  ours     {count:4d} images: {ours[-1]['wall']:.1f} s (load {load_average()})", flush=True
+            )
+            command = [sys.executable, "-c", ORIGINAL, str(checkpoint), str(args.size), *images[:count]]
+            original.append(timed_run(command, original_env))
+            print(
+                f"  original {count:4d} images: {original[-1]['wall']:.1f} s (load {load_average()})",
+                flush=True,
+            )
+        results[count] = (best(ours), best(original))
+        assert results[count][0]["lines"] == count and results[count][1]["lines"] == count
+
+    print()
+    print(
+        "| images | ours wall (s) | original wall (s) | wall ratio | ours first result (s) "
+        "| original first result (s) | ours images/s | original images/s |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for count, (ours, original) in results.items():
+        print(
+            f"| {count} | {ours['wall']:.1f} | {original['wall']:.1f} | {original['wall'] / ours['wall']:.2f}x "
+            f"| {ours['first']:.1f} | {original['first']:.1f} "
+            f"| {count / ours['wall']:.2f} | {count / original['wall']:.2f} |"
+        )
+
+    if not args.skip_tuning:
+        count = min(args.counts)
+        print()
+        print(f"step2 on {count} images, whole command (load before each run):")
+        print("| setting | wall (s) | images/s | first result (s) | load |")
+        print("|---|---:|---:|---:|---|")
+        settings = [
+            ("batch 32 (default)", 32, {}),
+            ("batch 8", 8, {}),
+            ("batch 16", 16, {}),
+            ("batch 64", 64, {}),
+            ("oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)", 32, {"TF_ENABLE_ONEDNN_OPTS": "0"}),
+            (
+                "intra-op 2, inter-op 1 threads",
+                32,
+                {"TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "1"},
+            ),
+            (
+                "intra-op 2, inter-op 2 threads",
+                32,
+                {"TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "2"},
+            ),
+        ]
+        for name, batch_size, env in settings:
+            load = load_average()
+            run = timed_run(step2_command(checkpoint, images[:count], batch_size), env)
+            print(
+                f"| {name} | {run['wall']:.1f} | {count / run['wall']:.2f} | {run['first']:.1f} | {load} |",
+                flush=True,
+            )
+        print()
+        print("model-only limit (in-memory uint8 batches, after warm-up):")
+        print("| batch | images/s |")
+        print("|---:|---:|")
+        for batch_size in (8, 32):
+            command = [
+                sys.executable,
+                "-c",
+                MODEL_ONLY,
+                str(ROOT),
+                str(checkpoint),
+                str(count),
+                str(batch_size),
+            ]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
+            print(f"| {batch_size} | {float(output[-1]):.2f} |", flush=True)
+
+    print(f"\nload average at the end: {load_average()}")
+    if args.work_dir is None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Predict glioblastoma (GBM) vs primary CNS lymphoma (PCNSL) on brain MRI slices.
+
+Images must be axial, contrast-enhanced T1-weighted MRI slices. Each image gets one line
+on stdout, in the order given, with the more likely class and its probability:
+
+    scans/patient017/slice04.png             97.31 % GBM
+
+Nothing else goes to stdout (progress and errors go to stderr), so the output can be
+piped or redirected as the original script's could.
+
+Usage:
+    python step2_predict.py --model-weights CKPT [--csv out.csv] IMAGE_OR_FOLDER...
+
+CKPT is a step1 checkpoint (.keras), a .weights.h5 file next to its run's run.json, or a
+tf.keras 2.x .h5/.hdf5 checkpoint of the original EfficientNetB4 model (the paper era).
+Images are read at the model's input size with the loader that step0 used for training.
+A folder expands recursively to its images (.jpg .jpeg .png .tif .tiff .bmp, sorted).
+
+--csv also writes path,prob_gbm,prob_pcnsl (full float precision) for the predicted
+images; an existing file is kept unless --overwrite.
+
+An image that cannot be read is reported on stderr and skipped (no line, no CSV row);
+the others are still predicted. Exit codes: 0 all predicted, 1 some images could not be
+read, 2 bad arguments, missing files or an unusable checkpoint.
+
+--tta averages P(PCNSL) over the four flips that training augmentation draws from:
+as is, left-right, up-down, and both (4x the compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+from gbmpcnsl_common import (
+    CLASS_NAMES,
+    UserError,
+    find_images,
+    import_tensorflow,
+    load_image,
+    load_model_for_inference,
+    log,
+    model_input_size,
+    run_main,
+    setup_logging,
+)
+
+LINE_FORMAT = "{path:<40} {percent:.2f} % {name}"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="step2_predict.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders")
+    parser.add_argument("--model-weights", required=True, metavar="CKPT", help="checkpoint to predict with")
+    parser.add_argument(
+        "--csv", type=Path, metavar="FILE", help="also write path,prob_gbm,prob_pcnsl to FILE"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, metavar="N", help="images per batch (default 32)"
+    )
+    parser.add_argument("--tta", action="store_true", help="average over the 4 training flips")
+    parser.add_argument("--verbose", action="store_true", help="debug logging and TensorFlow's own messages")
+    return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def result_line(path: str, prob_pcnsl: float) -> str:
+    """The original's output line: the more likely class and its probability in percent."""
+    if prob_pcnsl > 1 - prob_pcnsl:
+        return LINE_FORMAT.format(path=str(path), percent=100 * prob_pcnsl, name=CLASS_NAMES[1])
+    return LINE_FORMAT.format(path=str(path), percent=100 * (1 - prob_pcnsl), name=CLASS_NAMES[0])
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Image paths to predict, as given: a file stays the string the user typed, a folder
+    expands to its images (sorted, recursive). A missing path raises UserError."""
+    paths = []
+    for item in inputs:
+        found = find_images([item])  # checks that the path exists
+        if Path(item).is_dir():
+            paths.extend(str(path) for path in found)
+        else:
+            paths.append(item)
+    return paths
+
+
+# ---------------------------------------------------------------------------- pipeline
+def image_dataset(paths: list[str], size: tuple[int, int], batch_size: int, errors: dict):
+    """Batches of (index, uint8 image, ok) in input order, the first of one image; images
+    are decoded in parallel (load_image in tf.data's threads) while the model runs.
+
+    A file that load_image cannot read gives a zero image with ok=False and its message
+    in `errors[index]`, so one bad file does not stop the others.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    def load(index, path):
+        try:
+            return load_image(path.decode(), size), True
+        except UserError as error:
+            errors[int(index)] = str(error)
+            return np.zeros((*size, 3), np.uint8), False
+
+    def load_in_graph(index, path):
+        image, ok = tf.numpy_function(load, [index, path], [tf.uint8, tf.bool], stateful=False)
+        image.set_shape((*size, 3))
+        ok.set_shape(())
+        return index, image, ok
+
+    items = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+    # The first batch holds one image, so that the first line appears as soon as the model
+    # is ready; full batches follow.
+    first = items.take(1).map(load_in_graph).batch(1)
+    rest = items.skip(1).map(load_in_graph, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return first.concatenate(rest.batch(batch_size)).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_function(model, tta: bool):
+    """uint8 batch -> P(PCNSL) per image; with tta the mean over identity, lr, ud, lr+ud flips."""
+    import tensorflow as tf
+
+    height, width = model_input_size(model)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, height, width, 3), tf.uint8)])
+    def predict(images):
+        images = tf.cast(images, tf.float32)
+        if not tta:
+            return model(images, training=False)[:, 0]
+        flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+        prob_pcnsl = model(tf.concat(flips, axis=0), training=False)[:, 0]
+        return tf.reduce_mean(tf.reshape(prob_pcnsl, (4, -1)), axis=0)
+
+    return predict
+
+
+# ---------------------------------------------------------------------------- output
+def write_csv(csv_path: Path, rows: list[tuple[str, float]]) -> None:
+    """path,prob_gbm,prob_pcnsl with full float precision; temp file + rename."""
+    temporary = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["path", "prob_gbm", "prob_pcnsl"])
+            for path, prob_pcnsl in rows:
+                writer.writerow([path, repr(1.0 - prob_pcnsl), repr(prob_pcnsl)])
+        os.replace(temporary, csv_path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+
+    # Everything that can be checked without TensorFlow, before any work.
+    model_path = Path(args.model_weights)
+    if not model_path.is_file():
+        raise UserError(f"--model-weights {model_path}: no such file")
+    if args.csv is not None:
+        if args.csv.exists() and not args.overwrite:
+            raise UserError(f"--csv {args.csv}: exists (use --overwrite to replace it)")
+        if not args.csv.parent.is_dir():
+            raise UserError(f"--csv {args.csv}: folder {args.csv.parent} does not exist")
+    paths = expand_inputs(args.images)
+
+    # Load the model; its input size is the image size.
+    started = time.perf_counter()
+    import_tensorflow(args.verbose)  # without TF's C++ start-up notices on stderr
+    model = load_model_for_inference(model_path)
+    size = model_input_size(model)
+    log.info(
+        f"{model_path}: {model.name}, {size[0]}x{size[1]} input; "
+        f"predicting {len(paths)} image{'s' * (len(paths) != 1)}{' with 4 flips (--tta)' if args.tta else ''}"
+    )
+
+    # Predict batch by batch, printing each batch's lines as soon as it is done.
+    from tqdm import tqdm
+
+    errors: dict[int, str] = {}
+    predict = predict_function(model, args.tta)
+    rows = []
+    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None, leave=False) as progress:
+        for indices, images, ok in image_dataset(paths, size, args.batch_size, errors):
+            prob_pcnsl = predict(images).numpy()
+            for index, prob, readable in zip(indices.numpy(), prob_pcnsl, ok.numpy(), strict=True):
+                if not readable:
+                    progress.write(f"error: {errors[int(index)]}", file=sys.stderr)
+                    continue
+                rows.append((paths[index], float(prob)))
+                print(result_line(paths[index], float(prob)))
+            sys.stdout.flush()
+            progress.update(len(prob_pcnsl))
+
+    if args.csv is not None:
+        write_csv(args.csv, rows)
+        log.info(f"wrote {args.csv}")
+    elapsed = time.perf_counter() - started
+    log.info(
+        f"predicted {len(rows)} of {len(paths)} images in {elapsed:.1f} s ({len(rows) / elapsed:.1f} images/s)"
+    )
+    if errors:
+        log.info(f"{len(errors)} image{'s' * (len(errors) != 1)} could not be read (see above)")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

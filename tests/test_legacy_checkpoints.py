@@ -1,0 +1,94 @@
+"""Paper-era checkpoints: tf.keras 2.x .hdf5/.h5 files of the original architecture.
+
+tf-keras (requirements-dev.txt) builds the original model (EfficientNetB4 -> average
+pooling -> Dropout -> Dense(1, sigmoid)) with weights=None, perturbs all its weights and
+saves it as the original's ModelCheckpoint did; it runs in a subprocess
+(original_tf_keras.py) because tf-keras and Keras 3 do not share a process well. step2
+must reproduce tf-keras's own one-image-at-a-time predictions within 1e-5.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import step2_predict as step2
+
+HERE = Path(__file__).resolve().parent
+
+
+def write_original_checkpoint(out_dir: Path, images: list[str], *options: str) -> np.ndarray:
+    """Run original_tf_keras.py; returns tf-keras's P(PCNSL) for `images`."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
+    command = [sys.executable, str(HERE / "original_tf_keras.py"), str(out_dir), *images, *options]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(out_dir / "expected.npy")
+
+
+def step2_prob_pcnsl(checkpoint: Path, images: list[str], csv_path: Path, capsys) -> np.ndarray:
+    assert step2.main(["--model-weights", str(checkpoint), "--csv", str(csv_path), *images]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(" ", 3)[0].rstrip() for line in lines] == images
+    with open(csv_path, newline="") as file:
+        return np.array([float(row["prob_pcnsl"]) for row in csv.DictReader(file)])
+
+
+@pytest.fixture(scope="module")
+def images(demo_data) -> list[str]:
+    paths = sorted(demo_data.glob("gbm/*/*.png"))[:3] + sorted(demo_data.glob("pcnsl/*/*.png"))[:3]
+    return [str(path) for path in paths]
+
+
+@pytest.mark.slow
+def test_paper_era_hdf5_model_and_weights_reproduce_tf_keras(images, tmp_path, capsys):
+    """EfficientNetB4 at 380x380, saved with model.save("x.hdf5") and save_weights("w.h5")."""
+    expected = write_original_checkpoint(tmp_path / "original", images)
+    assert expected.max() - expected.min() > 0.1  # the images get clearly different numbers
+    for name in ["model.hdf5", "weights.h5"]:
+        prob_pcnsl = step2_prob_pcnsl(tmp_path / "original" / name, images, tmp_path / f"{name}.csv", capsys)
+        np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tf26_imagenet_graph_scaling_is_folded(images, tmp_path, capsys):
+    """A model built by tf.keras >= 2.6 with weights="imagenet" has an extra scaling op after
+    Normalization (tensorflow issue 49930); the loader finds it in the saved config, and the
+    input size (96x96 here) too."""
+    import keras
+
+    from gbmpcnsl_common import build_model, load_image
+
+    expected = write_original_checkpoint(tmp_path / "tf26", images, "--size", "96", "96", "--imagenet-graph")
+    checkpoint = tmp_path / "tf26" / "model.hdf5"
+    prob_pcnsl = step2_prob_pcnsl(checkpoint, images, tmp_path / "tf26.csv", capsys)
+    np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-5)
+
+    # Without the fold the same weights give other numbers: the test can tell.
+    plain = build_model("efficientnetb4", (96, 96, 3), weights=None)
+    plain.load_weights(checkpoint)
+    batch = np.stack([load_image(path, (96, 96)) for path in images]).astype(np.float32)
+    assert np.abs(plain.predict(batch, verbose=0)[:, 0] - expected).max() > 1e-3
+    keras.backend.clear_session()
+
+
+def test_keras3_h5_full_model_of_another_backbone(demo_data, tmp_path, capsys):
+    """A Keras 3 model.save("x.h5") (legacy HDF5 layout): backbone and size come from the file."""
+    from gbmpcnsl_common import build_model, load_model_for_inference, model_input_size
+
+    model = build_model("efficientnetb0", (48, 48, 3), weights=None)
+    model.get_layer("logit").set_weights([np.full((1280, 1), 0.01, np.float32), np.array([0.2], np.float32)])
+    model.save(tmp_path / "b0.h5")
+    loaded = load_model_for_inference(tmp_path / "b0.h5")
+    assert model_input_size(loaded) == (48, 48)
+    assert loaded.get_layer("top_conv").kernel.shape[-1] == 1280
+    batch = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        loaded.predict(batch, verbose=0), model.predict(batch, verbose=0), rtol=0, atol=1e-6
+    )
