@@ -124,3 +124,10 @@ def test_summary_names_outputs_and_auroc(demo_run):
     assert "95% bootstrap CI" in result.stdout
     for name in ("train.h5", "predictions_test.csv", "gradcam", "figures"):
         assert name in result.stdout
+
+
+def test_tensorflow_start_up_chatter_is_silenced(demo_run):
+    _, result = demo_run
+    assert "+ python step1_train_model.py" in result.stderr  # the commands are echoed
+    assert "absl::InitializeLog" not in result.stderr
+    assert "oneDNN custom operations" not in result.stderr

@@ -1,0 +1,806 @@
+"""Train an EfficientNet to tell glioblastoma (GBM) from primary CNS lymphoma (PCNSL).
+
+Reads the HDF5 file written by step0 and writes a run folder:
+
+    ckpt_{epoch:03d}_{val_loss:.4f}.keras   best-only checkpoints on val_loss (full Keras models)
+    history.csv                            one row per epoch (Keras CSVLogger; epoch counts from 0)
+    split.csv                              path, group, label, subset (train/val) of every slice
+    run.json                               arguments, data digest, split, versions, times, best epoch
+    backup/                                training state for --resume (removed when training ends)
+
+After McAvoy et al., Sci Rep 11:15219 (2021): EfficientNetB4 with ImageNet weights at the
+HDF5's image size, Adam 1e-4 for 50 epochs then 1e-4 * exp(0.015 * (50 - epoch)), binary
+cross-entropy, batch 8. Unlike the original script, images stream from the HDF5 file (memory
+stays flat as the cohort grows), the validation set holds out whole patients (groups), and
+--augmentation base_and_noise really adds the noise.
+
+Augmentations (inside tf.data, on 0-255 float images, a new draw per image and epoch):
+  none            nothing
+  base            random left-right and up-down flips, brightness +-2 grey levels, hue
+                  +-0.25 (a no-op on grayscale slices), values clipped to 0-255
+  base_and_noise  base, then Gaussian noise (std 12.75 grey levels = 0.05 of the range)
+                  on a random 10% of the images, clipped to 0-255
+
+Example:
+  python step1_train_model.py --augmentation base --epochs 300 data.h5 checkpoints/run/
+  python step1_train_model.py --augmentation base --epochs 300 --resume data.h5 checkpoints/run/
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import gbmpcnsl_common as common
+from gbmpcnsl_common import CLASS_FOLDERS, CLASS_LABELS, UserError, log
+
+AUGMENTATIONS = ("none", "base", "base_and_noise")
+# Augmentation parameters, on the 0-255 scale (the paper ran brightness with max_delta=2 on
+# 0-255 floats, so it moves a pixel by at most 2 grey levels).
+BRIGHTNESS_MAX_DELTA = 2.0
+HUE_MAX_DELTA = 0.25
+NOISE_STD = 0.05 * 255.0  # 12.75 grey levels
+NOISE_FRACTION = 0.10
+# Learning-rate schedule of the paper: constant for 50 epochs, then exponential decay.
+LR_CONSTANT_EPOCHS = 50
+LR_DECAY = 0.015
+# Arguments that must match when a run is resumed (the rest may change, e.g. --epochs; the
+# image size is compared once it is resolved from the HDF5 file).
+RESUME_MUST_MATCH = (
+    "augmentation",
+    "backbone",
+    "weights",
+    "batch_size",
+    "learning_rate",
+    "val_fraction",
+    "seed",
+    "mixed_precision",
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: see the module docstring."""
+    parser = argparse.ArgumentParser(
+        prog="step1_train_model.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("hdf5", type=Path, help="HDF5 file written by step0")
+    parser.add_argument("run_dir", type=Path, help="run folder to create (must not exist, unless --resume)")
+    parser.add_argument(
+        "--augmentation",
+        choices=AUGMENTATIONS,
+        default="none",
+        help="augmentation, see above (default none, as the original)",
+    )
+    parser.add_argument("--epochs", type=_positive_int, default=300, help="number of epochs (default 300)")
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (Keras downloads and caches it), none (random init), or the path to a "
+        "<backbone>_notop.h5 file (default imagenet)",
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=common.BACKBONES,
+        default="efficientnetb4",
+        metavar="NAME",
+        help="efficientnetb0 ... efficientnetb7 (default efficientnetb4)",
+    )
+    parser.add_argument(
+        "--size",
+        nargs=2,
+        type=_positive_int,
+        metavar=("H", "W"),
+        help="image size to train on, when the HDF5 file holds several (default: the only one)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="batch size per replica (default 8)"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        default=1e-4,
+        help=f"initial learning rate, decayed by exp(-{LR_DECAY}) per epoch after epoch "
+        f"{LR_CONSTANT_EPOCHS} (default 1e-4)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.15,
+        help="fraction of each class's slices held out for validation, whole patients at a time "
+        "(default 0.15)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, shuffling, augmentation and init (default 0)"
+    )
+    parser.add_argument(
+        "--early-stopping",
+        type=_positive_int,
+        metavar="PATIENCE",
+        help="stop when val_loss has not improved for PATIENCE epochs (default: off)",
+    )
+    parser.add_argument(
+        "--mixed-precision", action="store_true", help="mixed_float16 (GPU); the output stays float32"
+    )
+    parser.add_argument("--xla", action="store_true", help="compile the training step with XLA")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="enable TensorFlow op determinism: same seed, same history.csv (slower)",
+    )
+    parser.add_argument(
+        "--distribute",
+        choices=("auto", "none", "mirrored", "multiworker"),
+        default="auto",
+        help="auto: MirroredStrategy when more than one GPU is visible; mirrored: all local GPUs "
+        "(or all logical CPUs); multiworker: MultiWorkerMirroredStrategy from TF_CONFIG (default auto)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN_DIR")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete an existing run folder (with run.json) first"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's own log messages")
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    if args.size is not None:
+        args.size = tuple(args.size)
+    return args
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a number > 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a fraction between 0 and 1 (exclusive)")
+    return value
+
+
+# ---------------------------------------------------------------------------- schedule
+def learning_rate_at(epoch: int, initial: float = 1e-4) -> float:
+    """The paper's schedule for a 0-based epoch: `initial` for 50 epochs, then
+    initial * exp(0.015 * (50 - epoch)). A closed form, so a resumed run gets the same rate."""
+    if epoch < LR_CONSTANT_EPOCHS:
+        return initial
+    return initial * math.exp(LR_DECAY * (LR_CONSTANT_EPOCHS - epoch))
+
+
+# ---------------------------------------------------------------------------- split
+def split_by_group(records: list[dict], val_fraction: float, seed: int) -> np.ndarray:
+    """Hold out whole groups (patients) for validation: a boolean array, True = validation.
+
+    Stratified as far as groups allow: each class (a group counts for its majority class)
+    contributes groups in a seeded random order until its validation slices reach
+    `val_fraction` of its slices; every class keeps at least one group on each side.
+    Raises UserError when a class has fewer than two groups.
+    """
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault(record["group"], []).append(index)
+    by_class: dict[int, list[str]] = {label: [] for label in CLASS_LABELS.values()}
+    for group, members in groups.items():
+        labels = [records[i]["label"] for i in members]
+        if len(set(labels)) > 1:
+            log.warning(
+                "warning: group %s holds slices of both classes; kept on one side of the split", group
+            )
+        by_class[max(set(labels), key=labels.count)].append(group)
+    is_val = np.zeros(len(records), dtype=bool)
+    for label, class_groups in by_class.items():
+        name = common.CLASS_NAMES[label]
+        if len(class_groups) < 2:
+            raise UserError(
+                f"{name}: {len(class_groups)} patient group(s); a validation set by patient needs at "
+                "least 2 per class (one for training, one for validation)"
+            )
+        class_groups = sorted(class_groups)  # the file order must not matter, only the seed
+        order = rng.permutation(len(class_groups))
+        target = val_fraction * sum(len(groups[g]) for g in class_groups)
+        taken, count = [], 0
+        for position in order:
+            group = class_groups[position]
+            size = len(groups[group])
+            # Take a group when that brings the count closer to the target (always one).
+            if not taken or count + size / 2 <= target:
+                taken.append(group)
+                count += size
+            if len(taken) == len(class_groups) - 1 or count >= target:
+                break
+        for group in taken:
+            is_val[groups[group]] = True
+    return is_val
+
+
+def write_split_csv(path: Path, records: list[dict], is_val: np.ndarray) -> None:
+    """split.csv: path, group, label, subset (train or val), in the HDF5 file's order."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "group", "label", "subset"])
+        for record, val in zip(records, is_val, strict=True):
+            writer.writerow([record["path"], record["group"], record["label"], "val" if val else "train"])
+
+
+def read_split_csv(path: Path) -> list[tuple[str, str, int, str]]:
+    with open(path, newline="") as handle:
+        return [(r["path"], r["group"], int(r["label"]), r["subset"]) for r in csv.DictReader(handle)]
+
+
+# ---------------------------------------------------------------------------- augmentation
+def augment_image(image, seed, augmentation: str):
+    """Augment one float32 image (H, W, 3) in 0-255; a pure function of `seed` (a shape-[2]
+    integer tensor), so the same seed gives the same image.
+
+    base: left-right and up-down flips (p = 0.5 each), brightness + U(-2, 2) grey levels,
+    clip, hue + U(-0.25, 0.25) of a turn of the colour wheel (tf.image.adjust_hue, on the
+    image scaled to 0-1; no-op on gray pixels), clip to 0-255.
+    base_and_noise: base, then with probability 0.1 Gaussian noise of std 12.75 (0.05 of
+    the 0-255 range), clip to 0-255.
+    """
+    import tensorflow as tf
+
+    if augmentation == "none":
+        return image
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
+    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+    image = tf.image.stateless_random_flip_up_down(image, seeds[1])
+    image = tf.image.stateless_random_brightness(image, BRIGHTNESS_MAX_DELTA, seeds[2])
+    image = tf.clip_by_value(image, 0.0, 255.0)
+    image = tf.image.stateless_random_hue(image / 255.0, HUE_MAX_DELTA, seeds[3]) * 255.0
+    if augmentation == "base_and_noise":
+        noise_seeds = tf.random.experimental.stateless_split(seeds[4], num=2)
+        image = tf.cond(
+            tf.random.stateless_uniform([], noise_seeds[0]) < NOISE_FRACTION,
+            lambda: image + tf.random.stateless_normal(tf.shape(image), noise_seeds[1], stddev=NOISE_STD),
+            lambda: image,
+        )
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+# ---------------------------------------------------------------------------- input pipeline
+class HDF5Images:
+    """Reads images of one size from the HDF5 file by record index (the order of
+    common.read_hdf5_index: all GBM rows, then all PCNSL rows). The file is opened once,
+    lazily, and shared by tf.data's threads (h5py serialises access itself)."""
+
+    def __init__(self, path: Path, size: tuple[int, int]):
+        self.path = str(path)
+        self.key = common.size_key(size)
+        self.size = size
+        self._lock = threading.Lock()
+        self._datasets = None
+        self._offsets = None
+
+    def _open(self):
+        import h5py
+
+        with self._lock:
+            if self._datasets is None:
+                h5file = h5py.File(self.path, "r")
+                datasets = [h5file[folder][self.key]["features"] for folder in CLASS_FOLDERS]
+                self._offsets = np.cumsum([0] + [d.shape[0] for d in datasets])
+                self._datasets = datasets
+        return self._datasets
+
+    def read(self, index) -> np.ndarray:
+        """uint8 (H, W, 3): the image of one record."""
+        datasets = self._open()
+        which = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return datasets[which][int(index) - int(self._offsets[which])]
+
+
+def make_dataset(
+    reader: HDF5Images,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    augmentation: str = "none",
+    seed: int = 0,
+    epochs: tuple[int, int] | None = None,
+):
+    """A tf.data pipeline of (float32 images 0-255, float32 labels (B, 1)) batches.
+
+    With `epochs=(first, end)` it is the training stream of epochs first..end-1: each epoch
+    is a permutation of `indices` seeded by (seed, epoch), read from the HDF5 file and
+    augmented in parallel, image i of the epoch with the seed (seed, epoch, i), and batched
+    (the last batch of an epoch may be smaller). Epoch e is the same whether or not the run
+    was resumed. Without `epochs`: one ordered pass, unaugmented (validation, prediction).
+    """
+    import tensorflow as tf
+
+    label_table = tf.constant(labels, tf.float32)
+    height, width = reader.size
+
+    def load(index):
+        image = tf.numpy_function(reader.read, [index], tf.uint8, stateful=False)
+        image = tf.cast(tf.ensure_shape(image, [height, width, 3]), tf.float32)
+        return image, tf.gather(label_table, index)[None]
+
+    index_tensor = tf.constant(indices, tf.int64)
+    if epochs is None:
+        dataset = tf.data.Dataset.from_tensor_slices(index_tensor)
+        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    else:
+
+        def one_epoch(epoch):
+            fold_in = tf.random.experimental.stateless_fold_in
+            order = tf.random.experimental.stateless_shuffle(
+                index_tensor, fold_in(tf.constant([seed, 1], tf.int64), epoch)
+            )
+            epoch_seed = fold_in(tf.constant([seed, 2], tf.int64), epoch)
+
+            def load_and_augment(position, index):
+                image, label = load(index)
+                return augment_image(image, fold_in(epoch_seed, position), augmentation), label
+
+            images = tf.data.Dataset.from_tensor_slices(order).enumerate()
+            return images.map(load_and_augment, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+
+        dataset = tf.data.Dataset.range(*epochs).flat_map(one_epoch)
+    options = tf.data.Options()
+    options.deterministic = True  # parallel reads, results in order
+    # Each worker reads the whole index stream and keeps its share (no files to shard).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------- helpers
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (what `sha256sum` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename: never half-written."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def read_history(path: Path) -> tuple[list[str], list[dict]]:
+    """history.csv -> (header, rows); ([], []) if absent or empty."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return [], []
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = [row for row in reader if row.get("epoch", "").strip().isdigit()]
+        return list(reader.fieldnames or []), rows
+
+
+def truncate_history(path: Path, finished_epochs: int) -> None:
+    """Keep the rows of the first `finished_epochs` epochs, once each: a process killed
+    between CSVLogger's row and the backup leaves a row that the resumed run writes again."""
+    header, rows = read_history(path)
+    if not header:
+        return
+    kept = {}
+    for row in rows:
+        if int(row["epoch"]) < finished_epochs:
+            kept[int(row["epoch"])] = row  # a repeated epoch keeps its last row
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(kept[epoch] for epoch in sorted(kept))
+    os.replace(temporary, path)
+
+
+def backup_epoch(backup_dir: Path) -> int:
+    """Epochs finished according to a usable Keras BackupAndRestore backup (0 if none).
+
+    A process killed while the backup was being written leaves a broken newest generation:
+    fall back to the previous one (BackupAndRestore(double_checkpoint=True) keeps it), or,
+    with none, start over from the first epoch.
+    """
+    weights, metadata = backup_dir / "latest.weights.h5", backup_dir / "training_metadata.json"
+    previous_weights, previous_metadata = (Path(f"{p}.bkp") for p in (weights, metadata))
+    for candidate_weights, candidate_metadata in ((weights, metadata), (previous_weights, previous_metadata)):
+        epoch = _backup_metadata_epoch(candidate_metadata)
+        if epoch is not None and _readable_hdf5(candidate_weights):
+            if candidate_weights != weights:
+                log.warning(
+                    "warning: the newest backup in %s is incomplete; using the one before it", backup_dir
+                )
+                shutil.copyfile(candidate_weights, weights)
+                shutil.copyfile(candidate_metadata, metadata)
+            return epoch
+    if backup_dir.exists():
+        log.warning(
+            "warning: no complete backup in %s; training starts again from the first epoch", backup_dir
+        )
+        shutil.rmtree(backup_dir)
+    return 0
+
+
+def _backup_metadata_epoch(path: Path) -> int | None:
+    try:
+        return int(json.loads(path.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _readable_hdf5(path: Path) -> bool:
+    """True if every dataset of the HDF5 file reads back (a truncated write does not)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5file:
+            h5file.visititems(lambda name, item: item[()] if isinstance(item, h5py.Dataset) else None)
+        return True
+    except Exception:  # h5py raises OSError, KeyError, RuntimeError... for damaged files
+        return False
+
+
+def library_versions() -> dict:
+    import h5py
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": sys.version.split()[0],
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "gbmpcnsl": common.__version__,
+    }
+
+
+def make_strategy(name: str):
+    """(tf.distribute strategy, its name, whether this process is the chief) for --distribute.
+    Call it before any other TensorFlow work: MultiWorkerMirroredStrategy must come first."""
+    import tensorflow as tf
+
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise UserError("--distribute multiworker: set TF_CONFIG (cluster and task) on every worker")
+        try:
+            config = json.loads(os.environ["TF_CONFIG"])
+            task = config["task"]
+            is_chief = task["type"] == "chief" or (
+                "chief" not in config["cluster"] and task["type"] == "worker" and int(task["index"]) == 0
+            )
+        except KeyError as error:
+            raise UserError(
+                f"--distribute multiworker: TF_CONFIG lacks {error} (set it on every worker)"
+            ) from error
+        except (ValueError, TypeError) as error:
+            raise UserError(
+                f"--distribute multiworker: TF_CONFIG is not a valid cluster spec ({error})"
+            ) from error
+        return tf.distribute.MultiWorkerMirroredStrategy(), "MultiWorkerMirroredStrategy", is_chief
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 else "none"
+    if name == "mirrored":
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in devices]), "MirroredStrategy", True
+    return tf.distribute.get_strategy(), "default strategy", True
+
+
+# ---------------------------------------------------------------------------- callbacks
+def progress_callback(epochs: int, steps_per_epoch: int):
+    """One log line per epoch on stderr (metrics and seconds), a tqdm bar while it runs
+    (on a terminal only)."""
+    import keras
+    from tqdm import tqdm
+
+    class EpochProgress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+            self.bar = tqdm(
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                unit="batch",
+                leave=False,
+                file=sys.stderr,
+                disable=None,
+            )
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.bar.update(1)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.bar.close()
+            seconds = time.perf_counter() - self.start
+            logs = dict(logs or {})
+            first = [
+                k for k in ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc") if k in logs
+            ]
+            metrics = " ".join(f"{k} {float(logs[k]):.4g}" for k in first + sorted(set(logs) - set(first)))
+            log.info("epoch %d/%d: %s (%.1f s)", epoch + 1, epochs, metrics, seconds)
+
+    return EpochProgress()
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    return common.run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    common.setup_logging(args.verbose)
+    train(args)
+    return 0
+
+
+def train(args: argparse.Namespace, callbacks: list | None = None):
+    """Train as the command line asks; returns the model as it is after the last epoch.
+    `callbacks` are added after ours (tests use them to look at the in-memory model)."""
+    import h5py
+
+    run_dir: Path = args.run_dir
+    run_json = run_dir / "run.json"
+    history_csv = run_dir / "history.csv"
+    backup_dir = run_dir / "backup"
+
+    # -- check the run folder before anything slow
+    previous = None
+    if args.resume:
+        if not run_json.is_file():
+            raise UserError(f"{run_dir}: no run.json, nothing to resume")
+        previous = json.loads(run_json.read_text())
+        if previous.get("status") == "finished":
+            raise UserError(f"{run_dir}: this run finished at {previous.get('end_time')}; nothing to resume")
+        changed = [
+            name
+            for name in RESUME_MUST_MATCH
+            if _jsonable(getattr(args, name)) != previous["arguments"].get(name)
+        ]
+        if changed:
+            listed = ", ".join(
+                f"--{n.replace('_', '-')} {previous['arguments'].get(n)} (now {_jsonable(getattr(args, n))})"
+                for n in changed
+            )
+            raise UserError(f"{run_dir}: --resume needs the run's own settings: {listed}")
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not args.overwrite:
+            raise UserError(f"{run_dir}: exists; pick a new run folder, --resume it or --overwrite it")
+        if not run_json.is_file():
+            raise UserError(f"{run_dir}: --overwrite only replaces a run folder (one with run.json)")
+        shutil.rmtree(run_dir)
+
+    # -- data: the HDF5 index and the split by patient
+    if not args.hdf5.is_file():
+        raise UserError(f"{args.hdf5}: no such file")
+    try:
+        with h5py.File(args.hdf5, "r") as h5file:
+            size = common.choose_hdf5_size(h5file, args.size, args.hdf5)
+            records, has_groups = common.read_hdf5_index(h5file, size)
+            for folder in CLASS_FOLDERS:
+                group = h5file[folder][common.size_key(size)]
+                if "labels" in group and np.any(group["labels"][:] != CLASS_LABELS[folder]):
+                    raise UserError(f"{args.hdf5}: {group.name}/labels are not all {CLASS_LABELS[folder]}")
+    except OSError as error:
+        raise UserError(f"{args.hdf5}: cannot read HDF5 file ({error})") from error
+    if not has_groups:
+        log.warning(
+            "warning: %s has no patient groups (original layout): each slice is its own group, so "
+            "slices of one patient can land in both training and validation",
+            args.hdf5,
+        )
+    is_val = split_by_group(records, args.val_fraction, args.seed)
+    labels = np.array([r["label"] for r in records], dtype=np.float32)
+    train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    for name, subset in (("training", train_indices), ("validation", val_indices)):
+        per_class = [int(np.sum(labels[subset] == label)) for label in (0, 1)]
+        groups = len({records[i]["group"] for i in subset})
+        log.info("%s: %d slices (%d GBM, %d PCNSL) from %d groups", name, len(subset), *per_class, groups)
+    if previous is not None and list(size) != previous["input_shape"][:2]:
+        raise UserError(
+            f"{run_dir}: --resume needs the run's own image size {previous['input_shape'][0]} "
+            f"{previous['input_shape'][1]} (now {size[0]} {size[1]})"
+        )
+    if args.resume and (run_dir / "split.csv").is_file():
+        expected = [
+            (r["path"], r["group"], r["label"], "val" if v else "train")
+            for r, v in zip(records, is_val, strict=True)
+        ]
+        if read_split_csv(run_dir / "split.csv") != expected:
+            raise UserError(
+                f"{run_dir}/split.csv: differs from the split of {args.hdf5} with --seed {args.seed}"
+            )
+
+    # -- TensorFlow, strategy, model (fails here at once if the weights are missing)
+    tf = common.import_tensorflow(args.verbose)
+    import keras
+
+    strategy, strategy_name, is_chief = make_strategy(args.distribute)
+    keras.utils.set_random_seed(args.seed)
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    replicas = strategy.num_replicas_in_sync
+    global_batch = args.batch_size * replicas
+    log.info(
+        "batch size %d per replica x %d replica(s) = global batch %d (%s)",
+        args.batch_size,
+        replicas,
+        global_batch,
+        strategy_name,
+    )
+    weights = None if args.weights.lower() == "none" else args.weights
+    input_shape = (*size, 3)
+    policy = keras.mixed_precision.global_policy()
+    try:  # the layers keep the policy they were built with; the process default is restored
+        if args.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        with strategy.scope():
+            model = common.build_model(args.backbone, input_shape, weights)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    with strategy.scope():
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
+            loss=keras.losses.BinaryCrossentropy(),
+            metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+            jit_compile=bool(args.xla),
+        )
+
+    # -- the run folder: split.csv, run.json; history.csv cut back to the backed-up epochs
+    if not is_chief:  # other workers of a multi-worker run keep their files apart
+        task = json.loads(os.environ["TF_CONFIG"])["task"]
+        run_dir = run_dir / "workers" / f"{task['type']}_{task['index']}"
+        run_json, history_csv, backup_dir = run_dir / "run.json", run_dir / "history.csv", run_dir / "backup"
+    hdf5_sha256 = file_sha256(args.hdf5)
+    if previous is not None and hdf5_sha256 != previous["hdf5_sha256"]:
+        raise UserError(f"{args.hdf5}: its content changed since the run started (SHA-256 differs)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    first_epoch = backup_epoch(backup_dir) if args.resume else 0
+    best_val_loss = None
+    if args.resume:
+        truncate_history(history_csv, first_epoch)
+        losses = [float(r["val_loss"]) for r in read_history(history_csv)[1] if r.get("val_loss")]
+        best_val_loss = min(losses) if losses else None
+        log.info("resuming %s after epoch %d of %d", run_dir, first_epoch, args.epochs)
+    if not (run_dir / "split.csv").is_file():
+        write_split_csv(run_dir / "split.csv", records, is_val)
+    info = previous or {
+        "arguments": {name: _jsonable(value) for name, value in vars(args).items()},
+        "backbone": args.backbone,
+        "input_shape": list(input_shape),
+        "hdf5": str(args.hdf5.resolve()),
+        "hdf5_size_key": common.size_key(size),
+        "hdf5_sha256": hdf5_sha256,
+        "hdf5_has_groups": has_groups,
+        "class_labels": dict(CLASS_LABELS),
+        "split_seed": args.seed,
+        "split": {
+            "train_slices": len(train_indices),
+            "val_slices": len(val_indices),
+            "train_groups": len({records[i]["group"] for i in train_indices}),
+            "val_groups": len({records[i]["group"] for i in val_indices}),
+        },
+        "versions": library_versions(),
+        "start_time": now(),
+    }
+    if previous is not None:
+        arguments = {name: _jsonable(value) for name, value in vars(args).items()}
+        info.setdefault("resumed", []).append(
+            {"time": now(), "after_epoch": first_epoch, "arguments": arguments}
+        )
+        info["arguments"]["epochs"] = args.epochs
+    info.update(
+        status="running",
+        strategy=strategy_name,
+        replicas=replicas,
+        global_batch_size=global_batch,
+    )
+    write_json(run_json, info)
+
+    # -- data pipelines and callbacks
+    reader = HDF5Images(args.hdf5, size)
+    steps_per_epoch = math.ceil(len(train_indices) / global_batch)
+    train_data = make_dataset(
+        reader, train_indices, labels, global_batch, args.augmentation, args.seed, (first_epoch, args.epochs)
+    )
+    val_data = make_dataset(reader, val_indices, labels, global_batch)
+    initial = args.learning_rate
+    fit_callbacks = [
+        keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate_at(epoch, initial)),
+        keras.callbacks.ModelCheckpoint(
+            str(run_dir / "ckpt_{epoch:03d}_{val_loss:.4f}.keras"),
+            monitor="val_loss",
+            mode="min",
+            save_best_only=True,
+            initial_value_threshold=best_val_loss,  # a resumed run only saves improvements
+        ),
+        # CSVLogger before BackupAndRestore: a crash between the two repeats a row (cut on
+        # resume), never loses one.
+        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        # Two generations of backup: a kill while the weights are written keeps the older one.
+        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
+        progress_callback(args.epochs, steps_per_epoch),
+    ]
+    early_stopping = None
+    if args.early_stopping:
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor="val_loss", mode="min", patience=args.early_stopping
+        )
+        fit_callbacks.append(early_stopping)
+    fit_callbacks += callbacks or []
+
+    # -- train
+    if first_epoch >= args.epochs:
+        log.info("all %d epochs were already done", args.epochs)
+    else:
+        model.fit(
+            train_data,
+            epochs=args.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_data,
+            callbacks=fit_callbacks,
+            shuffle=False,  # the dataset shuffles itself, per epoch and seed
+            verbose=0,
+        )
+    if backup_dir.exists():  # e.g. nothing left to train: BackupAndRestore did not clean up
+        shutil.rmtree(backup_dir)
+
+    # -- record the outcome
+    _, rows = read_history(history_csv)
+    info["end_time"] = now()
+    info["status"] = "finished"
+    info["epochs_done"] = len(rows)
+    info["stopped_early"] = bool(early_stopping is not None and early_stopping.stopped_epoch > 0)
+    if rows:
+        best = min(rows, key=lambda row: float(row["val_loss"]))
+        info["best_epoch"] = int(best["epoch"]) + 1  # as in the checkpoint names
+        info["best_val_loss"] = float(best["val_loss"])
+        checkpoints = sorted(run_dir.glob(f"ckpt_{info['best_epoch']:03d}_*.keras"))
+        info["best_checkpoint"] = checkpoints[-1].name if checkpoints else None
+        log.info(
+            "best epoch %d: val_loss %.4f -> %s",
+            info["best_epoch"],
+            info["best_val_loss"],
+            run_dir / str(info["best_checkpoint"]),
+        )
+    write_json(run_json, info)
+    return model
+
+
+def _jsonable(value):
+    """Argument values as they are stored in run.json."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

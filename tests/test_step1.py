@@ -1,0 +1,396 @@
+"""step1: command line, split by patient, augmentations, the tf.data stream, the run folder
+written by the session's tiny training run, and checkpoint fidelity (also with ImageNet
+weights, from a fake notop file)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import step1_train_model as step1
+from gbmpcnsl_common import UserError, load_model_for_inference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_h5(
+    path: Path,
+    size: int = 32,
+    patients: tuple[int, int] = (4, 4),
+    slices: int = 3,
+    groups: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A small HDF5 file in step0's layout. Image of record i (GBM rows first) is gray with
+    value i in its top-left pixel, so a pipeline test can tell which record it holds."""
+    rng = np.random.default_rng(seed)
+    record = 0
+    with h5py.File(path, "w") as h5file:
+        for label, folder in enumerate(("gbm", "pcnsl")):
+            count = patients[label] * slices
+            gray = rng.integers(40 + 60 * label, 120 + 60 * label, (count, size, size, 1), dtype=np.uint8)
+            features = np.repeat(gray, 3, axis=-1)
+            features[:, 0, 0, :] = (np.arange(count) + record)[:, None]
+            record += count
+            group = h5file.create_group(f"{folder}/{size}_{size}")
+            group.create_dataset("features", data=features, chunks=(1, size, size, 3), compression="gzip")
+            group.create_dataset("labels", data=np.full(count, label, np.uint8))
+            if groups:
+                names = [f"{folder}_p{p}" for p in range(patients[label]) for _ in range(slices)]
+                paths = [
+                    f"{folder}/{folder}_p{p}/s{s}.png" for p in range(patients[label]) for s in range(slices)
+                ]
+                group.create_dataset("paths", data=paths, dtype=h5py.string_dtype())
+                group.create_dataset("groups", data=names, dtype=h5py.string_dtype())
+    return path
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "step1_train_model.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+# ---------------------------------------------------------------------------- command line
+def test_help_and_argument_errors_do_not_import_tensorflow():
+    code = (
+        "import sys, step1_train_model as s\n"
+        "for argv in (['--help'], ['--augmentation', 'flip', 'a.h5', 'run']):\n"
+        "    try:\n        s.main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.splitlines()[-3:] == ["exit 0", "exit 2", "False False"]
+    assert "--augmentation {none,base,base_and_noise}" in result.stdout
+    assert "invalid choice: 'flip'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--val-fraction", "0"], "--val-fraction: 0: expected a fraction between 0 and 1"),
+        (["--epochs", "0"], "expected an integer >= 1"),
+        (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    ],
+)
+def test_bad_options_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        step1.main(["--augmentation", "none", *argv, "data.h5", "run"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_expected_failures_are_one_line(tmp_path):
+    h5_path = write_h5(tmp_path / "d.h5")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt_001_0.5000.keras").write_text("x")
+    with h5py.File(tmp_path / "two.h5", "w") as h5file:  # two sizes and no --size
+        for key in ("32_32", "64_64"):
+            for folder in ("gbm", "pcnsl"):
+                h5file.create_dataset(f"{folder}/{key}/features", data=np.zeros((2, 4, 4, 3), np.uint8))
+    cases = [
+        ([str(tmp_path / "missing.h5"), str(tmp_path / "new")], "missing.h5: no such file"),
+        ([str(h5_path), str(tmp_path / "run")], "run: exists; pick a new run folder"),
+        ([str(h5_path), str(tmp_path / "run"), "--overwrite"], "--overwrite only replaces a run folder"),
+        ([str(h5_path), str(tmp_path / "new"), "--resume"], "no run.json, nothing to resume"),
+        ([str(tmp_path / "two.h5"), str(tmp_path / "new")], "holds several sizes (32 32, 64 64)"),
+        ([str(h5_path), str(tmp_path / "new"), "--size", "64", "64"], "no images of size 64 64"),
+    ]
+    for argv, message in cases:
+        result = run_cli("--augmentation", "none", *argv)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr and result.stdout == ""
+    assert (tmp_path / "run" / "ckpt_001_0.5000.keras").exists()  # nothing overwritten
+    assert not (tmp_path / "new").exists()
+
+
+def test_learning_rate_schedule():
+    assert step1.learning_rate_at(0) == step1.learning_rate_at(49) == 1e-4
+    assert step1.learning_rate_at(50) == pytest.approx(1e-4)
+    assert step1.learning_rate_at(150) == pytest.approx(1e-4 * math.exp(-1.5))
+    assert step1.learning_rate_at(60, initial=3e-4) == pytest.approx(3e-4 * math.exp(-0.15))
+
+
+# ---------------------------------------------------------------------------- split
+def records_for(groups_per_class: dict[int, list[int]]) -> list[dict]:
+    """Records with group sizes given per class: {0: [3, 5, ...], 1: [...]}."""
+    records = []
+    for label, sizes in groups_per_class.items():
+        for number, size in enumerate(sizes):
+            for s in range(size):
+                records.append(
+                    {"label": label, "group": f"c{label}g{number}", "path": f"{label}/{number}/{s}"}
+                )
+    return records
+
+
+def test_split_by_patient_is_disjoint_stratified_and_seeded():
+    rng = np.random.default_rng(1)
+    records = records_for({0: list(rng.integers(1, 12, 60)), 1: list(rng.integers(1, 12, 40))})
+    labels = np.array([r["label"] for r in records])
+    is_val = step1.split_by_group(records, 0.15, seed=3)
+    train_groups = {r["group"] for r, v in zip(records, is_val, strict=True) if not v}
+    val_groups = {r["group"] for r, v in zip(records, is_val, strict=True) if v}
+    assert train_groups and val_groups and not train_groups & val_groups
+    for label in (0, 1):  # stratified: each class holds out ~15% of its own slices
+        fraction = is_val[labels == label].mean()
+        assert 0.10 < fraction < 0.20, fraction
+    assert np.array_equal(is_val, step1.split_by_group(records, 0.15, seed=3))
+    assert not np.array_equal(is_val, step1.split_by_group(records, 0.15, seed=4))
+    # The order of the records does not matter, only the seed.
+    reordered = records[::-1]
+    assert np.array_equal(is_val[::-1], step1.split_by_group(reordered, 0.15, seed=3))
+
+
+def test_split_keeps_a_group_on_each_side_and_refuses_single_group_classes():
+    is_val = step1.split_by_group(records_for({0: [5, 5], 1: [1, 9]}), 0.9, seed=0)
+    assert is_val[:5].sum() + is_val[5:10].sum() == 5  # one of the two GBM groups
+    assert 0 < is_val[10:].sum() < 10
+    with pytest.raises(UserError, match="PCNSL: 1 patient group"):
+        step1.split_by_group(records_for({0: [3, 3], 1: [6]}), 0.15, seed=0)
+
+
+# ---------------------------------------------------------------------------- augmentation
+def gray_batch(count: int, size: int = 16, low: int = 20, high: int = 235, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    gray = rng.integers(low, high, (count, size, size, 1)).astype(np.float32)
+    return np.repeat(gray, 3, axis=-1)
+
+
+def augment(images, augmentation, seed=(5, 7)):
+    """step1.augment_image on each image, image i with the seed fold_in(seed, i) (as the
+    training stream does), in one tf.data pass."""
+    import tensorflow as tf
+
+    base_seed = tf.constant(seed, tf.int64)
+    dataset = tf.data.Dataset.from_tensor_slices(images).enumerate()
+    dataset = dataset.map(
+        lambda i, image: step1.augment_image(
+            image, tf.random.experimental.stateless_fold_in(base_seed, i), augmentation
+        )
+    )
+    return next(iter(dataset.batch(len(images)))).numpy()
+
+
+def test_augmentation_none_is_identity_and_results_are_seeded():
+    images = gray_batch(8)
+    assert np.array_equal(augment(images, "none"), images)
+    first, again = augment(images, "base_and_noise"), augment(images, "base_and_noise")
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, augment(images, "base_and_noise", seed=(5, 8)))
+
+
+def test_base_augmentation_flips_exactly_shifts_brightness_and_keeps_gray():
+    images = gray_batch(400)
+    out = augment(images, "base")
+    assert out.dtype == np.float32 and out.shape == images.shape
+    assert out.min() >= 0 and out.max() <= 255
+    assert np.allclose(out[..., 0], out[..., 1], atol=1e-3)  # hue is a no-op on gray
+    assert np.allclose(out[..., 0], out[..., 2], atol=1e-3)
+    flips = {"none": 0, "lr": 0, "ud": 0, "both": 0}
+    deltas = []
+    for image, result in zip(images, out, strict=True):
+        candidates = {"none": image, "lr": image[:, ::-1], "ud": image[::-1], "both": image[::-1, ::-1]}
+        # Exactly one flip variant, shifted by one constant (the brightness delta).
+        matches = [n for n, c in candidates.items() if np.ptp(result - c) < 1e-3]
+        assert len(matches) == 1, matches
+        flips[matches[0]] += 1
+        deltas.append(float(np.mean(result - candidates[matches[0]])))
+    assert all(70 < count < 130 for count in flips.values()), flips  # 100 expected each
+    deltas = np.array(deltas)
+    assert np.abs(deltas).max() <= 2.0 + 1e-3 and deltas.std() > 0.9  # U(-2, 2): std 1.15
+
+
+def test_base_augmentation_turns_hue_of_colour_images():
+    import colorsys
+
+    red = np.zeros((200, 4, 4, 3), np.float32)
+    red[..., 0], red[..., 1], red[..., 2] = 200, 60, 60
+    out = augment(red, "base")
+    hues = [colorsys.rgb_to_hsv(*(pixel / 255))[0] for pixel in out[:, 0, 0]]
+    shift = (np.array(hues) + 0.5) % 1.0 - 0.5  # red has hue 0: signed turn in -0.5..0.5
+    assert np.abs(shift).max() <= 0.25 + 1e-3 and np.abs(shift).max() > 0.2
+    assert np.allclose(out.max(axis=-1), 200, atol=2.01)  # value (max) kept, up to brightness
+
+
+def test_noise_appears_in_about_ten_percent_of_images():
+    images = np.full((3000, 8, 8, 3), 128.0, np.float32)
+    out = augment(images, "base_and_noise")
+    per_image_std = (out - out.mean(axis=(1, 2, 3), keepdims=True)).std(axis=(1, 2, 3))
+    noisy = per_image_std > 1.0
+    assert 0.08 < noisy.mean() < 0.12, noisy.mean()
+    assert per_image_std[noisy].mean() == pytest.approx(12.75, rel=0.05)
+    assert per_image_std[~noisy].max() < 1e-3
+    assert augment(np.full((500, 8, 8, 3), 250.0, np.float32), "base_and_noise").max() <= 255
+    assert out.min() >= 0
+    base = augment(images, "base")
+    assert (base - base.mean(axis=(1, 2, 3), keepdims=True)).std(axis=(1, 2, 3)).max() < 1e-3
+
+
+# ---------------------------------------------------------------------------- pipeline
+def test_training_stream_reshuffles_every_epoch_and_visits_each_image_once(tmp_path):
+    h5_path = write_h5(tmp_path / "d.h5", size=16, patients=(5, 5), slices=3)
+    reader = step1.HDF5Images(h5_path, (16, 16))
+    labels = np.array([0] * 15 + [1] * 15, np.float32)
+    train = np.array([i for i in range(30) if i % 5], np.int64)  # 24 records
+    dataset = step1.make_dataset(reader, train, labels, 5, "none", seed=1, epochs=(0, 3))
+    batches = [(x.numpy(), y.numpy()) for x, y in dataset]
+    assert [len(x) for x, _ in batches] == [5, 5, 5, 5, 4] * 3  # per epoch: ceil(24 / 5)
+    assert batches[0][0].dtype == np.float32 and batches[0][1].shape == (5, 1)
+    seen = np.concatenate([x[:, 0, 0, 0] for x, _ in batches]).astype(int)
+    seen_labels = np.concatenate([y[:, 0] for _, y in batches])
+    orders = seen.reshape(3, 24)
+    for order in orders:
+        assert sorted(order) == sorted(train)
+    assert not np.array_equal(orders[0], orders[1])
+    assert np.array_equal(seen_labels, labels[seen])
+    # The same seed gives the same stream; epoch 2 alone equals epoch 2 of the full stream.
+    resumed = step1.make_dataset(reader, train, labels, 5, "none", seed=1, epochs=(2, 3))
+    assert np.array_equal(np.concatenate([x[:, 0, 0, 0] for x, _ in resumed]).astype(int), orders[2])
+    ordered = step1.make_dataset(reader, train, labels, 7)
+    assert np.concatenate([x[:, 0, 0, 0] for x, _ in ordered]).astype(int).tolist() == train.tolist()
+
+
+# ---------------------------------------------------------------------------- the run folder
+def test_trained_run_folder(trained_run, demo_h5):
+    run = json.loads((trained_run / "run.json").read_text())
+    assert run["backbone"] == "efficientnetb4" and run["input_shape"] == [64, 64, 3]
+    assert run["arguments"]["augmentation"] == "base" and run["arguments"]["epochs"] == 2
+    assert run["arguments"]["weights"] == "none" and run["split_seed"] == 0
+    assert run["hdf5_size_key"] == "64_64" and run["class_labels"] == {"gbm": 0, "pcnsl": 1}
+    assert run["hdf5_sha256"] == step1.file_sha256(demo_h5)
+    assert run["status"] == "finished" and run["global_batch_size"] == 8
+    assert {"tensorflow", "keras", "numpy", "h5py", "python"} <= set(run["versions"])
+    assert run["start_time"] <= run["end_time"]
+
+    with open(trained_run / "history.csv", newline="") as handle:
+        history = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in history] == ["0", "1"]
+    assert {"loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc", "learning_rate"} <= set(
+        history[0]
+    )
+    val_losses = [float(row["val_loss"]) for row in history]
+    assert run["best_val_loss"] == pytest.approx(min(val_losses))
+    assert run["best_epoch"] == int(np.argmin(val_losses)) + 1
+
+    checkpoints = sorted(p.name for p in trained_run.glob("ckpt_*.keras"))
+    assert checkpoints[0] == f"ckpt_001_{val_losses[0]:.4f}.keras"
+    assert run["best_checkpoint"] == checkpoints[-1]
+    assert all(re.fullmatch(r"ckpt_\d{3}_\d\.\d{4}\.keras", name) for name in checkpoints)
+    assert not (trained_run / "backup").exists()
+
+    with open(trained_run / "split.csv", newline="") as handle:
+        split = list(csv.DictReader(handle))
+    with h5py.File(demo_h5, "r") as h5file:
+        total = sum(h5file[f"{c}/64_64/features"].shape[0] for c in ("gbm", "pcnsl"))
+    assert len(split) == total and set(split[0]) == {"path", "group", "label", "subset"}
+    train_groups = {r["group"] for r in split if r["subset"] == "train"}
+    val_groups = {r["group"] for r in split if r["subset"] == "val"}
+    assert train_groups.isdisjoint(val_groups)
+    assert {r["label"] for r in split if r["subset"] == "val"} == {"0", "1"}
+    assert run["split"]["val_slices"] == sum(r["subset"] == "val" for r in split)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def fake_notop_weights(path: Path, input_shape=(32, 32, 3)) -> Path:
+    """An efficientnetb0_notop.h5 in the legacy layout Keras downloads (random values)."""
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(123)
+    backbone = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=input_shape)
+    with h5py.File(path, "w") as h5file:
+        legacy_h5_format.save_weights_to_hdf5_group(h5file, backbone)
+    return path
+
+
+def test_checkpoints_reload_with_the_in_memory_predictions_imagenet_weights(tmp_path, monkeypatch, caplog):
+    """--weights imagenet (served from a fake cache file) on a file in the original layout:
+    each .keras checkpoint, loaded by the inference loader, predicts what the model
+    predicted at the end of that epoch."""
+    import keras
+    from keras.src.applications import efficientnet
+
+    notop = fake_notop_weights(tmp_path / "efficientnetb0_notop.h5")
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *args, **kwargs: str(notop))
+    h5_path = write_h5(tmp_path / "original.h5", patients=(4, 4), slices=2, groups=False)
+    probe = np.stack([np.full((32, 32, 3), v, np.float32) for v in (30, 90, 160, 230)])
+    probe[1, :16] = 10  # not all flat: exercise the convolutions
+
+    predictions: dict[int, np.ndarray] = {}  # 1-based epoch -> in-memory model's output
+
+    class RecordPredictions(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            predictions[epoch + 1] = self.model.predict(probe, verbose=0)
+
+    args = step1.parse_args(
+        ["--augmentation", "base", "--epochs", "2", "--backbone", "efficientnetb0", "--weights", "imagenet",
+         "--learning-rate", "1e-3", str(h5_path), str(tmp_path / "run")]
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="gbmpcnsl"):
+        step1.train(args, callbacks=[RecordPredictions()])
+    assert "has no patient groups (original layout)" in caplog.text
+    with open(tmp_path / "run" / "split.csv", newline="") as handle:
+        split = list(csv.DictReader(handle))
+    assert len({r["group"] for r in split}) == len(split) == 16  # each slice its own group
+
+    checkpoints = sorted((tmp_path / "run").glob("ckpt_*.keras"))
+    assert checkpoints
+    for checkpoint in checkpoints:
+        epoch = int(checkpoint.name[5:8])
+        loaded = load_model_for_inference(checkpoint)
+        np.testing.assert_allclose(loaded.predict(probe, verbose=0), predictions[epoch], atol=1e-5)
+    # The (fake) ImageNet weights were the starting point: the stem kernel moved only a little.
+    stem = loaded.get_layer("stem_conv").get_weights()[0]
+    start = keras.applications.EfficientNetB0(include_top=False, weights=str(notop), input_shape=(32, 32, 3))
+    assert np.corrcoef(stem.ravel(), start.get_layer("stem_conv").get_weights()[0].ravel())[0, 1] > 0.9
+
+
+def test_imagenet_weights_offline_fail_at_once_with_the_cache_hint(tmp_path, monkeypatch, capsys):
+    from keras.src.applications import efficientnet
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]")
+
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    h5_path = write_h5(tmp_path / "d.h5")
+    argv = ["--augmentation", "none", "--backbone", "efficientnetb0", str(h5_path), str(tmp_path / "run")]
+    assert step1.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --weights imagenet: could not load the efficientnetb0 ImageNet weights")
+    assert str(tmp_path / "keras_home" / "models" / "efficientnetb0_notop.h5") in err
+    assert "--weights /path/to/efficientnetb0_notop.h5" in err
+    assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
+def test_backup_epoch_falls_back_when_the_newest_backup_is_broken(tmp_path):
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    with h5py.File(backup / "latest.weights.h5.bkp", "w") as h5file:
+        h5file.create_dataset("layers/dense/vars/0", data=np.arange(1000.0))
+    good = (backup / "latest.weights.h5.bkp").read_bytes()
+    (backup / "latest.weights.h5").write_bytes(good[: len(good) // 2])  # killed mid-write
+    (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
+    (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": 0}')
+    assert step1.backup_epoch(backup) == 2
+    assert (backup / "latest.weights.h5").read_bytes() == good
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
+    assert step1.backup_epoch(backup) == 2  # now intact: unchanged
+    # A first backup killed before its metadata was written: nothing to resume from.
+    (backup / "training_metadata.json").unlink()
+    (backup / "training_metadata.json.bkp").unlink()
+    assert step1.backup_epoch(backup) == 0 and not backup.exists()
+    assert step1.backup_epoch(backup) == 0
