@@ -314,6 +314,17 @@ def _imagenet_backbone_weights(backbone: str, input_shape, weights: str) -> list
     return reference.get_weights()
 
 
+def _scale_normalization_variance(model, factor: np.ndarray) -> None:
+    """Multiply the variance of the model's (first) Normalization layer by `factor` per
+    channel: how a constant per-channel scaling right after it is folded into it."""
+    import keras
+
+    normalization = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
+    mean, variance, count = normalization.get_weights()
+    normalization.set_weights([mean, variance * factor, count])
+    normalization.finalize_state()  # set_weights alone leaves the layer's cached mean/variance stale
+
+
 def build_model(
     backbone: str = "efficientnetb4",
     input_shape: tuple[int, int, int] = (380, 380, 3),
@@ -339,10 +350,8 @@ def build_model(
     base = constructor(include_top=False, weights=None, input_tensor=inputs)
     if weights is not None:
         base.set_weights(_imagenet_backbone_weights(backbone, tuple(input_shape), weights))
-        normalization = next(layer for layer in base.layers if isinstance(layer, keras.layers.Normalization))
-        mean, variance, count = normalization.get_weights()
-        normalization.set_weights([mean, variance * np.asarray(IMAGENET_STDDEV_RGB), count])
-        normalization.finalize_state()  # set_weights alone leaves the layer's cached mean/variance stale
+        # Keras's extra Rescaling multiplies by 1/sqrt(stddev): the same as variance * stddev.
+        _scale_normalization_variance(base, np.asarray(IMAGENET_STDDEV_RGB))
     features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
     features = keras.layers.Dropout(0.5, name="top_dropout")(features)
     # Float32 head: with mixed_float16 the logit and the probability stay float32.
@@ -505,13 +514,8 @@ def load_model_for_inference(path: str | Path):
         info = _legacy_model_info(path)
         model = build_model(info["backbone"], info["input_shape"], weights=None)
         model.load_weights(path)
-        if info["extra_scale"] is not None:
-            normalization = next(
-                layer for layer in model.layers if isinstance(layer, keras.layers.Normalization)
-            )
-            mean, variance, count = normalization.get_weights()
-            normalization.set_weights([mean, variance / info["extra_scale"] ** 2, count])
-            normalization.finalize_state()  # set_weights alone leaves the cached mean/variance stale
+        if info["extra_scale"] is not None:  # a multiplication by s is a variance / s**2
+            _scale_normalization_variance(model, 1.0 / info["extra_scale"] ** 2)
         return model
     except UserError:
         raise
