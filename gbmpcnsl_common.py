@@ -174,6 +174,53 @@ def load_image(path: str | Path, size: tuple[int, int] = DEFAULT_SIZE) -> np.nda
         raise UserError(f"{path}: cannot read image ({error})") from error
 
 
+# ---------------------------------------------------------------------------- patients
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+
+
+def split_slice_name(name: str | Path) -> tuple[str, int | None]:
+    """ "gbm/p017/t1c.nii.gz#045" -> ("gbm/p017/t1c.nii.gz", 45); a 2-D file -> (name, None)."""
+    text = str(name).replace("\\", "/")
+    source, hash_sign, index = text.rpartition("#")
+    if hash_sign and index.isdigit():
+        return source, int(index)
+    return text, None
+
+
+def _source_stem(name: str) -> str:
+    """A source file's name without its image or volume extension ("t1c.nii.gz" -> "t1c")."""
+    lower = name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def patient_id(slice_name: str | Path) -> str:
+    """The patient (group) id of a slice, qualified by its class: "gbm/p017".
+
+    The one patient rule of every step (step0's groups, step1's split, step2's per-patient
+    output, roc_analysis). `slice_name` is a path relative to DATA (step0) or any path that
+    holds the class folder (a predictions CSV), with or without a volume's "#k" suffix:
+    - the folder right under the last gbm/ or pcnsl/ folder of the path is the patient, so
+      gbm/p01/series2/x.dcm and gbm/p01/series3/y.dcm are one patient, and gbm/001 and
+      pcnsl/001 are two (most exports number patients per class);
+    - a source directly in a class folder is its own patient ("gbm/img001.png" ->
+      "gbm/img001"), and every slice of one volume or series is one patient;
+    - a path without a class folder: its folder (a volume: the volume itself).
+    """
+    source, index = split_slice_name(slice_name)
+    parts = [part for part in source.split("/") if part not in ("", ".")]
+    for position in range(len(parts) - 2, -1, -1):
+        folder = parts[position].lower()
+        if folder in CLASS_LABELS:
+            rest = parts[position + 1 :]
+            return f"{folder}/{rest[0] if len(rest) > 1 else _source_stem(rest[0])}"
+    if index is not None or len(parts) < 2:
+        return "/".join(parts)
+    return "/".join(parts[:-1])
+
+
 # ---------------------------------------------------------------------------- HDF5
 # /<class>/<H>_<W>/features  uint8 (N, H, W, 3)
 # /<class>/<H>_<W>/labels    uint8 (N,)
@@ -234,6 +281,8 @@ def read_hdf5_index(h5file, size: tuple[int, int]) -> tuple[list[dict], bool]:
         if "paths" in group and "groups" in group:
             paths = [p.decode() if isinstance(p, bytes) else str(p) for p in group["paths"][:]]
             groups = [g.decode() if isinstance(g, bytes) else str(g) for g in group["groups"][:]]
+            # Files from step0 1.0 hold unqualified folder names: qualify them by class.
+            groups = [g if g.startswith(f"{folder}/") else f"{folder}/{g}" for g in groups]
         else:
             has_groups = False
             paths = [f"{folder}/{row}" for row in range(count)]

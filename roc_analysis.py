@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm, rankdata
 
-from gbmpcnsl_common import CLASS_FOLDERS, CLASS_LABELS, CLASS_NAMES
+from gbmpcnsl_common import CLASS_FOLDERS, CLASS_LABELS, CLASS_NAMES, patient_id
 
 # ---------------------------------------------------------------------------- AUC
 
@@ -252,13 +252,9 @@ def label_from_path(path: str | os.PathLike) -> int:
 
 
 def patient_id_from_path(path: str | os.PathLike) -> str:
-    """The patient (group) id: the image's parent folder, as a path, so that equal folder
-    names under different classes stay apart; an image directly in a class folder is its
-    own group (its path)."""
-    parts = _path_parts(path)
-    if len(parts) < 2 or parts[-2].lower() in CLASS_LABELS:
-        return "/".join(parts)
-    return "/".join(parts[:-1])
+    """The patient (group) id of a slice path: gbmpcnsl_common.patient_id, the rule every
+    step uses (the folder under the class folder, qualified by its class: "gbm/p01")."""
+    return patient_id(_normalise_path(path))
 
 
 def _normalise_path(path: str) -> str:

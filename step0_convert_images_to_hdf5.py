@@ -57,6 +57,7 @@ from gbmpcnsl_common import (
     hdf5_root_attributes,
     load_image,
     log,
+    patient_id,
     run_main,
     setup_logging,
     size_key,
@@ -83,10 +84,8 @@ def scan_class_folder(data_dir: Path, folder: str) -> tuple[list[tuple[Path, str
             skipped["hidden"].append(path.relative_to(data_dir).as_posix())
         elif path.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped["not an image"].append(path.relative_to(data_dir).as_posix())
-        elif len(relative.parts) == 1:  # a flat file is its own group, unique within the class
-            candidates.append((path, f"{folder}/{path.stem}"))
-        else:
-            candidates.append((path, relative.parts[0]))
+        else:  # the one patient rule: gbm/<patient folder>, or gbm/<stem> for a flat file
+            candidates.append((path, patient_id(path.relative_to(data_dir).as_posix())))
     if not candidates:
         raise UserError(
             f"{class_dir}: no images ({' '.join(IMAGE_EXTENSIONS)}) directly inside or in patient folders"
@@ -338,6 +337,19 @@ def _main(argv: list[str] | None) -> int:
         log.warning("warning: skipped %s: not a supported image file", data_dir / name)
     for name in skipped["hidden"]:
         log.debug("skipped hidden file %s", data_dir / name)
+    # Patients are numbered per class in most exports: gbm/001 and pcnsl/001 stay two patients.
+    folder_names = [
+        {group.split("/", 1)[1] for path, group in candidates if len(path.relative_to(data_dir).parts) > 2}
+        for candidates, _ in scanned.values()
+    ]
+    for name in sorted(set.intersection(*folder_names)):
+        log.warning(
+            "warning: patient folder %s is under both gbm/ and pcnsl/; kept as two patients "
+            "(gbm/%s, pcnsl/%s): rename one if they are the same person",
+            name,
+            name,
+            name,
+        )
 
     # Write a temporary file beside the output; rename it over the output only at the end.
     handle, temp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")

@@ -39,6 +39,7 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -547,34 +548,58 @@ def progress_callback(epochs: int, steps_per_epoch: int):
     return EpochProgress()
 
 
-# ---------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    return common.run_main(_main, argv)
+# ---------------------------------------------------------------------------- phases of train()
+# train() is made of named phases so that a cross-validation fold, a resumed run and a
+# multi-worker run take the same path: check the run folder -> read the cohort -> split ->
+# start TensorFlow -> build the model -> open the run folder -> fit -> finish.
 
 
-def _main(argv: list[str] | None) -> int:
-    args = parse_args(argv)
-    common.setup_logging(args.verbose)
-    train(args)
-    return 0
+@dataclass
+class RunFolder:
+    """A run folder and what a previous (interrupted) run left in it."""
+
+    path: Path
+    previous: dict | None = None  # run.json of the run being resumed
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def history_csv(self) -> Path:
+        return self.path / "history.csv"
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.path / "backup"
+
+    @property
+    def split_csv(self) -> Path:
+        return self.path / "split.csv"
 
 
-def train(args: argparse.Namespace, callbacks: list | None = None):
-    """Train as the command line asks; returns the model as it is after the last epoch.
-    `callbacks` are added after ours (tests use them to look at the in-memory model)."""
-    import h5py
+@dataclass
+class Cohort:
+    """The HDF5 file's index at one image size: one record per slice."""
 
-    run_dir: Path = args.run_dir
-    run_json = run_dir / "run.json"
-    history_csv = run_dir / "history.csv"
-    backup_dir = run_dir / "backup"
+    hdf5: Path
+    size: tuple[int, int]
+    records: list[dict]
+    has_groups: bool
 
-    # -- check the run folder before anything slow
-    previous = None
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r["label"] for r in self.records], dtype=np.float32)
+
+
+def check_run_folder(args: argparse.Namespace, run_dir: Path) -> RunFolder:
+    """Phase 1: is `run_dir` free (or resumable, or replaceable with --overwrite)? Checks
+    only; nothing is created or deleted until the data and the model are known to be good."""
+    run = RunFolder(run_dir)
     if args.resume:
-        if not run_json.is_file():
+        if not run.run_json.is_file():
             raise UserError(f"{run_dir}: no run.json, nothing to resume")
-        previous = json.loads(run_json.read_text())
+        previous = json.loads(run.run_json.read_text())
         if previous.get("status") == "finished":
             raise UserError(f"{run_dir}: this run finished at {previous.get('end_time')}; nothing to resume")
         changed = [
@@ -588,14 +613,19 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
                 for n in changed
             )
             raise UserError(f"{run_dir}: --resume needs the run's own settings: {listed}")
+        run.previous = previous
     elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not args.overwrite:
             raise UserError(f"{run_dir}: exists; pick a new run folder, --resume it or --overwrite it")
-        if not run_json.is_file():
+        if not run.run_json.is_file():
             raise UserError(f"{run_dir}: --overwrite only replaces a run folder (one with run.json)")
-        shutil.rmtree(run_dir)
+    return run
 
-    # -- data: the HDF5 index and the split by patient
+
+def read_cohort(args: argparse.Namespace) -> Cohort:
+    """Phase 2: the HDF5 index (paths, patients, labels) at the image size to train on."""
+    import h5py
+
     if not args.hdf5.is_file():
         raise UserError(f"{args.hdf5}: no such file")
     try:
@@ -614,29 +644,51 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
             "slices of one patient can land in both training and validation",
             args.hdf5,
         )
-    is_val = split_by_group(records, args.val_fraction, args.seed)
-    labels = np.array([r["label"] for r in records], dtype=np.float32)
-    train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    for name, subset in (("training", train_indices), ("validation", val_indices)):
-        per_class = [int(np.sum(labels[subset] == label)) for label in (0, 1)]
-        groups = len({records[i]["group"] for i in subset})
-        log.info("%s: %d slices (%d GBM, %d PCNSL) from %d groups", name, len(subset), *per_class, groups)
-    if previous is not None and list(size) != previous["input_shape"][:2]:
+    return Cohort(args.hdf5, size, records, has_groups)
+
+
+def check_resume(args: argparse.Namespace, run: RunFolder, cohort: Cohort, is_val: np.ndarray) -> None:
+    """A resumed run must see the image size and the split it started with."""
+    if run.previous is None:
+        return
+    if list(cohort.size) != run.previous["input_shape"][:2]:
         raise UserError(
-            f"{run_dir}: --resume needs the run's own image size {previous['input_shape'][0]} "
-            f"{previous['input_shape'][1]} (now {size[0]} {size[1]})"
+            f"{run.path}: --resume needs the run's own image size {run.previous['input_shape'][0]} "
+            f"{run.previous['input_shape'][1]} (now {cohort.size[0]} {cohort.size[1]})"
         )
-    if args.resume and (run_dir / "split.csv").is_file():
+    if run.split_csv.is_file():
         expected = [
             (r["path"], r["group"], r["label"], "val" if v else "train")
-            for r, v in zip(records, is_val, strict=True)
+            for r, v in zip(cohort.records, is_val, strict=True)
         ]
-        if read_split_csv(run_dir / "split.csv") != expected:
-            raise UserError(
-                f"{run_dir}/split.csv: differs from the split of {args.hdf5} with --seed {args.seed}"
-            )
+        if read_split_csv(run.split_csv) != expected:
+            raise UserError(f"{run.split_csv}: differs from the split of {args.hdf5} with --seed {args.seed}")
 
-    # -- TensorFlow, strategy, model (fails here at once if the weights are missing)
+
+def log_split(cohort: Cohort, is_val: np.ndarray) -> None:
+    labels = cohort.labels
+    for name, subset in (("training", np.flatnonzero(~is_val)), ("validation", np.flatnonzero(is_val))):
+        per_class = [int(np.sum(labels[subset] == label)) for label in (0, 1)]
+        groups = len({cohort.records[i]["group"] for i in subset})
+        log.info("%s: %d slices (%d GBM, %d PCNSL) from %d groups", name, len(subset), *per_class, groups)
+
+
+@dataclass
+class Distribution:
+    """The tf.distribute strategy of this process and its place in the cluster."""
+
+    strategy: object
+    name: str
+    is_chief: bool
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+
+def start_tensorflow(args: argparse.Namespace) -> Distribution:
+    """Phase 4: import TensorFlow, create the strategy (first: MultiWorkerMirroredStrategy
+    must come before any other TensorFlow work), seed, determinism."""
     tf = common.import_tensorflow(args.verbose)
     import keras
 
@@ -644,71 +696,84 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
     keras.utils.set_random_seed(args.seed)
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
-    replicas = strategy.num_replicas_in_sync
-    global_batch = args.batch_size * replicas
+    distribution = Distribution(strategy, strategy_name, is_chief)
     log.info(
         "batch size %d per replica x %d replica(s) = global batch %d (%s)",
         args.batch_size,
-        replicas,
-        global_batch,
+        distribution.replicas,
+        args.batch_size * distribution.replicas,
         strategy_name,
     )
+    return distribution
+
+
+def build_compiled_model(args: argparse.Namespace, size: tuple[int, int], distribution: Distribution):
+    """Phase 5: the model, compiled with the paper's optimizer, loss and metrics (fails here
+    at once if the ImageNet weights are missing)."""
+    import keras
+
     weights = None if args.weights.lower() == "none" else args.weights
-    input_shape = (*size, 3)
     policy = keras.mixed_precision.global_policy()
     try:  # the layers keep the policy they were built with; the process default is restored
         if args.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
-        with strategy.scope():
-            model = common.build_model(args.backbone, input_shape, weights)
+        with distribution.strategy.scope():
+            model = common.build_model(args.backbone, (*size, 3), weights)
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    with strategy.scope():
+    with distribution.strategy.scope():
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
             loss=keras.losses.BinaryCrossentropy(),
             metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
             jit_compile=bool(args.xla),
         )
+    return model
 
-    # -- the run folder: split.csv, run.json; history.csv cut back to the backed-up epochs
-    if not is_chief:  # other workers of a multi-worker run keep their files apart
+
+def open_run_folder(
+    args: argparse.Namespace, run: RunFolder, cohort: Cohort, is_val: np.ndarray, distribution: Distribution
+) -> tuple[RunFolder, dict, int]:
+    """Phase 6: create (or replace, or reopen) the run folder; write split.csv and run.json;
+    cut history.csv back to the backed-up epochs. Returns the folder this process writes to
+    (other workers of a multi-worker run keep their files apart), run.json's content and
+    the first epoch to train."""
+    hdf5_sha256 = file_sha256(cohort.hdf5)
+    if run.previous is not None and hdf5_sha256 != run.previous["hdf5_sha256"]:
+        raise UserError(f"{cohort.hdf5}: its content changed since the run started (SHA-256 differs)")
+    if run.previous is None and args.overwrite and run.run_json.is_file() and distribution.is_chief:
+        shutil.rmtree(run.path)
+    if not distribution.is_chief:
         task = json.loads(os.environ["TF_CONFIG"])["task"]
-        run_dir = run_dir / "workers" / f"{task['type']}_{task['index']}"
-        run_json, history_csv, backup_dir = run_dir / "run.json", run_dir / "history.csv", run_dir / "backup"
-    hdf5_sha256 = file_sha256(args.hdf5)
-    if previous is not None and hdf5_sha256 != previous["hdf5_sha256"]:
-        raise UserError(f"{args.hdf5}: its content changed since the run started (SHA-256 differs)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    first_epoch = backup_epoch(backup_dir) if args.resume else 0
-    best_val_loss = None
-    if args.resume:
-        truncate_history(history_csv, first_epoch)
-        losses = [float(r["val_loss"]) for r in read_history(history_csv)[1] if r.get("val_loss")]
-        best_val_loss = min(losses) if losses else None
-        log.info("resuming %s after epoch %d of %d", run_dir, first_epoch, args.epochs)
-    if not (run_dir / "split.csv").is_file():
-        write_split_csv(run_dir / "split.csv", records, is_val)
-    info = previous or {
+        run = RunFolder(run.path / "workers" / f"{task['type']}_{task['index']}", run.previous)
+    run.path.mkdir(parents=True, exist_ok=True)
+    first_epoch = backup_epoch(run.backup_dir) if run.previous is not None else 0
+    if run.previous is not None:
+        truncate_history(run.history_csv, first_epoch)
+        log.info("resuming %s after epoch %d of %d", run.path, first_epoch, args.epochs)
+    if not run.split_csv.is_file():
+        write_split_csv(run.split_csv, cohort.records, is_val)
+    train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    info = run.previous or {
         "arguments": {name: _jsonable(value) for name, value in vars(args).items()},
         "backbone": args.backbone,
-        "input_shape": list(input_shape),
-        "hdf5": str(args.hdf5.resolve()),
-        "hdf5_size_key": common.size_key(size),
+        "input_shape": [*cohort.size, 3],
+        "hdf5": str(cohort.hdf5.resolve()),
+        "hdf5_size_key": common.size_key(cohort.size),
         "hdf5_sha256": hdf5_sha256,
-        "hdf5_has_groups": has_groups,
+        "hdf5_has_groups": cohort.has_groups,
         "class_labels": dict(CLASS_LABELS),
         "split_seed": args.seed,
         "split": {
             "train_slices": len(train_indices),
             "val_slices": len(val_indices),
-            "train_groups": len({records[i]["group"] for i in train_indices}),
-            "val_groups": len({records[i]["group"] for i in val_indices}),
+            "train_groups": len({cohort.records[i]["group"] for i in train_indices}),
+            "val_groups": len({cohort.records[i]["group"] for i in val_indices}),
         },
         "versions": library_versions(),
         "start_time": now(),
     }
-    if previous is not None:
+    if run.previous is not None:
         arguments = {name: _jsonable(value) for name, value in vars(args).items()}
         info.setdefault("resumed", []).append(
             {"time": now(), "after_epoch": first_epoch, "arguments": arguments}
@@ -716,34 +781,58 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
         info["arguments"]["epochs"] = args.epochs
     info.update(
         status="running",
-        strategy=strategy_name,
-        replicas=replicas,
-        global_batch_size=global_batch,
+        strategy=distribution.name,
+        replicas=distribution.replicas,
+        global_batch_size=args.batch_size * distribution.replicas,
     )
-    write_json(run_json, info)
+    write_json(run.run_json, info)
+    return run, info, first_epoch
 
-    # -- data pipelines and callbacks
-    reader = HDF5Images(args.hdf5, size)
+
+def fit(
+    args: argparse.Namespace,
+    model,
+    run: RunFolder,
+    cohort: Cohort,
+    is_val: np.ndarray,
+    distribution: Distribution,
+    first_epoch: int,
+    callbacks: list | None = None,
+):
+    """Phase 7: train epochs first_epoch..args.epochs-1 with Keras's fit; returns the
+    EarlyStopping callback (or None)."""
+    import keras
+
+    global_batch = args.batch_size * distribution.replicas
+    train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    reader = HDF5Images(cohort.hdf5, cohort.size)
     steps_per_epoch = math.ceil(len(train_indices) / global_batch)
     train_data = make_dataset(
-        reader, train_indices, labels, global_batch, args.augmentation, args.seed, (first_epoch, args.epochs)
+        reader,
+        train_indices,
+        cohort.labels,
+        global_batch,
+        args.augmentation,
+        args.seed,
+        (first_epoch, args.epochs),
     )
-    val_data = make_dataset(reader, val_indices, labels, global_batch)
+    val_data = make_dataset(reader, val_indices, cohort.labels, global_batch)
+    losses = [float(r["val_loss"]) for r in read_history(run.history_csv)[1] if r.get("val_loss")]
     initial = args.learning_rate
     fit_callbacks = [
         keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate_at(epoch, initial)),
         keras.callbacks.ModelCheckpoint(
-            str(run_dir / "ckpt_{epoch:03d}_{val_loss:.4f}.keras"),
+            str(run.path / "ckpt_{epoch:03d}_{val_loss:.4f}.keras"),
             monitor="val_loss",
             mode="min",
             save_best_only=True,
-            initial_value_threshold=best_val_loss,  # a resumed run only saves improvements
+            initial_value_threshold=min(losses) if losses else None,  # a resumed run only saves improvements
         ),
         # CSVLogger before BackupAndRestore: a crash between the two repeats a row (cut on
         # resume), never loses one.
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        keras.callbacks.CSVLogger(str(run.history_csv), append=True),
         # Two generations of backup: a kill while the weights are written keeps the older one.
-        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
+        keras.callbacks.BackupAndRestore(str(run.backup_dir), double_checkpoint=True),
         progress_callback(args.epochs, steps_per_epoch),
     ]
     early_stopping = None
@@ -753,8 +842,6 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
         )
         fit_callbacks.append(early_stopping)
     fit_callbacks += callbacks or []
-
-    # -- train
     if first_epoch >= args.epochs:
         log.info("all %d epochs were already done", args.epochs)
     else:
@@ -768,11 +855,14 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
             shuffle=False,  # the dataset shuffles itself, per epoch and seed
             verbose=0,
         )
-    if backup_dir.exists():  # e.g. nothing left to train: BackupAndRestore did not clean up
-        shutil.rmtree(backup_dir)
+    if run.backup_dir.exists():  # e.g. nothing left to train: BackupAndRestore did not clean up
+        shutil.rmtree(run.backup_dir)
+    return early_stopping
 
-    # -- record the outcome
-    _, rows = read_history(history_csv)
+
+def finish_run(run: RunFolder, info: dict, early_stopping) -> dict:
+    """Phase 8: record the outcome (epochs done, best epoch and checkpoint) in run.json."""
+    _, rows = read_history(run.history_csv)
     info["end_time"] = now()
     info["status"] = "finished"
     info["epochs_done"] = len(rows)
@@ -781,16 +871,57 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
         best = min(rows, key=lambda row: float(row["val_loss"]))
         info["best_epoch"] = int(best["epoch"]) + 1  # as in the checkpoint names
         info["best_val_loss"] = float(best["val_loss"])
-        checkpoints = sorted(run_dir.glob(f"ckpt_{info['best_epoch']:03d}_*.keras"))
+        checkpoints = sorted(run.path.glob(f"ckpt_{info['best_epoch']:03d}_*.keras"))
         info["best_checkpoint"] = checkpoints[-1].name if checkpoints else None
         log.info(
             "best epoch %d: val_loss %.4f -> %s",
             info["best_epoch"],
             info["best_val_loss"],
-            run_dir / str(info["best_checkpoint"]),
+            run.path / str(info["best_checkpoint"]),
         )
-    write_json(run_json, info)
+    write_json(run.run_json, info)
+    return info
+
+
+def train_split(
+    args: argparse.Namespace,
+    run: RunFolder,
+    cohort: Cohort,
+    is_val: np.ndarray,
+    distribution: Distribution,
+    callbacks: list | None = None,
+):
+    """Phases 5-8 for one split of the cohort (the single split, or one fold): build,
+    open the run folder, fit, finish. Returns the model as it is after the last epoch."""
+    model = build_compiled_model(args, cohort.size, distribution)
+    run, info, first_epoch = open_run_folder(args, run, cohort, is_val, distribution)
+    early_stopping = fit(args, model, run, cohort, is_val, distribution, first_epoch, callbacks)
+    finish_run(run, info, early_stopping)
     return model
+
+
+def train(args: argparse.Namespace, callbacks: list | None = None):
+    """Train as the command line asks; returns the model as it is after the last epoch.
+    `callbacks` are added after ours (tests use them to look at the in-memory model)."""
+    run = check_run_folder(args, args.run_dir)
+    cohort = read_cohort(args)
+    is_val = split_by_group(cohort.records, args.val_fraction, args.seed)  # phase 3: the split
+    log_split(cohort, is_val)
+    check_resume(args, run, cohort, is_val)
+    distribution = start_tensorflow(args)
+    return train_split(args, run, cohort, is_val, distribution, callbacks)
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    return common.run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    common.setup_logging(args.verbose)
+    train(args)
+    return 0
 
 
 def _jsonable(value):

@@ -179,8 +179,8 @@ def test_labels_and_patients_from_paths():
     assert ra.label_from_path("data/pcnsl/gbm/s.png") == 0  # the nearest class folder wins
     with pytest.raises(ValueError, match="gbm/pcnsl folder"):
         ra.label_from_path("data/other/gbm.png")  # a file name is not a folder
-    assert ra.patient_id_from_path("demo_test/gbm/gbm_s1_p003/slice02.png") == "demo_test/gbm/gbm_s1_p003"
-    assert ra.patient_id_from_path("data/gbm/flat.png") == "data/gbm/flat.png"  # its own group
+    assert ra.patient_id_from_path("demo_test/gbm/gbm_s1_p003/slice02.png") == "gbm/gbm_s1_p003"
+    assert ra.patient_id_from_path("data/gbm/flat.png") == "gbm/flat"  # its own group
 
 
 def write_predictions(path, rows) -> None:
@@ -200,10 +200,10 @@ def test_read_predictions_from_folders_with_patients(tmp_path):
     )
     frame = ra.read_predictions(csv_path)
     assert frame["label"].tolist() == [0, 0, 1, 1]
-    assert frame["patient_id"].tolist() == ["t/gbm/p1", "t/gbm/p1", "t/pcnsl/p1", "t/pcnsl/p2"]
+    assert frame["patient_id"].tolist() == ["gbm/p1", "gbm/p1", "pcnsl/p1", "pcnsl/p2"]
     patients = ra.patient_level(frame).set_index("patient_id")
-    assert patients.loc["t/gbm/p1", "prob_pcnsl"] == pytest.approx(0.3)
-    assert patients.loc["t/gbm/p1", "n_images"] == 2 and patients.loc["t/pcnsl/p2", "label"] == 1
+    assert patients.loc["gbm/p1", "prob_pcnsl"] == pytest.approx(0.3)
+    assert patients.loc["gbm/p1", "n_images"] == 2 and patients.loc["pcnsl/p2", "label"] == 1
     assert "patient_id" not in ra.read_predictions(csv_path, patient_ids=False)
 
 
@@ -212,8 +212,8 @@ def test_read_predictions_auto_drops_one_image_patients(tmp_path):
     write_predictions(csv_path, [("t/gbm/a.png", 0.8, 0.2), ("t/pcnsl/b.png", 0.3, 0.7)])
     assert "patient_id" not in ra.read_predictions(csv_path)
     assert ra.read_predictions(csv_path, patient_ids=True)["patient_id"].tolist() == [
-        "t/gbm/a.png",
-        "t/pcnsl/b.png",
+        "gbm/a",
+        "pcnsl/b",
     ]
 
 

@@ -94,9 +94,9 @@ def test_layout_pixels_paths_groups_and_summary(data_dir, tmp_path, capsys):
         "gbm/patient02/series2/slice09.tif",
         "gbm/patient02/slice01.PNG",
     ]
-    assert gbm["groups"] == ["gbm/img001", "patient01", "patient01", "patient02", "patient02"]
+    assert gbm["groups"] == ["gbm/img001", "gbm/patient01", "gbm/patient01", "gbm/patient02", "gbm/patient02"]
     assert pcnsl["paths"] == ["pcnsl/img001.jpeg", "pcnsl/img002.png", "pcnsl/p7/a.png", "pcnsl/p7/b.png"]
-    assert pcnsl["groups"] == ["pcnsl/img001", "pcnsl/img002", "p7", "p7"]
+    assert pcnsl["groups"] == ["pcnsl/img001", "pcnsl/img002", "pcnsl/p7", "pcnsl/p7"]
     for record, label in ((gbm, 0), (pcnsl, 1)):
         assert record["features"].shape == (len(record["paths"]), 24, 32, 3)
         assert record["dtypes"] == (np.uint8, np.uint8)
@@ -230,7 +230,7 @@ def test_existing_size_needs_overwrite_and_other_sizes_are_kept(data_dir, tmp_pa
         path.unlink()
     assert run(data_dir, output, "--overwrite") == 0
     after = read_class(output, "gbm")
-    assert after["groups"] == ["gbm/img001", "patient02", "patient02"]
+    assert after["groups"] == ["gbm/img001", "gbm/patient02", "gbm/patient02"]
     assert after["features"].shape == (3, 24, 32, 3)
     with h5py.File(output, "r") as h5file:
         assert h5file["gbm/16_16/features"].shape == (5, 16, 16, 3)
