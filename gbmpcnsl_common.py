@@ -221,6 +221,26 @@ def patient_id(slice_name: str | Path) -> str:
     return "/".join(parts[:-1])
 
 
+def single_slice_groups_warning(groups: list[str]) -> str | None:
+    """A one-line warning when most patient groups hold a single slice, else None.
+
+    That is what a flat class folder (gbm/*.png, the original's layout) gives: each file is
+    its own patient, so the validation split is by slice and slices of one patient land on
+    both sides. The fix is one folder per patient: DATA/gbm/<patient>/<slice>.png.
+    """
+    sizes: dict[str, int] = {}
+    for group in groups:
+        sizes[group] = sizes.get(group, 0) + 1
+    single = sum(1 for size in sizes.values() if size == 1)
+    if not sizes or single * 2 <= len(sizes):
+        return None
+    return (
+        f"warning: {single} of {len(sizes)} patient groups hold a single slice: is each class folder flat? "
+        "The split is then by slice, not by patient; put each patient's slices in a folder of its "
+        "own (DATA/gbm/<patient>/<slice>.png)"
+    )
+
+
 # ---------------------------------------------------------------------------- HDF5
 # /<class>/<H>_<W>/features  uint8 (N, H, W, 3)
 # /<class>/<H>_<W>/labels    uint8 (N,)
@@ -316,8 +336,21 @@ LAST_CONV_LAYER = "top_activation"
 LOGIT_LAYER = "logit"
 OUTPUT_LAYER = "predictions"
 # keras.applications.efficientnet divides by sqrt(stddev) once more when it loads the
-# ImageNet weights (tensorflow issue 49930); we fold that into the Normalization variance.
+# ImageNet weights (tensorflow issue 49930, tf.keras >= 2.9); we fold that into the
+# Normalization variance.
 IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+# Input scalings of ImageNet-initialised models (build_model's `normalization`):
+#   imagenet  (x/255 - mean) / std        what keras.applications gives since tf.keras 2.9
+#   paper     (x/255 - mean) / sqrt(std)  what TF 2.5 gave the paper's models
+NORMALIZATIONS = ("imagenet", "paper")
+
+
+def dense_kernel_initializer():
+    """The original's DENSE_KERNEL_INITIALIZER (that of keras.applications' EfficientNet
+    top): uniform in +-sqrt(1 / fan_out)."""
+    import keras
+
+    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_out", distribution="uniform")
 
 
 def _backbone_constructor(backbone: str):
@@ -378,6 +411,7 @@ def build_model(
     backbone: str = "efficientnetb4",
     input_shape: tuple[int, int, int] = (380, 380, 3),
     weights: str | None = "imagenet",
+    normalization: str = "imagenet",
 ):
     """EfficientNet backbone -> GlobalAveragePooling2D("avg_pool") -> Dropout(0.5) ->
     Dense(1) logit ("logit") -> sigmoid in float32 ("predictions"), giving P(PCNSL).
@@ -391,20 +425,29 @@ def build_model(
     Rescaling layer after Normalization (tensorflow issue 49930); we fold that constant
     into the Normalization variance instead, which gives the same function with one graph
     for every kind of weights (so weights-only and legacy files always load).
+
+    `normalization` (ImageNet weights only; no effect with weights=None): "imagenet"
+    scales the input as current Keras does, (x/255 - mean) / std; "paper" as TF 2.5 did for
+    the paper's models, (x/255 - mean) / sqrt(std) (the Rescaling is not folded in).
     """
     import keras
 
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"--normalization {normalization}: expected one of {', '.join(NORMALIZATIONS)}")
     constructor = _backbone_constructor(backbone)
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     base = constructor(include_top=False, weights=None, input_tensor=inputs)
     if weights is not None:
         base.set_weights(_imagenet_backbone_weights(backbone, tuple(input_shape), weights))
-        # Keras's extra Rescaling multiplies by 1/sqrt(stddev): the same as variance * stddev.
-        _scale_normalization_variance(base, np.asarray(IMAGENET_STDDEV_RGB))
+        if normalization == "imagenet":
+            # Keras's extra Rescaling multiplies by 1/sqrt(stddev): the same as variance * stddev.
+            _scale_normalization_variance(base, np.asarray(IMAGENET_STDDEV_RGB))
     features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
     features = keras.layers.Dropout(0.5, name="top_dropout")(features)
     # Float32 head: with mixed_float16 the logit and the probability stay float32.
-    logit = keras.layers.Dense(1, dtype="float32", name=LOGIT_LAYER)(features)
+    logit = keras.layers.Dense(
+        1, dtype="float32", kernel_initializer=dense_kernel_initializer(), name=LOGIT_LAYER
+    )(features)
     prob_pcnsl = keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_LAYER)(logit)
     return keras.Model(inputs, prob_pcnsl, name=f"{backbone}_gbm_pcnsl")
 
@@ -439,10 +482,11 @@ def _legacy_model_info(path: Path) -> dict:
 
     The backbone comes from the layer names and the top_conv kernel; the input shape from
     the saved model config (weights-only files: the original 380x380). "extra_scale" is
-    the per-channel factor of the scaling op that tf.keras >= 2.6 inserts after
+    the per-channel factor of the scaling op that tf.keras >= 2.9 inserts after
     Normalization when a model is built with weights="imagenet" (tensorflow issue 49930;
-    None for TF 2.5 graphs such as the paper's); a weights-only file cannot tell, and is
-    taken to be a TF 2.5 graph.
+    None for TF 2.5 graphs such as the paper's). A full-model file holds its constant in
+    the saved config; a weights-only file lists the op in its layer_names (between the
+    Normalization layer and "stem_conv_pad"), and the op is then Keras's 1/sqrt(stddev).
     """
     import h5py
 
@@ -474,6 +518,10 @@ def _legacy_model_info(path: Path) -> dict:
             f"({blocks} blocks, top_conv with {top_channels} channels)"
         )
     info = {"backbone": backbone, "input_shape": (380, 380, 3), "extra_scale": None}
+    normalization = next((i for i, n in enumerate(layer_names) if n.startswith("normalization")), None)
+    if normalization is not None and "stem_conv_pad" in layer_names:
+        if layer_names.index("stem_conv_pad") > normalization + 1:  # a scaling layer in between
+            info["extra_scale"] = 1.0 / np.sqrt(np.asarray(IMAGENET_STDDEV_RGB, dtype=np.float64))
     if config is None:
         return info
     try:
@@ -488,23 +536,44 @@ def _legacy_model_info(path: Path) -> dict:
         between = layers[classes.index("Normalization") + 1 : names.index("stem_conv_pad")]
     except (KeyError, TypeError, ValueError):
         return info
-    if between:  # tf.math.multiply (TFOpLambda) or Rescaling, by 1 / sqrt(stddev)
+    if between:  # tf.math.multiply / tf.math.truediv (TFOpLambda) or Rescaling
         scale = _find_scale(between[0])
         numbers = [float(v) for v in np.ravel(scale)] if scale is not None else []
-        if len(numbers) != 3:
+        if len(numbers) == 1:
+            numbers = numbers * 3
+        if len(numbers) != 3:  # unreadable: Keras's own constant, 1 / sqrt(stddev)
+            log.warning("warning: %s: cannot read the extra ImageNet scaling; using 1/sqrt(stddev)", path)
             numbers = [1.0 / np.sqrt(s) for s in IMAGENET_STDDEV_RGB]
         info["extra_scale"] = np.asarray(numbers, dtype=np.float64)
+    elif info["extra_scale"] is not None:
+        info["extra_scale"] = None  # the config is the truth: no layer between
     return info
 
 
-def _find_scale(layer_config: dict):
-    """The constant of the extra ImageNet scaling layer, as saved in a model config."""
+def _find_scale(layer_config: dict) -> np.ndarray | None:
+    """The factor the extra ImageNet scaling layer multiplies its input by, read from a
+    saved model config: Rescaling's `scale`; a TFOpLambda tf.math.multiply by y (y) or
+    tf.math.truediv by y (1 / y). None if the layer is none of these."""
     if layer_config["class_name"] == "Rescaling":
-        return layer_config["config"].get("scale")
-    try:  # TFOpLambda: [[inbound_layer, 0, 0, {"y": constant}]]
-        return layer_config["inbound_nodes"][0][0][3]["y"]
-    except (KeyError, IndexError, TypeError):
+        scale = layer_config["config"].get("scale")
+        return None if scale is None else np.asarray(scale, dtype=np.float64)
+    if layer_config["class_name"] != "TFOpLambda":
         return None
+    function = str(layer_config["config"].get("function", ""))
+    try:
+        # tf.keras saves a TFOpLambda's call as [[inbound_layer, node, tensor, {"y": constant}]]
+        # (older versions nest it once more: [[[inbound_layer, node, tensor, {...}]]]).
+        node = layer_config["inbound_nodes"][0]
+        if isinstance(node[0], list):
+            node = node[0]
+        y = np.asarray(node[3]["y"], dtype=np.float64)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    if function.endswith("multiply"):
+        return y
+    if function.endswith(("truediv", "divide")):
+        return 1.0 / y
+    return None
 
 
 def _check_image_model(model, path: Path):
@@ -528,8 +597,8 @@ def load_model_for_inference(path: str | Path):
     - `.h5` / `.hdf5`: a file saved by tf.keras 2.x with the original architecture
       (an EfficientNet at any size, the paper's B4 at 380x380; full model or weights
       only): the graph is rebuilt and the weights loaded into it. The backbone and input
-      size are read from the file; tf.keras >= 2.6's extra ImageNet scaling op, where the
-      file's config has one, is folded into the Normalization variance as in build_model.
+      size are read from the file; tf.keras >= 2.9's extra ImageNet scaling op, where the
+      file has one (in its config, or in the layer names of a weights-only file), is folded into the Normalization variance as in build_model.
     The image size is the model's input size (model_input_size). Anything else raises
     UserError saying what was expected.
     """

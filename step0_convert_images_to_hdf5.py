@@ -60,6 +60,7 @@ from gbmpcnsl_common import (
     patient_id,
     run_main,
     setup_logging,
+    single_slice_groups_warning,
     size_key,
 )
 
@@ -350,6 +351,11 @@ def _main(argv: list[str] | None) -> int:
             name,
             name,
         )
+    single_slice = single_slice_groups_warning(
+        [g for candidates, _ in scanned.values() for _, g in candidates]
+    )
+    if single_slice:
+        log.warning(single_slice)
 
     # Write a temporary file beside the output; rename it over the output only at the end.
     handle, temp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")

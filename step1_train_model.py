@@ -63,6 +63,7 @@ RESUME_MUST_MATCH = (
     "augmentation",
     "backbone",
     "weights",
+    "normalization",
     "batch_size",
     "learning_rate",
     "val_fraction",
@@ -92,6 +93,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="imagenet",
         help="imagenet (Keras downloads and caches it), none (random init), or the path to a "
         "<backbone>_notop.h5 file (default imagenet)",
+    )
+    parser.add_argument(
+        "--normalization",
+        choices=common.NORMALIZATIONS,
+        default="imagenet",
+        help="input scaling with ImageNet weights: imagenet, (x/255 - mean) / std as current Keras "
+        "(default); paper, (x/255 - mean) / sqrt(std) as TF 2.5 gave the paper's models",
     )
     parser.add_argument(
         "--backbone",
@@ -644,6 +652,8 @@ def read_cohort(args: argparse.Namespace) -> Cohort:
             "slices of one patient can land in both training and validation",
             args.hdf5,
         )
+    elif warning := common.single_slice_groups_warning([r["group"] for r in records]):
+        log.warning(warning)
     return Cohort(args.hdf5, size, records, has_groups)
 
 
@@ -718,7 +728,7 @@ def build_compiled_model(args: argparse.Namespace, size: tuple[int, int], distri
         if args.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         with distribution.strategy.scope():
-            model = common.build_model(args.backbone, (*size, 3), weights)
+            model = common.build_model(args.backbone, (*size, 3), weights, args.normalization)
     finally:
         keras.mixed_precision.set_global_policy(policy)
     with distribution.strategy.scope():

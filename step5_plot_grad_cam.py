@@ -212,19 +212,35 @@ def _parse_args(argv):
     parser.add_argument(
         "--layer", default=LAST_CONV_LAYER, help=f"convolutional layer to explain (default {LAST_CONV_LAYER})"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per gradient batch (default 8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, metavar="N", help="images per gradient batch (default 8)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's logs")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     return args
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`: an
+    interrupted or failed write leaves neither a partial file nor the temporary one."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _main(argv) -> int:
     args = _parse_args(argv)
     setup_logging(args.verbose)
 
+    if not args.model_weights.is_file():
+        raise UserError(f"--model-weights {args.model_weights}: no such file")
     # Plan every output first: a clash or an existing file stops us before any work.
     images = list(dict.fromkeys(find_images(args.images)))  # a file given twice is done once
     outputs = output_paths(images, args.output_dir)
@@ -243,6 +259,11 @@ def _main(argv) -> int:
     from gbmpcnsl_common import load_model_for_inference, model_input_size
 
     model = load_model_for_inference(args.model_weights)
+    if LOGIT_LAYER not in {layer.name for layer in model.layers}:
+        raise UserError(
+            f"{args.model_weights}: the model has no '{LOGIT_LAYER}' layer (the Dense(1) output "
+            "before the sigmoid, which Grad-CAM explains); expected a model built like step1's"
+        )
     grad_model = make_grad_model(model, args.layer)
     input_size = model_input_size(model)
     # Traced once per batch shape; the gradient model is built once for the whole run.
@@ -286,7 +307,9 @@ def _main(argv) -> int:
                     overlay = annotate(overlay, f"{CLASS_NAMES[explained]} {100 * prob:.1f}%")
                 try:
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(overlay).save(out, format="PNG")
+                    _write_atomically(
+                        out, lambda handle, o=overlay: Image.fromarray(o).save(handle, format="PNG")
+                    )
                     written += 1
                     saved_heatmaps[out.relative_to(args.output_dir).as_posix()] = heatmap
                 except OSError as error:
@@ -296,7 +319,7 @@ def _main(argv) -> int:
 
     if args.save_heatmaps:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(heatmaps_path, **saved_heatmaps)
+        _write_atomically(heatmaps_path, lambda handle: np.savez_compressed(handle, **saved_heatmaps))
     if no_evidence:
         log.warning(
             "%d image(s) have an all-zero heatmap: nothing in them raises the explained "

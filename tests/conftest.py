@@ -56,3 +56,26 @@ def trained_checkpoint(trained_run) -> Path:
     checkpoints = sorted(trained_run.glob("ckpt_*.keras"))
     assert checkpoints, f"step1 wrote no checkpoint in {trained_run}"
     return checkpoints[-1]
+
+
+@pytest.fixture(scope="session")
+def tf_keras_b0_checkpoint(demo_data, tmp_path_factory) -> tuple[Path, list[str], object]:
+    """A real tf.keras 2.x checkpoint written by tf-keras (tests/original_tf_keras.py): an
+    EfficientNetB0 at 64x64 built with weights="imagenet" (so with tf.keras >= 2.9's extra
+    scaling op after Normalization), saved as model.hdf5 and weights.h5. Returns (its folder,
+    six demo images, tf-keras's own P(PCNSL) for them)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    out_dir = tmp_path_factory.mktemp("tf_keras_b0")
+    paths = sorted(demo_data.glob("gbm/*/*.png"))[:3] + sorted(demo_data.glob("pcnsl/*/*.png"))[:3]
+    images = [str(path) for path in paths]
+    env = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
+    script = Path(__file__).resolve().parent / "original_tf_keras.py"
+    options = ["--size", "64", "64", "--imagenet-graph", "--backbone", "EfficientNetB0"]
+    command = [sys.executable, str(script), str(out_dir), *images, *options]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir, images, np.load(out_dir / "expected.npy")

@@ -8,8 +8,9 @@ statistics and the Normalization mean/variance included, so that a loader that d
 misplaces any weight gives different numbers. It is saved as the original's
 ModelCheckpoint did (`model.save("x.hdf5")`) and as weights only (`save_weights("w.h5")`).
 
-Usage: python original_tf_keras.py OUT_DIR IMAGE... [--size H W] [--imagenet-graph] -> OUT_DIR/model.hdf5,
-OUT_DIR/weights.h5, OUT_DIR/expected.npy (P(PCNSL) per image, one predict call per image).
+Usage: python original_tf_keras.py OUT_DIR IMAGE... [--size H W] [--imagenet-graph]
+[--backbone EfficientNetB0] -> OUT_DIR/model.hdf5, OUT_DIR/weights.h5, OUT_DIR/expected.npy
+(P(PCNSL) per image, one predict call per image).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gbmpcnsl_common import load_image  # noqa: E402
 
 
-def build_original(input_shape, imagenet_graph: bool = False, scratch: Path | None = None):
-    """The original model. imagenet_graph: the graph tf.keras >= 2.6 builds for
+def build_original(
+    input_shape, imagenet_graph: bool = False, scratch: Path | None = None, backbone: str = "EfficientNetB4"
+):
+    """The original model. imagenet_graph: the graph tf.keras >= 2.9 builds for
     weights="imagenet", with its extra scaling op after Normalization (tensorflow issue
     49930); built offline by handing Keras a notop file of our own instead of a download."""
     import tf_keras
@@ -37,13 +40,12 @@ def build_original(input_shape, imagenet_graph: bool = False, scratch: Path | No
 
     weights = None
     if imagenet_graph:
-        notop = scratch / "efficientnetb4_notop.h5"
-        efficientnet.EfficientNetB4(include_top=False, input_shape=input_shape, weights=None).save_weights(
-            notop
-        )
+        notop = scratch / f"{backbone.lower()}_notop.h5"
+        constructor = getattr(efficientnet, backbone)
+        constructor(include_top=False, input_shape=input_shape, weights=None).save_weights(notop)
         efficientnet.data_utils.get_file = lambda *args, **kwargs: str(notop)
         weights = "imagenet"
-    base = efficientnet.EfficientNetB4(include_top=False, input_shape=input_shape, weights=weights)
+    base = getattr(efficientnet, backbone)(include_top=False, input_shape=input_shape, weights=weights)
     features = tf_keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
     features = tf_keras.layers.Dropout(0.5)(features)
     prob_pcnsl = tf_keras.layers.Dense(1, activation="sigmoid", name="predictions")(features)
@@ -107,13 +109,14 @@ def main(argv=None) -> int:
     parser.add_argument("images", nargs="+")
     parser.add_argument("--size", nargs=2, type=int, default=(380, 380))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--imagenet-graph", action="store_true", help="the tf.keras >= 2.6 ImageNet graph")
+    parser.add_argument("--imagenet-graph", action="store_true", help="the tf.keras >= 2.9 ImageNet graph")
+    parser.add_argument("--backbone", default="EfficientNetB4", help="EfficientNetB0 ... B7 (default B4)")
     args = parser.parse_args(argv)
 
     size = tuple(args.size)
     images = np.stack([load_image(path, size) for path in args.images]).astype(np.float32)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_original((*size, 3), args.imagenet_graph, args.out_dir)
+    model = build_original((*size, 3), args.imagenet_graph, args.out_dir, args.backbone)
     perturb(model, images, args.seed)
     model.save(args.out_dir / "model.hdf5")  # as the original's ModelCheckpoint did
     model.save_weights(args.out_dir / "weights.h5")

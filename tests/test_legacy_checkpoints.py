@@ -57,8 +57,8 @@ def test_paper_era_hdf5_model_and_weights_reproduce_tf_keras(images, tmp_path, c
 
 
 @pytest.mark.slow
-def test_tf26_imagenet_graph_scaling_is_folded(images, tmp_path, capsys):
-    """A model built by tf.keras >= 2.6 with weights="imagenet" has an extra scaling op after
+def test_tf29_imagenet_graph_scaling_is_folded(images, tmp_path, capsys):
+    """A model built by tf.keras >= 2.9 with weights="imagenet" has an extra scaling op after
     Normalization (tensorflow issue 49930); the loader finds it in the saved config, and the
     input size (96x96 here) too."""
     import keras
@@ -91,4 +91,69 @@ def test_keras3_h5_full_model_of_another_backbone(demo_data, tmp_path, capsys):
     batch = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype(np.float32)
     np.testing.assert_allclose(
         loaded.predict(batch, verbose=0), model.predict(batch, verbose=0), rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_tf29_imagenet_graph_weights_only_file_is_folded_too(tf_keras_b0_checkpoint, tmp_path, capsys):
+    """A weights-only .h5 of tf-keras's weights="imagenet" graph lists the extra scaling op
+    in its layer_names: the loader folds it in (as for full-model files) and gives
+    tf-keras's own numbers; the full model.hdf5 does too."""
+    import keras
+
+    from gbmpcnsl_common import (
+        IMAGENET_STDDEV_RGB,
+        _legacy_model_info,
+        build_model,
+        load_image,
+        load_model_for_inference,
+    )
+
+    out_dir, images, expected = tf_keras_b0_checkpoint
+    assert expected.max() - expected.min() > 0.1
+    prob_pcnsl = step2_prob_pcnsl(out_dir / "model.hdf5", images, tmp_path / "model.csv", capsys)
+    np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-5)
+
+    info = _legacy_model_info(out_dir / "weights.h5")
+    assert info["backbone"] == "efficientnetb0" and info["input_shape"] == (380, 380, 3)
+    np.testing.assert_allclose(info["extra_scale"], 1 / np.sqrt(IMAGENET_STDDEV_RGB), rtol=1e-6)
+    loaded = load_model_for_inference(out_dir / "weights.h5")  # a weights-only file: 380x380
+    batch = np.stack([load_image(path, (64, 64)) for path in images]).astype(np.float32)
+    at_64 = build_model("efficientnetb0", (64, 64, 3), weights=None)  # same weights, the file's size
+    at_64.set_weights(loaded.get_weights())
+    at_64.get_layer(next(n.name for n in at_64.layers if n.name.startswith("normalization"))).finalize_state()
+    np.testing.assert_allclose(at_64.predict(batch, verbose=0)[:, 0], expected, rtol=0, atol=1e-5)
+    # Without the fold the same weights give other numbers: the test can tell.
+    plain = build_model("efficientnetb0", (64, 64, 3), weights=None)
+    plain.load_weights(out_dir / "weights.h5")
+    assert np.abs(plain.predict(batch, verbose=0)[:, 0] - expected).max() > 1e-3
+    keras.backend.clear_session()
+
+
+@pytest.mark.slow
+def test_find_scale_parses_the_saved_op(tf_keras_b0_checkpoint):
+    """_find_scale reads the constant of the op tf-keras really saved (tf.math.multiply by
+    1/sqrt(stddev)), not its fallback; a truediv by y is a scale of 1/y; Rescaling: its scale."""
+    import json
+
+    import h5py
+
+    from gbmpcnsl_common import IMAGENET_STDDEV_RGB, _find_scale
+
+    with h5py.File(tf_keras_b0_checkpoint[0] / "model.hdf5", "r") as h5file:
+        layers = json.loads(h5file.attrs["model_config"])["config"]["layers"]
+    names = [layer["name"] for layer in layers]
+    scaling = layers[names.index("stem_conv_pad") - 1]
+    assert scaling["class_name"] == "TFOpLambda" and scaling["config"]["function"] == "math.multiply"
+    np.testing.assert_allclose(np.ravel(_find_scale(scaling)), 1 / np.sqrt(IMAGENET_STDDEV_RGB), rtol=1e-6)
+
+    truediv = json.loads(json.dumps(scaling))
+    truediv["config"]["function"] = "math.truediv"
+    truediv["inbound_nodes"][0][3]["y"] = [[[[2.0, 4.0, 5.0]]]]
+    np.testing.assert_allclose(np.ravel(_find_scale(truediv)), [0.5, 0.25, 0.2])
+    rescaling = {"class_name": "Rescaling", "config": {"scale": [0.5, 0.25, 2.0], "offset": 0.0}}
+    np.testing.assert_allclose(np.ravel(_find_scale(rescaling)), [0.5, 0.25, 2.0])
+    assert (
+        _find_scale({"class_name": "TFOpLambda", "config": {"function": "math.add"}, "inbound_nodes": []})
+        is None
     )
