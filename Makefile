@@ -1,10 +1,11 @@
 # Quick start:  make demo   (set up, then run the whole pipeline on demo data, CPU)
 #               make test   (set up with the dev requirements, then lint and run the tests)
+#               make test-fast  (the tests not marked slow: the edit-test loop; CI runs make test)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean-demo
+.PHONY: demo test test-fast clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ test: $(VENV)/.requirements-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+test-fast: $(VENV)/.requirements-dev
+	$(BIN)/python -m pytest -m "not slow"
 
 clean-demo:
 	rm -rf demo_output

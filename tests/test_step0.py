@@ -4,12 +4,13 @@ atomic writes, --overwrite, other sizes kept, original-layout files, bounded mem
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import h5py
@@ -203,7 +204,10 @@ def test_bad_data_or_output_folder(tmp_path, capsys):
     assert "nope: no such folder" in capsys.readouterr().err
     (tmp_path / "data").mkdir()
     assert step0.main([str(tmp_path / "data"), str(tmp_path / "missing" / "out.h5")]) == 2
-    assert "no such folder" in capsys.readouterr().err
+    assert (
+        last_line(capsys.readouterr().err)
+        == f"error: {tmp_path / 'missing'}: no such folder for the output file"
+    )
 
 
 def test_existing_size_needs_overwrite_and_other_sizes_are_kept(data_dir, tmp_path, capsys):
@@ -275,22 +279,29 @@ def test_failure_mid_way_leaves_the_old_file_untouched(data_dir, tmp_path, monke
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_in_a_real_run_leaves_the_old_file_untouched(tmp_path):
+    """A real SIGINT, sent once the progress bar shows a written row, to a conversion of
+    816 images at 512x512 (seconds of work): it cannot finish before the signal lands."""
     data = tmp_path / "data"
-    assert make_demo_data.main([str(data), "--patients-per-class", "20", "--size", "64"]) == 0
+    argv = [str(data), "--patients-per-class", "4", "--slices-per-patient", "2", "--size", "64"]
+    assert make_demo_data.main(argv) == 0
     output = tmp_path / "out.h5"
     assert step0.main([str(data), str(output), "--size", "16", "16", "--workers", "1"]) == 0
     snapshot = output.read_bytes()
+    for source in sorted(data.glob("*/*/*.png")):  # 50 more names for each slice (hard links)
+        for copy in range(50):
+            os.link(source, source.with_name(f"{source.stem}_copy{copy:02d}.png"))
     command = [sys.executable, str(ROOT / "step0_convert_images_to_hdf5.py"), str(data), str(output)]
-    process = subprocess.Popen(
-        [*command, "--size", "512", "512", "--workers", "2"], stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 30
-    while not list(tmp_path.glob(".out.h5.*.tmp")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)  # let it write a few images
+    process = subprocess.Popen([*command, "--size", "512", "512", "--workers", "2"], stderr=subprocess.PIPE)
+    err, done = b"", 0
+    while done < 1:  # tqdm's "images: ... k/816" on stderr, k rows written
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, f"step0 ended before writing a row: {err.decode()[-2000:]}"
+        err += chunk
+        done = max([int(k) for k in re.findall(rb"(\d+)/816 \[", err)] or [0])
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    _, rest = process.communicate(timeout=60)
+    err = (err + rest).decode()
+    assert process.returncode == 130, err[-2000:]
     assert last_line(err) == "interrupted" and "Traceback" not in err
     assert output.read_bytes() == snapshot
     assert files_in(tmp_path) == ["data", "out.h5"]
