@@ -105,6 +105,73 @@ def test_folds_need_enough_patients_per_class_and_valid_options(capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------------------- cv.json from several jobs
+def _update_cv_json_repeatedly(run_dir: str, settings: dict, records: list[dict], fold_of: list[int]) -> None:
+    cohort = step1.Cohort(Path("d.h5"), (32, 32), records, True)
+    for _ in range(25):
+        step1.update_cv_json(Path(run_dir), settings, cohort, np.array(fold_of))
+
+
+def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path):
+    """Four processes (as four fold jobs finishing together) rewrite cv.json and
+    oof_predictions.csv at once: every write succeeds and the files stay whole."""
+    import multiprocessing
+
+    records = cohort_records({"gbm": 4, "pcnsl": 4}, slices=2)
+    fold_of = step1.make_folds(records, 2, seed=0)
+    args = step1.parse_args(["--folds", "2", "d.h5", str(tmp_path)])
+    cohort = step1.Cohort(Path("d.h5"), (32, 32), records, True)
+    settings = step1.cv_settings(args, cohort, fold_of)
+    expected = []
+    for fold in range(2):
+        fold_dir = tmp_path / f"fold_{fold}"
+        fold_dir.mkdir()
+        (fold_dir / "run.json").write_text(
+            json.dumps({"status": "finished", "best_checkpoint": "ckpt_001.keras"})
+        )
+        rows = [[r["path"], repr(0.25 + i / 100), repr(0.75 - i / 100), r["label"], r["group"]]
+                for i, r in enumerate(records) if fold_of[i] == fold]  # fmt: skip
+        step1.write_csv_rows(fold_dir / "val_predictions.csv", COLUMNS, rows)
+    for i, r in enumerate(records):
+        expected.append(
+            [
+                r["path"],
+                repr(0.25 + i / 100),
+                repr(0.75 - i / 100),
+                str(r["label"]),
+                r["group"],
+                str(fold_of[i]),
+            ]
+        )
+
+    context = multiprocessing.get_context("spawn")
+    jobs = [
+        context.Process(
+            target=_update_cv_json_repeatedly, args=(str(tmp_path), settings, records, fold_of.tolist())
+        )
+        for _ in range(4)
+    ]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(120)
+    assert [job.exitcode for job in jobs] == [0, 0, 0, 0]
+    cv = json.loads((tmp_path / "cv.json").read_text())
+    assert cv["complete"] is True and cv["best_checkpoints"] == [
+        "fold_0/ckpt_001.keras",
+        "fold_1/ckpt_001.keras",
+    ]
+    with open(tmp_path / "oof_predictions.csv", newline="") as handle:
+        assert list(csv.reader(handle)) == [[*COLUMNS, "fold"], *expected]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cv.lock",
+        "cv.json",
+        "fold_0",
+        "fold_1",
+        "oof_predictions.csv",
+    ]
+
+
 # ---------------------------------------------------------------------------- a cross-validation run
 class Interrupted(Exception):
     pass
