@@ -6,6 +6,8 @@ Reads the HDF5 file written by step0 and writes a run folder:
     history.csv                            one row per epoch (Keras CSVLogger; epoch counts from 0)
     split.csv                              path, group, label, subset (train/val) of every slice
     run.json                               arguments, data digest, split, versions, times, best epoch
+    val_predictions.csv                    path,prob_gbm,prob_pcnsl,label,patient_id of every validation
+                                           slice, predicted by the best checkpoint
     backup/                                training state for --resume (removed when training ends)
 
 After McAvoy et al., Sci Rep 11:15219 (2021): EfficientNetB4 with ImageNet weights at the
@@ -21,14 +23,28 @@ Augmentations (inside tf.data, on 0-255 float images, a new draw per image and e
   base_and_noise  base, then Gaussian noise (std 12.75 grey levels = 0.05 of the range)
                   on a random 10% of the images, clipped to 0-255
 
+Cross-validation (--folds K): the patients are split into K stratified, patient-disjoint
+folds (scikit-learn's StratifiedGroupKFold, shuffled with --seed; --val-fraction is not
+used), and fold i is trained, with fold i's patients as validation, into the ordinary run
+folder RUN/fold_<i>/. RUN/cv.json records the patients and slices of every fold, each
+fold's status and, once every fold is done, their best checkpoints; RUN/oof_predictions.csv
+then pools the folds' val_predictions.csv (plus a fold column): every slice predicted by the
+one model that did not see its patient. --fold i trains fold i only (one job per fold on a
+cluster; the jobs may run at once). --resume skips finished folds, resumes interrupted
+ones and starts the others; --overwrite replaces the whole RUN, or with --fold i that
+fold only.
+
 Example:
   python step1_train_model.py --augmentation base --epochs 300 data.h5 checkpoints/run/
   python step1_train_model.py --augmentation base --epochs 300 --resume data.h5 checkpoints/run/
+  python step1_train_model.py --augmentation base --epochs 300 --folds 5 data.h5 checkpoints/cv/
+  python step1_train_model.py --augmentation base --epochs 300 --folds 5 --fold 3 data.h5 checkpoints/cv/
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import hashlib
@@ -133,6 +149,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default 0.15)",
     )
     parser.add_argument(
+        "--folds",
+        type=_positive_int,
+        metavar="K",
+        help="K-fold cross-validation by patient into RUN_DIR/fold_<i>/ (K >= 2; default: one split)",
+    )
+    parser.add_argument(
+        "--fold",
+        type=int,
+        metavar="I",
+        help="with --folds: train fold I only (0 ... K-1), e.g. one job per fold",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of the split, shuffling, augmentation and init (default 0)"
     )
     parser.add_argument(
@@ -165,6 +193,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
+    if args.folds is not None and args.folds < 2:
+        parser.error(f"--folds {args.folds}: cross-validation needs at least 2 folds")
+    if args.fold is not None and args.folds is None:
+        parser.error("--fold needs --folds K")
+    if args.fold is not None and not 0 <= args.fold < args.folds:
+        parser.error(f"--fold {args.fold}: expected 0 ... {args.folds - 1} (--folds {args.folds})")
     if args.size is not None:
         args.size = tuple(args.size)
     return args
@@ -907,12 +941,16 @@ def train_split(
     run, info, first_epoch = open_run_folder(args, run, cohort, is_val, distribution)
     early_stopping = fit(args, model, run, cohort, is_val, distribution, first_epoch, callbacks)
     finish_run(run, info, early_stopping)
+    if distribution.is_chief:
+        write_val_predictions(run.path, cohort, is_val, info.get("best_checkpoint"))
     return model
 
 
 def train(args: argparse.Namespace, callbacks: list | None = None):
     """Train as the command line asks; returns the model as it is after the last epoch.
     `callbacks` are added after ours (tests use them to look at the in-memory model)."""
+    if args.folds is not None:
+        return train_cross_validation(args, callbacks)
     run = check_run_folder(args, args.run_dir)
     cohort = read_cohort(args)
     is_val = split_by_group(cohort.records, args.val_fraction, args.seed)  # phase 3: the split
@@ -920,6 +958,349 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
     check_resume(args, run, cohort, is_val)
     distribution = start_tensorflow(args)
     return train_split(args, run, cohort, is_val, distribution, callbacks)
+
+
+# ---------------------------------------------------------------------------- validation predictions
+VAL_PREDICTIONS_CSV = "val_predictions.csv"
+PREDICTION_COLUMNS = ("path", "prob_gbm", "prob_pcnsl", "label", "patient_id")
+
+
+def predict_hdf5(model, cohort: Cohort, indices: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """P(PCNSL) of the HDF5 images `indices` (record order), unaugmented: the validation
+    pipeline of training (make_dataset), so the pixels are those the model was scored on."""
+    if len(indices) == 0:
+        return np.zeros(0, np.float32)
+    dataset = make_dataset(HDF5Images(cohort.hdf5, cohort.size), indices, cohort.labels, batch_size)
+    return model.predict(dataset.map(lambda images, labels: images), verbose=0)[:, 0]
+
+
+def write_val_predictions(
+    run_path: Path, cohort: Cohort, is_val: np.ndarray, checkpoint: str | None, batch_size: int = 32
+) -> Path | None:
+    """RUN/val_predictions.csv: path,prob_gbm,prob_pcnsl (step2's columns, full precision),
+    label (0 GBM, 1 PCNSL) and patient_id (the group the split held out, class-qualified)
+    of every validation slice in HDF5 order, predicted by the run's best checkpoint
+    (`checkpoint`, a file name in `run_path`) as step2 would load it."""
+    if checkpoint is None:
+        log.warning("warning: %s: no best checkpoint, so no %s", run_path, VAL_PREDICTIONS_CSV)
+        return None
+    model = common.load_model_for_inference(run_path / checkpoint)
+    indices = np.flatnonzero(is_val)
+    prob_pcnsl = predict_hdf5(model, cohort, indices, batch_size)
+    rows = []
+    for index, prob in zip(indices, prob_pcnsl, strict=True):
+        record, prob = cohort.records[index], float(prob)
+        rows.append([record["path"], repr(1.0 - prob), repr(prob), record["label"], record["group"]])
+    path = run_path / VAL_PREDICTIONS_CSV
+    write_csv_rows(path, list(PREDICTION_COLUMNS), rows)
+    log.info("wrote %s (%d validation slices, %s)", path, len(rows), checkpoint)
+    return path
+
+
+def write_csv_rows(path: Path, header: list[str], rows: list[list]) -> None:
+    """A CSV file written through a temporary file and a rename: never half-written."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- cross-validation
+# RUN/fold_<i>/ are ordinary run folders trained by train_split, one per fold; RUN/cv.json
+# is derived from them (status, best checkpoint) each time a process writes it, under a lock,
+# so that folds trained by separate jobs at the same time leave one consistent file.
+CV_JSON = "cv.json"
+OOF_PREDICTIONS_CSV = "oof_predictions.csv"
+CV_LOCK = ".cv.lock"
+
+
+def make_folds(records: list[dict], folds: int, seed: int) -> np.ndarray:
+    """The fold (0 ... folds-1) of every record: StratifiedGroupKFold(folds, shuffle=True,
+    random_state=seed) over the patients (record["group"]), stratified by label, so every
+    patient is in exactly one fold and each fold holds about 1/folds of each class.
+
+    Raises UserError when a class has fewer patients than folds, or a fold's validation
+    would miss a class.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = np.array([record["label"] for record in records])
+    groups = np.array([record["group"] for record in records])
+    for label, name in enumerate(common.CLASS_NAMES):
+        count = len(set(groups[labels == label]))
+        if count < folds:
+            raise UserError(
+                f"{name}: {count} patient group(s); --folds {folds} needs at least {folds} per class "
+                "(each fold's validation holds patients of both classes)"
+            )
+    fold_of = np.full(len(records), -1)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (_, val_indices) in enumerate(splitter.split(np.zeros(len(records)), labels, groups)):
+        fold_of[val_indices] = fold
+    for fold in range(folds):
+        if len(set(labels[fold_of == fold])) < len(common.CLASS_NAMES):
+            raise UserError(
+                f"--folds {folds}: fold {fold}'s validation holds one class only (patients of very "
+                "different sizes); use fewer folds or another --seed"
+            )
+    return fold_of
+
+
+def fold_assignment(cohort: Cohort, fold_of: np.ndarray) -> list[dict]:
+    """cv.json's record of the folds: patients and slices per class, the run folder."""
+    assignment = []
+    for fold in range(int(fold_of.max()) + 1):
+        members = [cohort.records[i] for i in np.flatnonzero(fold_of == fold)]
+        assignment.append(
+            {
+                "fold": fold,
+                "patients": {
+                    folder: sorted({r["group"] for r in members if r["class"] == folder})
+                    for folder in CLASS_FOLDERS
+                },
+                "slices": {folder: sum(r["class"] == folder for r in members) for folder in CLASS_FOLDERS},
+                "run_dir": f"fold_{fold}",
+            }
+        )
+    return assignment
+
+
+def cv_settings(args: argparse.Namespace, cohort: Cohort, fold_of: np.ndarray) -> dict:
+    """What every fold of one cross-validation run shares (cv.json less the fold status)."""
+    return {
+        "folds": args.folds,
+        "seed": args.seed,
+        "hdf5": str(cohort.hdf5.resolve()),
+        "hdf5_size_key": common.size_key(cohort.size),
+        "input_shape": [*cohort.size, 3],
+        "arguments": {name: _jsonable(getattr(args, name)) for name in RESUME_MUST_MATCH},
+        "fold_assignment": fold_assignment(cohort, fold_of),
+    }
+
+
+def check_cv_folder(args: argparse.Namespace) -> dict | None:
+    """Phase 1 of a cross-validation run: may RUN be created, joined (--fold), resumed or
+    replaced? Returns the cv.json already there (None when RUN is new or to be replaced)."""
+    run_dir, cv_json = args.run_dir, args.run_dir / CV_JSON
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder")
+    previous = json.loads(cv_json.read_text()) if cv_json.is_file() else None
+    in_use = run_dir.is_dir() and any(run_dir.iterdir())
+    if args.resume:
+        if previous is None:
+            raise UserError(f"{run_dir}: no {CV_JSON}, no cross-validation run to resume")
+    elif args.overwrite and args.fold is None:
+        if in_use and previous is None and not (run_dir / "run.json").is_file():
+            raise UserError(
+                f"{run_dir}: --overwrite only replaces a run folder (one with {CV_JSON} or run.json)"
+            )
+        return None
+    elif in_use and previous is None and not (args.fold is not None and (run_dir / CV_LOCK).exists()):
+        # (a lock file without cv.json: another --fold job is creating the run right now)
+        raise UserError(
+            f"{run_dir}: exists and holds no {CV_JSON}; pick a new run folder"
+            + ("" if args.fold is not None else " or --overwrite it")
+        )
+    elif in_use and args.fold is None:
+        raise UserError(f"{run_dir}: exists; pick a new run folder, --resume it or --overwrite it")
+    return previous
+
+
+def check_cv_settings(args: argparse.Namespace, previous: dict | None, settings: dict) -> None:
+    """A process joining or resuming a cross-validation run must train the same folds with
+    the same settings as the run's other folds."""
+    if previous is None:
+        return
+    where = args.run_dir / CV_JSON
+    if previous.get("folds") != settings["folds"]:
+        raise UserError(f"{where}: the run has {previous.get('folds')} folds (now --folds {args.folds})")
+    changed = [
+        f"--{name.replace('_', '-')} {previous.get('arguments', {}).get(name)} (now {value})"
+        for name, value in settings["arguments"].items()
+        if previous.get("arguments", {}).get(name) != value
+    ]
+    if changed:
+        raise UserError(f"{where}: every fold needs the run's own settings: {', '.join(changed)}")
+    if previous.get("input_shape") != settings["input_shape"]:
+        raise UserError(
+            f"{where}: the run's image size is {previous.get('input_shape')} (now {settings['input_shape']})"
+        )
+    stored = [
+        {k: v for k, v in fold.items() if k in ("fold", "patients", "slices")}
+        for fold in previous["fold_assignment"]
+    ]
+    current = [
+        {k: v for k, v in fold.items() if k in ("fold", "patients", "slices")}
+        for fold in settings["fold_assignment"]
+    ]
+    if stored != current:
+        raise UserError(f"{where}: {args.hdf5} with --seed {args.seed} gives other folds than the run's")
+
+
+def log_folds(cohort: Cohort, fold_of: np.ndarray) -> None:
+    labels = cohort.labels
+    folds = int(fold_of.max()) + 1
+    for fold in range(folds):
+        members = np.flatnonzero(fold_of == fold)
+        per_class = [int(np.sum(labels[members] == label)) for label in (0, 1)]
+        groups = len({cohort.records[i]["group"] for i in members})
+        log.info(
+            "fold %d (of %d): %d slices (%d GBM, %d PCNSL) from %d groups",
+            fold,
+            folds,
+            len(members),
+            *per_class,
+            groups,
+        )
+
+
+def fold_status(fold_dir: Path) -> tuple[str, str | None]:
+    """(pending | running | finished, best checkpoint file name) of a fold's run folder; a
+    fold is finished once its val_predictions.csv is written."""
+    run_json = fold_dir / "run.json"
+    if not run_json.is_file():
+        return "pending", None
+    info = json.loads(run_json.read_text())
+    if info.get("status") == "finished" and (fold_dir / VAL_PREDICTIONS_CSV).is_file():
+        return "finished", info.get("best_checkpoint")
+    return "running", None
+
+
+@contextlib.contextmanager
+def cv_lock(run_dir: Path):
+    """An exclusive lock on RUN/.cv.lock (flock) while cv.json is read and written."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one process per CV run folder at a time
+        yield
+        return
+    with open(run_dir / CV_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update_cv_json(
+    run_dir: Path, settings: dict, cohort: Cohort, fold_of: np.ndarray, starting: int | None = None
+) -> dict:
+    """Write RUN/cv.json from the fold run folders as they are now (fold `starting` counts as
+    running), and RUN/oof_predictions.csv when every fold is finished. Under the lock."""
+    with cv_lock(run_dir):
+        cv_json = run_dir / CV_JSON
+        previous = json.loads(cv_json.read_text()) if cv_json.is_file() else {}
+        cv = {**settings, "fold_assignment": [dict(fold) for fold in settings["fold_assignment"]]}
+        cv["start_time"] = previous.get("start_time") or now()
+        for fold in cv["fold_assignment"]:
+            status, checkpoint = fold_status(run_dir / fold["run_dir"])
+            if fold["fold"] == starting and status == "pending":
+                status = "running"
+            fold["status"] = status
+            fold["best_checkpoint"] = f"{fold['run_dir']}/{checkpoint}" if checkpoint else None
+        cv["complete"] = all(fold["status"] == "finished" for fold in cv["fold_assignment"])
+        if cv["complete"]:
+            cv["best_checkpoints"] = [fold["best_checkpoint"] for fold in cv["fold_assignment"]]
+            write_oof_predictions(run_dir, cohort, fold_of)
+        cv["update_time"] = now()
+        write_json(cv_json, cv)
+    return cv
+
+
+def write_oof_predictions(run_dir: Path, cohort: Cohort, fold_of: np.ndarray) -> Path:
+    """RUN/oof_predictions.csv: the folds' val_predictions.csv rows (values as written) plus
+    their fold, in HDF5 order: one row per slice, each predicted by the model that did not
+    see its patient."""
+    rows: list[list[str] | None] = [None] * len(cohort.records)
+    for fold in range(int(fold_of.max()) + 1):
+        path = run_dir / f"fold_{fold}" / VAL_PREDICTIONS_CSV
+        with open(path, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            fold_rows = list(reader)
+        indices = np.flatnonzero(fold_of == fold)
+        if header != list(PREDICTION_COLUMNS) or [row[0] for row in fold_rows] != [
+            cohort.records[i]["path"] for i in indices
+        ]:
+            raise UserError(f"{path}: does not hold the validation slices of fold {fold}")
+        for index, row in zip(indices, fold_rows, strict=True):
+            rows[index] = [*row, str(fold)]
+    path = run_dir / OOF_PREDICTIONS_CSV
+    write_csv_rows(path, [*PREDICTION_COLUMNS, "fold"], rows)
+    log.info("every fold is done: wrote %s (%d slices)", path, len(rows))
+    return path
+
+
+def train_cross_validation(args: argparse.Namespace, callbacks: list | None = None):
+    """--folds K: train the selected folds (all, or --fold i) one after the other, each
+    through train_split into RUN/fold_<i>/, keeping RUN/cv.json up to date. Returns the
+    model of the last fold trained (None when nothing was left to train)."""
+    previous = check_cv_folder(args)
+    cohort = read_cohort(args)
+    fold_of = make_folds(cohort.records, args.folds, args.seed)  # phase 3: the folds
+    log_folds(cohort, fold_of)
+    settings = cv_settings(args, cohort, fold_of)
+    check_cv_settings(args, previous, settings)
+    replace_all = args.overwrite and args.fold is None
+    plans = []  # (fold, action, fold arguments, RunFolder)
+    for fold in [args.fold] if args.fold is not None else range(args.folds):
+        fold_dir = args.run_dir / f"fold_{fold}"
+        status, _ = fold_status(fold_dir)
+        resume = args.resume and status != "pending"
+        fold_args = argparse.Namespace(
+            **{**vars(args), "run_dir": fold_dir, "fold": fold, "resume": resume, "overwrite": args.overwrite}
+        )
+        if args.resume and status == "finished":
+            plans.append((fold, "skip", fold_args, None))
+            continue
+        if resume and json.loads((fold_dir / "run.json").read_text()).get("status") == "finished":
+            plans.append((fold, "predict", fold_args, RunFolder(fold_dir)))  # killed before its predictions
+            continue
+        run = RunFolder(fold_dir) if replace_all else check_run_folder(fold_args, fold_dir)
+        check_resume(fold_args, run, cohort, fold_of == fold)
+        plans.append((fold, "train", fold_args, run))
+
+    distribution = start_tensorflow(args)
+    import keras
+
+    if distribution.is_chief:
+        if replace_all and args.run_dir.exists():
+            shutil.rmtree(args.run_dir)
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        update_cv_json(args.run_dir, settings, cohort, fold_of)
+    model = None
+    for fold, action, fold_args, run in plans:
+        is_val = fold_of == fold
+        if action == "skip":
+            log.info("fold %d (of %d): finished earlier, skipped", fold, args.folds)
+            continue
+        if action == "predict":
+            if distribution.is_chief:
+                info = json.loads(run.run_json.read_text())
+                write_val_predictions(run.path, cohort, is_val, info.get("best_checkpoint"))
+        else:
+            log.info(
+                "fold %d (of %d): %s %s",
+                fold,
+                args.folds,
+                "resuming" if fold_args.resume else "training",
+                run.path,
+            )
+            log_split(cohort, is_val)
+            if distribution.is_chief:
+                update_cv_json(args.run_dir, settings, cohort, fold_of, starting=fold)
+            keras.utils.set_random_seed(args.seed)  # fold i alone = fold i after other folds
+            model = train_split(fold_args, run, cohort, is_val, distribution, callbacks)
+        if distribution.is_chief:
+            cv = update_cv_json(args.run_dir, settings, cohort, fold_of)
+            done = sum(fold["status"] == "finished" for fold in cv["fold_assignment"])
+            log.info("fold %d (of %d) done; %d of %d folds finished", fold, args.folds, done, args.folds)
+    return model
 
 
 # ---------------------------------------------------------------------------- main

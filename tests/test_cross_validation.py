@@ -1,0 +1,357 @@
+"""step1 cross-validation (--folds, --fold, --resume per fold) and the validation predictions
+of a run (val_predictions.csv) and of a cross-validation run (oof_predictions.csv), checked
+against the HDF5 file and the checkpoints themselves."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from test_step1 import write_h5
+
+import step1_train_model as step1
+from gbmpcnsl_common import UserError
+
+TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
+COLUMNS = ["path", "prob_gbm", "prob_pcnsl", "label", "patient_id"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def h5_slices(h5_path: Path, size: int) -> list[tuple[str, str, int, np.ndarray]]:
+    """(path, group, label, uint8 pixels) of every slice, GBM rows then PCNSL rows, read
+    with h5py (not with step1's reader)."""
+    slices = []
+    with h5py.File(h5_path, "r") as h5file:
+        for label, folder in enumerate(("gbm", "pcnsl")):
+            group = h5file[f"{folder}/{size}_{size}"]
+            for path, patient, pixels in zip(
+                group["paths"], group["groups"], group["features"][:], strict=True
+            ):
+                patient = patient.decode()
+                patient = patient if patient.startswith(f"{folder}/") else f"{folder}/{patient}"
+                slices.append((path.decode(), patient, label, pixels))
+    return slices
+
+
+def predict_checkpoint(checkpoint: Path, pixels: np.ndarray) -> np.ndarray:
+    """P(PCNSL) of uint8 images by the checkpoint, loaded and called with Keras directly."""
+    import keras
+
+    model = keras.saving.load_model(checkpoint, compile=False)
+    return model.predict(pixels.astype(np.float32), verbose=0)[:, 0]
+
+
+# ---------------------------------------------------------------------------- fold assignment
+def cohort_records(patients: dict[str, int], slices: int) -> list[dict]:
+    """Records as read_hdf5_index gives them: patients "p0".. of each class, `slices` each;
+    the same patient names in both classes (they are different patients)."""
+    return [
+        {"class": folder, "label": label, "path": f"{folder}/p{p}/s{s}.png", "group": f"{folder}/p{p}"}
+        for label, folder in enumerate(("gbm", "pcnsl"))
+        for p in range(patients[folder])
+        for s in range(slices)
+    ]
+
+
+@pytest.mark.parametrize("patients, folds", [({"gbm": 7, "pcnsl": 5}, 3), ({"gbm": 10, "pcnsl": 6}, 5)])
+def test_folds_are_patient_disjoint_stratified_and_seeded(patients, folds):
+    records = cohort_records(patients, slices=3)
+    fold_of = step1.make_folds(records, folds, seed=0)
+    assert fold_of.shape == (len(records),) and set(fold_of.tolist()) == set(range(folds))
+
+    # Every patient in exactly one fold (all its slices there).
+    folds_of_patient: dict[str, set[int]] = {}
+    for record, fold in zip(records, fold_of, strict=True):
+        folds_of_patient.setdefault(record["group"], set()).add(int(fold))
+    assert len(folds_of_patient) == sum(patients.values())
+    assert all(len(folds) == 1 for folds in folds_of_patient.values())
+
+    # Stratified: each class's patients (all of 3 slices) spread as evenly as they can.
+    for folder, count in patients.items():
+        per_fold = Counter(next(iter(f)) for g, f in folds_of_patient.items() if g.startswith(f"{folder}/"))
+        assert sorted(per_fold) == list(range(folds))
+        assert max(per_fold.values()) - min(per_fold.values()) <= 1
+        assert sum(per_fold.values()) == count
+
+    # Seeded: the same seed gives the same folds whatever the record order; another seed differs.
+    order = np.random.default_rng(1).permutation(len(records))
+    shuffled = step1.make_folds([records[i] for i in order], folds, seed=0)
+    assert {records[i]["group"]: int(f) for i, f in zip(order, shuffled, strict=True)} == {
+        r["group"]: int(f) for r, f in zip(records, fold_of, strict=True)
+    }
+    assert any(not np.array_equal(step1.make_folds(records, folds, seed), fold_of) for seed in (1, 2, 3))
+
+
+def test_folds_need_enough_patients_per_class_and_valid_options(capsys):
+    records = cohort_records({"gbm": 5, "pcnsl": 2}, slices=2)
+    with pytest.raises(UserError, match=r"PCNSL: 2 patient group\(s\); --folds 3 needs at least 3"):
+        step1.make_folds(records, 3, seed=0)
+    for argv, message in (
+        (["--folds", "1"], "--folds 1: cross-validation needs at least 2 folds"),
+        (["--fold", "0"], "--fold needs --folds K"),
+        (["--folds", "3", "--fold", "3"], "--fold 3: expected 0 ... 2"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            step1.parse_args([*argv, "d.h5", "run"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- cv.json from several jobs
+def _update_cv_json_repeatedly(run_dir: str, settings: dict, records: list[dict], fold_of: list[int]) -> None:
+    cohort = step1.Cohort(Path("d.h5"), (32, 32), records, True)
+    for _ in range(25):
+        step1.update_cv_json(Path(run_dir), settings, cohort, np.array(fold_of))
+
+
+def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path):
+    """Four processes (as four fold jobs finishing together) rewrite cv.json and
+    oof_predictions.csv at once: every write succeeds and the files stay whole."""
+    import multiprocessing
+
+    records = cohort_records({"gbm": 4, "pcnsl": 4}, slices=2)
+    fold_of = step1.make_folds(records, 2, seed=0)
+    args = step1.parse_args(["--folds", "2", "d.h5", str(tmp_path)])
+    cohort = step1.Cohort(Path("d.h5"), (32, 32), records, True)
+    settings = step1.cv_settings(args, cohort, fold_of)
+    expected = []
+    for fold in range(2):
+        fold_dir = tmp_path / f"fold_{fold}"
+        fold_dir.mkdir()
+        (fold_dir / "run.json").write_text(
+            json.dumps({"status": "finished", "best_checkpoint": "ckpt_001.keras"})
+        )
+        rows = [[r["path"], repr(0.25 + i / 100), repr(0.75 - i / 100), r["label"], r["group"]]
+                for i, r in enumerate(records) if fold_of[i] == fold]  # fmt: skip
+        step1.write_csv_rows(fold_dir / "val_predictions.csv", COLUMNS, rows)
+    for i, r in enumerate(records):
+        expected.append(
+            [
+                r["path"],
+                repr(0.25 + i / 100),
+                repr(0.75 - i / 100),
+                str(r["label"]),
+                r["group"],
+                str(fold_of[i]),
+            ]
+        )
+
+    context = multiprocessing.get_context("spawn")
+    jobs = [
+        context.Process(
+            target=_update_cv_json_repeatedly, args=(str(tmp_path), settings, records, fold_of.tolist())
+        )
+        for _ in range(4)
+    ]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(120)
+    assert [job.exitcode for job in jobs] == [0, 0, 0, 0]
+    cv = json.loads((tmp_path / "cv.json").read_text())
+    assert cv["complete"] is True and cv["best_checkpoints"] == [
+        "fold_0/ckpt_001.keras",
+        "fold_1/ckpt_001.keras",
+    ]
+    with open(tmp_path / "oof_predictions.csv", newline="") as handle:
+        assert list(csv.reader(handle)) == [[*COLUMNS, "fold"], *expected]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cv.lock",
+        "cv.json",
+        "fold_0",
+        "fold_1",
+        "oof_predictions.csv",
+    ]
+
+
+# ---------------------------------------------------------------------------- a cross-validation run
+class Interrupted(Exception):
+    pass
+
+
+def stop_after_first_epoch():
+    """A Keras callback that interrupts training after the first epoch (as a kill would,
+    after the backup of that epoch)."""
+    import keras
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise Interrupted
+
+    return Stop()
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory):
+    """A 2-fold run built the way a cluster would: fold 1 alone (--fold 1), fold 0 alone and
+    interrupted after 1 of 2 epochs, then --resume (fold 1 skipped, fold 0 resumed).
+    Returns the HDF5 file, the run folder and what each stage left behind."""
+    folder = tmp_path_factory.mktemp("cv")
+    h5_path = write_h5(folder / "d.h5", size=32, patients=(4, 4), slices=2)
+    run_dir = folder / "run"
+    common = [*TINY, "--augmentation", "base", "--folds", "2", "--seed", "3"]
+    stages = {}
+
+    assert step1.main([*common, "--epochs", "1", "--fold", "1", str(h5_path), str(run_dir)]) == 0
+    stages["fold_1"] = {
+        "listing": listing(run_dir),
+        "cv": json.loads((run_dir / "cv.json").read_text()),
+        "fold_1_files": {p.name: p.stat().st_mtime_ns for p in (run_dir / "fold_1").iterdir()},
+    }
+    args = step1.parse_args([*common, "--epochs", "2", "--fold", "0", str(h5_path), str(run_dir)])
+    with pytest.raises(Interrupted):
+        step1.train(args, callbacks=[stop_after_first_epoch()])
+    stages["interrupted"] = {"cv": json.loads((run_dir / "cv.json").read_text())}
+    assert step1.main([*common, "--epochs", "2", "--resume", str(h5_path), str(run_dir)]) == 0
+    return h5_path, run_dir, stages
+
+
+@pytest.mark.slow
+def test_fold_option_trains_that_fold_only(cv_run, capsys):
+    h5_path, run_dir, stages = cv_run
+    first = stages["fold_1"]
+    assert [name for name in first["listing"] if "/" not in name] == [".cv.lock", "cv.json", "fold_1"]
+    assert {"run.json", "history.csv", "split.csv", "val_predictions.csv"} <= set(first["fold_1_files"])
+    cv = first["cv"]
+    assert cv["folds"] == 2 and cv["seed"] == 3 and cv["complete"] is False and "best_checkpoints" not in cv
+    assert [f["status"] for f in cv["fold_assignment"]] == ["pending", "finished"]
+    assert cv["fold_assignment"][0]["best_checkpoint"] is None
+    assert cv["fold_assignment"][1]["best_checkpoint"].startswith("fold_1/ckpt_001_")
+    assert stages["interrupted"]["cv"]["complete"] is False
+    assert [f["status"] for f in stages["interrupted"]["cv"]["fold_assignment"]] == ["running", "finished"]
+
+    # A fold that exists is not trained again without --resume or --overwrite; the run's
+    # settings and folds are its own.
+    common = [*TINY, "--augmentation", "base", "--epochs", "1", "--seed", "3"]
+    paths = [str(h5_path), str(run_dir)]
+    assert step1.main([*common, "--folds", "2", "--fold", "1", *paths]) == 2
+    assert "fold_1: exists" in capsys.readouterr().err
+    assert step1.main([*common, "--folds", "3", "--resume", *paths]) == 2
+    assert "the run has 2 folds (now --folds 3)" in capsys.readouterr().err
+    assert (
+        step1.main([*common, "--folds", "2", "--fold", "1", "--overwrite", "--augmentation", "none", *paths])
+        == 2
+    )
+    assert "--augmentation base (now none)" in capsys.readouterr().err
+    assert step1.main([*common, "--folds", "2", *paths]) == 2
+    assert "exists; pick a new run folder, --resume it or --overwrite it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_folds_and_resumes_interrupted_ones(cv_run):
+    _, run_dir, stages = cv_run
+    # fold 1 (finished) untouched by --resume
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "fold_1").iterdir()} == stages["fold_1"][
+        "fold_1_files"
+    ]
+    # fold 0 resumed after its first epoch: two epochs in its history, once each
+    info = json.loads((run_dir / "fold_0" / "run.json").read_text())
+    assert info["status"] == "finished" and info["epochs_done"] == 2
+    assert [r["after_epoch"] for r in info["resumed"]] == [1]
+    assert [row["epoch"] for row in read_csv(run_dir / "fold_0" / "history.csv")] == ["0", "1"]
+    assert not (run_dir / "fold_0" / "backup").exists()
+
+    cv = json.loads((run_dir / "cv.json").read_text())
+    assert cv["complete"] is True
+    assert [f["status"] for f in cv["fold_assignment"]] == ["finished", "finished"]
+    best = [
+        f"fold_{i}/{json.loads((run_dir / f'fold_{i}' / 'run.json').read_text())['best_checkpoint']}"
+        for i in range(2)
+    ]
+    assert cv["best_checkpoints"] == best == [f["best_checkpoint"] for f in cv["fold_assignment"]]
+    assert all((run_dir / name).is_file() for name in best)
+
+
+@pytest.mark.slow
+def test_cv_json_records_each_folds_patients_as_the_fold_runs_split_them(cv_run):
+    h5_path, run_dir, _ = cv_run
+    cv = json.loads((run_dir / "cv.json").read_text())
+    slices = h5_slices(h5_path, 32)
+    patients_of_fold = []
+    for fold in cv["fold_assignment"]:
+        split = read_csv(run_dir / fold["run_dir"] / "split.csv")
+        assert [(r["path"], r["group"], int(r["label"])) for r in split] == [s[:3] for s in slices]
+        val = [r for r in split if r["subset"] == "val"]
+        val_patients = {folder: sorted({r["group"] for r in val if r["path"].startswith(f"{folder}/")})
+                        for folder in ("gbm", "pcnsl")}  # fmt: skip
+        assert fold["patients"] == val_patients
+        assert fold["slices"] == {
+            folder: sum(r["path"].startswith(f"{folder}/") for r in val) for folder in ("gbm", "pcnsl")
+        }
+        train_patients = {r["group"] for r in split if r["subset"] == "train"}
+        assert train_patients.isdisjoint(val_patients["gbm"] + val_patients["pcnsl"])
+        patients_of_fold.append(set(val_patients["gbm"] + val_patients["pcnsl"]))
+    assert patients_of_fold[0].isdisjoint(patients_of_fold[1])
+    assert patients_of_fold[0] | patients_of_fold[1] == {s[1] for s in slices}
+
+
+@pytest.mark.slow
+def test_out_of_fold_predictions_are_each_folds_checkpoint_predictions(cv_run):
+    h5_path, run_dir, _ = cv_run
+    cv = json.loads((run_dir / "cv.json").read_text())
+    slices = h5_slices(h5_path, 32)
+    oof = read_csv(run_dir / "oof_predictions.csv")
+    assert list(oof[0]) == [*COLUMNS, "fold"]
+    # one row per slice, in HDF5 order, with its label and patient
+    assert [(r["path"], r["patient_id"], int(r["label"])) for r in oof] == [s[:3] for s in slices]
+    fold_of_patient = {
+        p: f["fold"] for f in cv["fold_assignment"] for ps in f["patients"].values() for p in ps
+    }
+    assert [int(r["fold"]) for r in oof] == [fold_of_patient[s[1]] for s in slices]
+
+    for fold in cv["fold_assignment"]:
+        rows = [r for r in oof if int(r["fold"]) == fold["fold"]]
+        # the fold's own val_predictions.csv, value for value
+        val_rows = read_csv(run_dir / fold["run_dir"] / "val_predictions.csv")
+        assert [{k: r[k] for k in COLUMNS} for r in rows] == val_rows
+        # ... which are its best checkpoint's predictions of the HDF5 pixels
+        pixels = np.stack([s[3] for s in slices if fold_of_patient[s[1]] == fold["fold"]])
+        expected = predict_checkpoint(run_dir / fold["best_checkpoint"], pixels)
+        prob_pcnsl = np.array([float(r["prob_pcnsl"]) for r in rows])
+        np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-6)
+        np.testing.assert_allclose([float(r["prob_gbm"]) for r in rows], 1 - prob_pcnsl, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_resume_of_a_complete_run_trains_nothing_and_rewrites_the_pooled_files(cv_run, tmp_path):
+    h5_path, run_dir, _ = cv_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.glob("fold_*/*")}
+    oof = (run_dir / "oof_predictions.csv").read_bytes()
+    (run_dir / "oof_predictions.csv").unlink()
+    argv = [*TINY, "--augmentation", "base", "--folds", "2", "--seed", "3", "--epochs", "2", "--resume"]
+    assert step1.main([*argv, str(h5_path), str(run_dir)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("fold_*/*")} == before
+    assert (run_dir / "oof_predictions.csv").read_bytes() == oof
+    assert json.loads((run_dir / "cv.json").read_text())["complete"] is True
+
+
+# ---------------------------------------------------------------------------- a single run
+@pytest.mark.slow  # loads the session's EfficientNetB4 checkpoint
+def test_single_run_val_predictions_are_its_best_checkpoints(trained_run, demo_h5):
+    info = json.loads((trained_run / "run.json").read_text())
+    size = info["input_shape"][0]
+    rows = read_csv(trained_run / "val_predictions.csv")
+    assert rows and list(rows[0]) == COLUMNS
+    split = read_csv(trained_run / "split.csv")
+    val = [(r["path"], r["label"], r["group"]) for r in split if r["subset"] == "val"]
+    assert [(r["path"], r["label"], r["patient_id"]) for r in rows] == val
+
+    slices = {s[0]: s[3] for s in h5_slices(demo_h5, size)}
+    expected = predict_checkpoint(
+        trained_run / info["best_checkpoint"], np.stack([slices[p] for p, _, _ in val])
+    )
+    prob_pcnsl = np.array([float(r["prob_pcnsl"]) for r in rows])
+    np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose([float(r["prob_gbm"]) for r in rows], 1 - prob_pcnsl, rtol=0, atol=1e-12)
