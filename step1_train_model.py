@@ -2,11 +2,13 @@
 
 Reads the HDF5 file written by step0 and writes a run folder:
 
-    ckpt_{epoch:03d}_{val_loss:.4f}.keras   best-only checkpoints on val_loss (full Keras models)
+    ckpt_{epoch:03d}_{val_loss:.4f}.keras   best-only checkpoints on val_loss (full Keras models;
+                                           ckpt_{epoch:03d}_{val_auc:.4f}.keras with --monitor val_auc)
     history.csv                            one row per epoch (Keras CSVLogger; epoch counts from 0)
     split.csv                              path, group, label, subset (train/val) of every slice
     run.json                               arguments, data digest, split, versions, times, best epoch
     backup/                                training state for --resume (removed when training ends)
+    tensorboard/                           with --tensorboard: TensorBoard logs (tensorboard --logdir RUN_DIR)
 
 After McAvoy et al., Sci Rep 11:15219 (2021): EfficientNetB4 with ImageNet weights at the
 HDF5's image size, Adam 1e-4 for 50 epochs then 1e-4 * exp(0.015 * (50 - epoch)), binary
@@ -20,6 +22,14 @@ Augmentations (inside tf.data, on 0-255 float images, a new draw per image and e
                   +-0.25 (a no-op on grayscale slices), values clipped to 0-255
   base_and_noise  base, then Gaussian noise (std 12.75 grey levels = 0.05 of the range)
                   on a random 10% of the images, clipped to 0-255
+  strong          for a cohort whose scans differ in pose, size and intensity: flips; one
+                  affine transform (rotation +-15 degrees, zoom 1 +- 0.15, shift +- 0.06 of
+                  the size; black fill); gamma 1 +- 0.2, contrast 1 +- 0.2, brightness +-10
+                  grey levels; noise (std 12.75) on 10% of the images; clipped to 0-255.
+                  Each setting has its flag (--rotation-degrees ... --noise-fraction).
+
+A run whose best epoch is the first, or whose best validation AUC stays below 0.6, ends
+with a warning: the network most likely memorised its training patients.
 
 Example:
   python step1_train_model.py --augmentation base --epochs 300 data.h5 checkpoints/run/
@@ -130,18 +140,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="augmentation, see above (default none, as the original)",
     )
     strong = StrongAugmentation()
-    for flag, check, meaning in (
-        ("--rotation-degrees", _non_negative_float, "strong: rotation by up to +-DEG degrees"),
-        ("--scale", _below_one, "strong: isotropic zoom by a factor in 1 +- S"),
-        ("--shift", _below_one, "strong: translation by up to +-F of the image size per axis"),
-        ("--contrast", _below_one, "strong: contrast factor in 1 +- C about the image mean"),
-        ("--brightness", _non_negative_float, "strong: brightness +- B grey levels"),
-        ("--gamma", _below_one, "strong: gamma in 1 +- G"),
-        ("--noise-std", _non_negative_float, "strong: std of the Gaussian noise, grey levels"),
-        ("--noise-fraction", _probability, "strong: fraction of images that get the noise"),
+    for flag, metavar, check, meaning in (
+        ("--rotation-degrees", "DEG", _non_negative_float, "strong: rotation by up to +-DEG degrees"),
+        ("--scale", "S", _below_one, "strong: isotropic zoom by a factor in 1 +- S"),
+        ("--shift", "F", _below_one, "strong: translation by up to +-F of the image size per axis"),
+        ("--contrast", "C", _below_one, "strong: contrast factor in 1 +- C about the image mean"),
+        ("--brightness", "B", _non_negative_float, "strong: brightness +- B grey levels"),
+        ("--gamma", "G", _below_one, "strong: gamma in 1 +- G"),
+        ("--noise-std", "STD", _non_negative_float, "strong: std of the Gaussian noise, grey levels"),
+        ("--noise-fraction", "P", _probability, "strong: fraction of images that get the noise"),
     ):
         default = getattr(strong, flag[2:].replace("-", "_"))
-        parser.add_argument(flag, type=check, default=default, help=f"{meaning} (default {default:g})")
+        parser.add_argument(
+            flag, type=check, default=default, metavar=metavar, help=f"{meaning} (default {default:g})"
+        )
     parser.add_argument("--epochs", type=_positive_int, default=300, help="number of epochs (default 300)")
     parser.add_argument(
         "--weights",

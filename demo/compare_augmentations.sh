@@ -13,9 +13,9 @@ TEST_PATIENTS="${DEMO_TEST_PATIENTS:-15}"      # per class
 SLICES="${DEMO_SLICES:-4}"                     # per patient
 SIZE="${DEMO_SIZE:-96}"                        # model input, pixels
 BACKBONE="${DEMO_BACKBONE:-efficientnetb0}"
-EPOCHS="${DEMO_EPOCHS:-30}"
+EPOCHS="${DEMO_EPOCHS:-40}"
 BOOTSTRAPS="${DEMO_BOOTSTRAPS:-10000}"
-AUGMENTATIONS="${COMPARE_AUGMENTATIONS:-none base strong}"
+AUGMENTATIONS="${COMPARE_AUGMENTATIONS:-strong base none}"  # strong (the demo's) first
 
 run() { echo "+ $*" >&2; "$@"; }
 

@@ -5,8 +5,9 @@
 Reads OUT/predictions_<augmentation>.csv (step2's CSV on the demo's test patients) for each
 augmentation named, and prints one line per model: the slice-level AUROC (PCNSL positive)
 with its DeLong and bootstrap 95% CIs, and the patient-level AUROC (mean probability per
-patient) with its bootstrap 95% CI. When roc_analysis offers DeLong's paired test, the last
-model is compared with each of the others on the same slices. Uses roc_analysis's
+patient) with its bootstrap 95% CI. When roc_analysis offers DeLong's paired test, the
+`strong` model (or the last one named) is compared with each of the others on the same
+slices (slices of one patient are not independent: read the p-values as a guide). Uses roc_analysis's
 functions, as step4's notebook does.
 """
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     frames = {}
-    for augmentation in args.augmentations:
+    order = ["none", "base", "base_and_noise", "strong"]  # step1's order, then any others
+    for augmentation in sorted(args.augmentations, key=lambda a: order.index(a) if a in order else 99):
         csv_path = args.output_dir / f"predictions_{augmentation}.csv"
         if not csv_path.is_file():
             print(f"error: {csv_path}: no such file", file=sys.stderr)
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['patient_auc_ci_low']:.3f}-{row['patient_auc_ci_high']:.3f}; {row['n_patients']} patients)"
         )
     paired_test = getattr(roc_analysis, "delong_paired_test", None)
-    *others, last = list(frames)
+    last = "strong" if "strong" in frames else list(frames)[-1]
+    others = [name for name in frames if name != last]
     if paired_test is None:
         print("(no paired DeLong test in this roc_analysis; compare the CIs above with care)")
     else:
