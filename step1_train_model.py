@@ -432,8 +432,9 @@ def strong_augment(image, seed, params: StrongAugmentation):
 
 
 def affine_transform(image, angle, zoom, shift):
-    """Rotate one image (H, W, C) by `angle` radians about its centre, zoom it by `zoom` (> 1 enlarges) and move it by `shift` = (down, right) in
-    fractions of its height and width, in one bilinear resampling; black outside the image."""
+    """Rotate one image (H, W, C) by `angle` radians about its centre, zoom it by `zoom`
+    (> 1 enlarges) and move it by `shift` = (down, right) in fractions of its height and
+    width, in one bilinear resampling; black where the output samples outside the image."""
     import tensorflow as tf
 
     height, width = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
