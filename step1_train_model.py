@@ -49,7 +49,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +122,10 @@ class StrongAugmentation:
     def from_args(cls, args: argparse.Namespace) -> StrongAugmentation:
         """The parameters as the command line set them."""
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+
+# What a run started before these settings existed ran with, so that it can be resumed.
+RESUME_DEFAULTS = {"monitor": "val_loss", "batchnorm_momentum": None, **asdict(StrongAugmentation())}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -789,7 +793,7 @@ def check_run_folder(args: argparse.Namespace, run_dir: Path) -> RunFolder:
         changed = [
             name
             for name in RESUME_MUST_MATCH
-            if _jsonable(getattr(args, name)) != previous["arguments"].get(name)
+            if _jsonable(getattr(args, name)) != previous["arguments"].get(name, RESUME_DEFAULTS.get(name))
         ]
         if changed:
             listed = ", ".join(

@@ -133,3 +133,19 @@ def test_strong_val_auc_tensorboard_and_batchnorm_momentum_run(demo_h5, tmp_path
     learning_rates = [value for _, value in train["epoch_learning_rate"]]
     assert learning_rates == pytest.approx([float(row["learning_rate"]) for row in history])
     assert all(math.isclose(rate, 1e-4, rel_tol=1e-6) for rate in learning_rates)
+
+
+def test_a_run_from_before_the_new_settings_can_be_resumed(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = step1.parse_args(["--augmentation", "base", "--resume", "data.h5", str(run_dir)])
+    old_arguments = {name: step1._jsonable(getattr(args, name)) for name in step1.RESUME_MUST_MATCH}
+    for name in step1.RESUME_DEFAULTS:  # run.json written before these flags existed
+        del old_arguments[name]
+    (run_dir / "run.json").write_text(json.dumps({"status": "running", "arguments": old_arguments}))
+    assert step1.check_run_folder(args, run_dir).previous["arguments"] == old_arguments
+    changed = step1.parse_args(
+        ["--augmentation", "base", "--monitor", "val_auc", "--resume", "d.h5", str(run_dir)]
+    )
+    with pytest.raises(step1.UserError, match="--resume needs the run's own settings: --monitor"):
+        step1.check_run_folder(changed, run_dir)
