@@ -2,13 +2,15 @@
 
 Reads the HDF5 file written by step0 and writes a run folder:
 
-    ckpt_{epoch:03d}_{val_loss:.4f}.keras   best-only checkpoints on val_loss (full Keras models)
+    ckpt_{epoch:03d}_{val_loss:.4f}.keras   best-only checkpoints on val_loss (full Keras models;
+                                           ckpt_{epoch:03d}_{val_auc:.4f}.keras with --monitor val_auc)
     history.csv                            one row per epoch (Keras CSVLogger; epoch counts from 0)
     split.csv                              path, group, label, subset (train/val) of every slice
     run.json                               arguments, data digest, split, versions, times, best epoch
     val_predictions.csv                    path,prob_gbm,prob_pcnsl,label,patient_id of every validation
                                            slice, predicted by the best checkpoint
     backup/                                training state for --resume (removed when training ends)
+    tensorboard/                           with --tensorboard: TensorBoard logs (tensorboard --logdir RUN_DIR)
 
 After McAvoy et al., Sci Rep 11:15219 (2021): EfficientNetB4 with ImageNet weights at the
 HDF5's image size, Adam 1e-4 for 50 epochs then 1e-4 * exp(0.015 * (50 - epoch)), binary
@@ -22,6 +24,14 @@ Augmentations (inside tf.data, on 0-255 float images, a new draw per image and e
                   +-0.25 (a no-op on grayscale slices), values clipped to 0-255
   base_and_noise  base, then Gaussian noise (std 12.75 grey levels = 0.05 of the range)
                   on a random 10% of the images, clipped to 0-255
+  strong          for a cohort whose scans differ in pose, size and intensity: flips; one
+                  affine transform (rotation +-15 degrees, zoom 1 +- 0.15, shift +- 0.06 of
+                  the size; black fill); gamma 1 +- 0.2, contrast 1 +- 0.2, brightness +-10
+                  grey levels; noise (std 12.75) on 10% of the images; clipped to 0-255.
+                  Each setting has its flag (--rotation-degrees ... --noise-fraction).
+
+A run whose best epoch is the first, or whose best validation AUC stays below 0.6, ends
+with a warning: the network most likely memorised its training patients.
 
 Cross-validation (--folds K): the patients are split into K stratified, patient-disjoint
 folds (scikit-learn's StratifiedGroupKFold, shuffled with --seed; --val-fraction is not
@@ -55,7 +65,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +73,17 @@ import numpy as np
 import gbmpcnsl_common as common
 from gbmpcnsl_common import CLASS_FOLDERS, CLASS_LABELS, UserError, log
 
-AUGMENTATIONS = ("none", "base", "base_and_noise")
+AUGMENTATIONS = ("none", "base", "base_and_noise", "strong")
 # Augmentation parameters, on the 0-255 scale (the paper ran brightness with max_delta=2 on
 # 0-255 floats, so it moves a pixel by at most 2 grey levels).
 BRIGHTNESS_MAX_DELTA = 2.0
 HUE_MAX_DELTA = 0.25
 NOISE_STD = 0.05 * 255.0  # 12.75 grey levels
 NOISE_FRACTION = 0.10
+# What to pick the best epoch by (checkpoints, early stopping, run.json): name -> Keras mode.
+MONITORS = {"val_loss": "min", "val_auc": "max"}
+# A run whose best epoch is the first, or whose best validation AUC is below this, did not learn.
+MIN_LEARNED_VAL_AUC = 0.6
 # Learning-rate schedule of the paper: constant for 50 epochs, then exponential decay.
 LR_CONSTANT_EPOCHS = 50
 LR_DECAY = 0.015
@@ -85,7 +99,50 @@ RESUME_MUST_MATCH = (
     "val_fraction",
     "seed",
     "mixed_precision",
+    "rotation_degrees",
+    "scale",
+    "shift",
+    "contrast",
+    "brightness",
+    "gamma",
+    "noise_std",
+    "noise_fraction",
+    "monitor",
+    "batchnorm_momentum",
 )
+
+
+@dataclass(frozen=True)
+class StrongAugmentation:
+    """Parameters of --augmentation strong (defaults = step1's defaults).
+
+    rotation_degrees: rotation by U(-r, r) degrees about the image centre.
+    scale: isotropic zoom by a factor U(1 - s, 1 + s).
+    shift: translation by U(-t, t) of the image height / width, along each axis.
+    contrast: (image - its mean) * U(1 - c, 1 + c) + mean.
+    brightness: + U(-b, b) grey levels.
+    gamma: 255 * (image / 255) ** U(1 - g, 1 + g).
+    noise_std, noise_fraction: Gaussian noise of this std (grey levels) on this fraction of
+    the images.
+    """
+
+    rotation_degrees: float = 15.0
+    scale: float = 0.15
+    shift: float = 0.06
+    contrast: float = 0.2
+    brightness: float = 10.0
+    gamma: float = 0.2
+    noise_std: float = NOISE_STD
+    noise_fraction: float = NOISE_FRACTION
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> StrongAugmentation:
+        """The parameters as the command line set them."""
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+
+# What a run started before these settings existed ran with, so that it can be resumed.
+RESUME_DEFAULTS = {"monitor": "val_loss", "batchnorm_momentum": None, **asdict(StrongAugmentation())}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,6 +160,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="none",
         help="augmentation, see above (default none, as the original)",
     )
+    strong = StrongAugmentation()
+    for flag, metavar, check, meaning in (
+        ("--rotation-degrees", "DEG", _non_negative_float, "strong: rotation by up to +-DEG degrees"),
+        ("--scale", "S", _below_one, "strong: isotropic zoom by a factor in 1 +- S"),
+        ("--shift", "F", _below_one, "strong: translation by up to +-F of the image size per axis"),
+        ("--contrast", "C", _below_one, "strong: contrast factor in 1 +- C about the image mean"),
+        ("--brightness", "B", _non_negative_float, "strong: brightness +- B grey levels"),
+        ("--gamma", "G", _below_one, "strong: gamma in 1 +- G"),
+        ("--noise-std", "STD", _non_negative_float, "strong: std of the Gaussian noise, grey levels"),
+        ("--noise-fraction", "P", _probability, "strong: fraction of images that get the noise"),
+    ):
+        default = getattr(strong, flag[2:].replace("-", "_"))
+        parser.add_argument(
+            flag, type=check, default=default, metavar=metavar, help=f"{meaning} (default {default:g})"
+        )
     parser.add_argument("--epochs", type=_positive_int, default=300, help="number of epochs (default 300)")
     parser.add_argument(
         "--weights",
@@ -167,7 +239,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--early-stopping",
         type=_positive_int,
         metavar="PATIENCE",
-        help="stop when val_loss has not improved for PATIENCE epochs (default: off)",
+        help="stop when the monitored metric has not improved for PATIENCE epochs (default: off)",
+    )
+    parser.add_argument(
+        "--monitor",
+        choices=tuple(MONITORS),
+        default="val_loss",
+        help="the metric that picks the best epoch: best-only checkpoints, early stopping, "
+        "run.json (default val_loss, as the original)",
+    )
+    parser.add_argument(
+        "--batchnorm-momentum",
+        type=_probability,
+        metavar="M",
+        help="momentum of every BatchNormalization layer's moving statistics, for training from "
+        "scratch (e.g. 0.9); default: Keras's 0.99, as in ImageNet fine-tuning",
+    )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="write TensorBoard logs (epoch scalars, learning rate) to RUN_DIR/tensorboard/",
     )
     parser.add_argument(
         "--mixed-precision", action="store_true", help="mixed_float16 (GPU); the output stays float32"
@@ -215,6 +306,27 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text}: expected a number > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a number >= 0")
+    return value
+
+
+def _below_one(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a number in [0, 1)")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a number between 0 and 1")
     return value
 
 
@@ -296,7 +408,7 @@ def read_split_csv(path: Path) -> list[tuple[str, str, int, str]]:
 
 
 # ---------------------------------------------------------------------------- augmentation
-def augment_image(image, seed, augmentation: str):
+def augment_image(image, seed, augmentation: str, strong: StrongAugmentation | None = None):
     """Augment one float32 image (H, W, 3) in 0-255; a pure function of `seed` (a shape-[2]
     integer tensor), so the same seed gives the same image.
 
@@ -305,11 +417,14 @@ def augment_image(image, seed, augmentation: str):
     image scaled to 0-1; no-op on gray pixels), clip to 0-255.
     base_and_noise: base, then with probability 0.1 Gaussian noise of std 12.75 (0.05 of
     the 0-255 range), clip to 0-255.
+    strong: see strong_augment (parameters `strong`, default StrongAugmentation()).
     """
     import tensorflow as tf
 
     if augmentation == "none":
         return image
+    if augmentation == "strong":
+        return strong_augment(image, seed, strong or StrongAugmentation())
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
     image = tf.image.stateless_random_flip_left_right(image, seeds[0])
     image = tf.image.stateless_random_flip_up_down(image, seeds[1])
@@ -324,6 +439,77 @@ def augment_image(image, seed, augmentation: str):
             lambda: image,
         )
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def strong_augment(image, seed, params: StrongAugmentation):
+    """--augmentation strong on one float32 image (H, W, C) in 0-255, a pure function of
+    `seed`: left-right and up-down flips (p = 0.5 each); one affine transform (rotation,
+    isotropic zoom, translation; bilinear, black outside the image); gamma, contrast and
+    brightness jitter; Gaussian noise (the same in every channel) on a fraction of the
+    images; clipped to 0-255."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=10)
+    uniform = tf.random.stateless_uniform
+    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+    image = tf.image.stateless_random_flip_up_down(image, seeds[1])
+    angle = uniform([], seeds[2], -1.0, 1.0) * params.rotation_degrees * math.pi / 180.0
+    zoom = 1.0 + uniform([], seeds[3], -1.0, 1.0) * params.scale
+    shift = uniform([2], seeds[4], -1.0, 1.0) * params.shift
+    image = affine_transform(image, angle, zoom, shift)
+    # Gamma on the 0-1 scale keeps black black and white white.
+    gamma = 1.0 + uniform([], seeds[5], -1.0, 1.0) * params.gamma
+    image = 255.0 * tf.pow(tf.clip_by_value(image / 255.0, 0.0, 1.0), gamma)
+    if params.contrast > 0:
+        image = tf.image.stateless_random_contrast(image, 1 - params.contrast, 1 + params.contrast, seeds[6])
+    if params.brightness > 0:
+        image = tf.image.stateless_random_brightness(image, params.brightness, seeds[7])
+    image = tf.clip_by_value(image, 0.0, 255.0)
+    image = tf.cond(
+        uniform([], seeds[8]) < params.noise_fraction,
+        # One noise value per pixel, the same in every channel: a gray slice stays gray.
+        lambda: (
+            image
+            + tf.random.stateless_normal(tf.shape(image)[:2], seeds[9], stddev=params.noise_std)[..., None]
+        ),
+        lambda: image,
+    )
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def affine_transform(image, angle, zoom, shift):
+    """Rotate one image (H, W, C) by `angle` radians about its centre, zoom it by `zoom`
+    (> 1 enlarges) and move it by `shift` = (down, right) in fractions of its height and
+    width, in one bilinear resampling; black where the output samples outside the image."""
+    import tensorflow as tf
+
+    height, width = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+    center_x, center_y = (width - 1) / 2, (height - 1) / 2
+    # The transform maps an output pixel (x, y) to the input pixel it samples: the inverse
+    # of "rotate and zoom about the centre, then shift".
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    x0 = center_x + shift[1] * width
+    y0 = center_y + shift[0] * height
+    transform = tf.stack(
+        [
+            cos,
+            -sin,
+            center_x - cos * x0 + sin * y0,
+            sin,
+            cos,
+            center_y - sin * x0 - cos * y0,
+            0.0,
+            0.0,
+        ]
+    )
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform[None],
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
 
 
 # ---------------------------------------------------------------------------- input pipeline
@@ -366,6 +552,7 @@ def make_dataset(
     augmentation: str = "none",
     seed: int = 0,
     epochs: tuple[int, int] | None = None,
+    strong: StrongAugmentation | None = None,
 ):
     """A tf.data pipeline of (float32 images 0-255, float32 labels (B, 1)) batches.
 
@@ -374,6 +561,7 @@ def make_dataset(
     augmented in parallel, image i of the epoch with the seed (seed, epoch, i), and batched
     (the last batch of an epoch may be smaller). Epoch e is the same whether or not the run
     was resumed. Without `epochs`: one ordered pass, unaugmented (validation, prediction).
+    `strong`: the parameters of augmentation "strong".
     """
     import tensorflow as tf
 
@@ -400,7 +588,7 @@ def make_dataset(
 
             def load_and_augment(position, index):
                 image, label = load(index)
-                return augment_image(image, fold_in(epoch_seed, position), augmentation), label
+                return augment_image(image, fold_in(epoch_seed, position), augmentation, strong), label
 
             images = tf.data.Dataset.from_tensor_slices(order).enumerate()
             return images.map(load_and_augment, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
@@ -647,7 +835,7 @@ def check_run_folder(args: argparse.Namespace, run_dir: Path) -> RunFolder:
         changed = [
             name
             for name in RESUME_MUST_MATCH
-            if _jsonable(getattr(args, name)) != previous["arguments"].get(name)
+            if _jsonable(getattr(args, name)) != previous["arguments"].get(name, RESUME_DEFAULTS.get(name))
         ]
         if changed:
             listed = ", ".join(
@@ -765,6 +953,8 @@ def build_compiled_model(args: argparse.Namespace, size: tuple[int, int], distri
             model = common.build_model(args.backbone, (*size, 3), weights, args.normalization)
     finally:
         keras.mixed_precision.set_global_policy(policy)
+    if getattr(args, "batchnorm_momentum", None) is not None:
+        set_batchnorm_momentum(model, args.batchnorm_momentum)
     with distribution.strategy.scope():
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate),
@@ -773,6 +963,19 @@ def build_compiled_model(args: argparse.Namespace, size: tuple[int, int], distri
             jit_compile=bool(args.xla),
         )
     return model
+
+
+def set_batchnorm_momentum(model, momentum: float) -> int:
+    """Set the momentum of every BatchNormalization layer's moving mean and variance (the
+    checkpoint keeps it); returns how many layers were changed. Before the first fit only."""
+    import keras
+
+    layers = [
+        layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    for layer in layers:
+        layer.momentum = momentum
+    return len(layers)
 
 
 def open_run_folder(
@@ -859,18 +1062,22 @@ def fit(
         args.augmentation,
         args.seed,
         (first_epoch, args.epochs),
+        StrongAugmentation.from_args(args),
     )
     val_data = make_dataset(reader, val_indices, cohort.labels, global_batch)
-    losses = [float(r["val_loss"]) for r in read_history(run.history_csv)[1] if r.get("val_loss")]
+    monitor = getattr(args, "monitor", "val_loss")
+    mode = MONITORS[monitor]
+    done = [float(r[monitor]) for r in read_history(run.history_csv)[1] if r.get(monitor)]
     initial = args.learning_rate
     fit_callbacks = [
         keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate_at(epoch, initial)),
         keras.callbacks.ModelCheckpoint(
-            str(run.path / "ckpt_{epoch:03d}_{val_loss:.4f}.keras"),
-            monitor="val_loss",
-            mode="min",
+            str(run.path / ("ckpt_{epoch:03d}_{" + monitor + ":.4f}.keras")),
+            monitor=monitor,
+            mode=mode,
             save_best_only=True,
-            initial_value_threshold=min(losses) if losses else None,  # a resumed run only saves improvements
+            # A resumed run only saves improvements.
+            initial_value_threshold=(min if mode == "min" else max)(done) if done else None,
         ),
         # CSVLogger before BackupAndRestore: a crash between the two repeats a row (cut on
         # resume), never loses one.
@@ -879,10 +1086,15 @@ def fit(
         keras.callbacks.BackupAndRestore(str(run.backup_dir), double_checkpoint=True),
         progress_callback(args.epochs, steps_per_epoch),
     ]
+    if getattr(args, "tensorboard", False):
+        # After LearningRateScheduler, which puts the epoch's learning rate into the logs.
+        fit_callbacks.append(
+            keras.callbacks.TensorBoard(str(run.path / "tensorboard"), write_graph=False, profile_batch=0)
+        )
     early_stopping = None
     if args.early_stopping:
         early_stopping = keras.callbacks.EarlyStopping(
-            monitor="val_loss", mode="min", patience=args.early_stopping
+            monitor=monitor, mode=mode, patience=args.early_stopping
         )
         fit_callbacks.append(early_stopping)
     fit_callbacks += callbacks or []
@@ -911,20 +1123,44 @@ def finish_run(run: RunFolder, info: dict, early_stopping) -> dict:
     info["status"] = "finished"
     info["epochs_done"] = len(rows)
     info["stopped_early"] = bool(early_stopping is not None and early_stopping.stopped_epoch > 0)
+    monitor = info["arguments"].get("monitor", "val_loss")
+    info["monitor"] = monitor
     if rows:
-        best = min(rows, key=lambda row: float(row["val_loss"]))
+        # The first best epoch: the one ModelCheckpoint kept (it saves strict improvements).
+        pick = min if MONITORS[monitor] == "min" else max
+        best = pick(rows, key=lambda row: float(row[monitor]))
         info["best_epoch"] = int(best["epoch"]) + 1  # as in the checkpoint names
         info["best_val_loss"] = float(best["val_loss"])
+        info["best_val_auc"] = max(float(row["val_auc"]) for row in rows)
         checkpoints = sorted(run.path.glob(f"ckpt_{info['best_epoch']:03d}_*.keras"))
         info["best_checkpoint"] = checkpoints[-1].name if checkpoints else None
         log.info(
-            "best epoch %d: val_loss %.4f -> %s",
+            "best epoch %d by %s: val_loss %.4f, val_auc %.4f -> %s",
             info["best_epoch"],
+            monitor,
             info["best_val_loss"],
+            float(best["val_auc"]),
             run.path / str(info["best_checkpoint"]),
         )
+        warning = did_not_learn(info["best_epoch"], info["best_val_auc"], monitor)
+        if warning:
+            log.warning("%s", warning)
     write_json(run.run_json, info)
     return info
+
+
+def did_not_learn(best_epoch: int, best_val_auc: float, monitor: str) -> str | None:
+    """A one-line warning when a run shows no sign of having learned (None when it does)."""
+    if best_epoch == 1:
+        reason = f"the best epoch by {monitor} is the first"
+    elif best_val_auc < MIN_LEARNED_VAL_AUC:
+        reason = f"the best validation AUC is {best_val_auc:.3f} (< {MIN_LEARNED_VAL_AUC})"
+    else:
+        return None
+    return (
+        f"warning: {reason}: the model may not have learned to generalize; try --augmentation strong, "
+        "a lower --learning-rate or more data (or --monitor val_auc)"
+    )
 
 
 def train_split(

@@ -10,7 +10,10 @@ lesion mask (0/255 PNG) for every slice in a parallel tree that step0 never read
     OUT_DIR/pcnsl/pcnsl_s0_p000/slice00.png   OUT_DIR/masks/pcnsl/pcnsl_s0_p000/slice00.png
 
 Every slice shows a head (scalp, skull, brain with grey/white texture, ventricles, noise,
-a smooth bias field) and one kind of lesion:
+a smooth bias field) and one kind of lesion. Patients differ as real scans do: head size
+and shape, in-plane rotation (+-25 degrees), position in the field of view, left-right
+orientation, global intensity and contrast, bias field; lesions sit at varied positions
+and have varied sizes. The kinds of lesion:
 - GBM-like: a thick, irregular ring of enhancement around a dark necrotic core, with
   hypointense oedema around it; anywhere in the hemispheres.
 - PCNSL-like: solid, homogeneous enhancement with a smoother outline, often next to the
@@ -39,30 +42,41 @@ CLASS_FOLDERS = ("gbm", "pcnsl")
 
 # ---------------------------------------------------------------------------- patients
 def make_patient(rng: np.random.Generator, kind: str) -> dict:
-    """Draw one synthetic patient: head shape, tissue contrast and its lesion(s).
+    """Draw one synthetic patient: head size, shape, pose and position in the field of view,
+    left-right orientation, scanner intensity, contrast and bias field, tissue contrast and
+    its lesion(s).
 
-    Coordinates are normalised: the image spans -1..1, the head's semi-axes are ~0.8/0.9.
+    Coordinates are normalised: the image spans -1..1. Anatomy (ventricles, lesions) is
+    placed in head coordinates, in which a mid-sized head has semi-axes ~0.8/0.9; the head
+    is then scaled by `head_size`, rotated by `head_angle` and moved by `head_shift`.
     """
+    head_size = rng.uniform(0.7, 1.0)  # heads and fields of view differ between patients
+    axes = (rng.uniform(0.72, 0.84), rng.uniform(0.84, 0.95))  # head shape: width / length
+    room = max(0.0, 0.97 - head_size * axes[1])  # keep the head inside the image
     patient = {
-        "head_axes": (rng.uniform(0.74, 0.82), rng.uniform(0.86, 0.93)),
-        "head_shift": tuple(rng.uniform(-0.03, 0.03, size=2)),
-        "head_angle": rng.uniform(-0.12, 0.12),
+        "head_size": head_size,
+        "head_axes": axes,
+        "head_shift": tuple(rng.uniform(-min(room, 0.15), min(room, 0.15), size=2)),
+        "head_angle": np.deg2rad(rng.uniform(-25.0, 25.0)),  # in-plane tilt of the head
+        "mirrored": bool(rng.random() < 0.5),  # radiological or neurological left-right
         "grey": rng.uniform(85, 100),
         "white": rng.uniform(108, 125),
         "ventricle_size": rng.uniform(0.8, 1.3),
         "noise_sigma": rng.uniform(3.0, 7.0),
-        "bias": tuple(rng.uniform(-0.08, 0.08, size=2)),
+        "bias": tuple(rng.uniform(-0.2, 0.2, size=2)) + tuple(rng.uniform(-0.15, 0.15, size=3)),
+        "gain": rng.uniform(0.7, 1.25),  # scanner / protocol: global intensity ...
+        "gamma": rng.uniform(0.75, 1.35),  # ... and contrast
         "lesions": [],
     }
     if kind == "gbm":
         # One large irregular ring-enhancing lesion, somewhere in a hemisphere.
         angle = rng.uniform(0, 2 * np.pi)
-        distance = rng.uniform(0.28, 0.5)
+        distance = rng.uniform(0.18, 0.55)
         thin_ring = rng.random() < 0.2  # a minority with thin rings: overlaps with PCNSL
         patient["lesions"].append(
             {
                 "center": (distance * np.cos(angle), distance * np.sin(angle)),
-                "radius": rng.uniform(0.13, 0.24),
+                "radius": rng.uniform(0.11, 0.26),
                 "harmonics": rng.uniform(0.0, 0.13, size=4),
                 "phases": rng.uniform(0, 2 * np.pi, size=4),
                 "core": rng.uniform(0.3, 0.5) if thin_ring else rng.uniform(0.45, 0.72),
@@ -77,16 +91,16 @@ def make_patient(rng: np.random.Generator, kind: str) -> dict:
         for index in range(count):
             if rng.random() < 0.7:  # periventricular: just lateral to a ventricle
                 side = rng.choice([-1.0, 1.0])
-                center = (side * rng.uniform(0.18, 0.32), rng.uniform(-0.3, 0.25))
+                center = (side * rng.uniform(0.18, 0.32), rng.uniform(-0.35, 0.3))
             else:
                 angle = rng.uniform(0, 2 * np.pi)
-                distance = rng.uniform(0.25, 0.5)
+                distance = rng.uniform(0.2, 0.55)
                 center = (distance * np.cos(angle), distance * np.sin(angle))
             heterogeneous = rng.random() < 0.15  # faint central dip: overlaps with GBM
             patient["lesions"].append(
                 {
                     "center": center,
-                    "radius": rng.uniform(0.11, 0.21) * (1.0 if index == 0 else 0.7),
+                    "radius": rng.uniform(0.09, 0.22) * (1.0 if index == 0 else 0.7),
                     "harmonics": rng.uniform(0.0, 0.06, size=4),
                     "phases": rng.uniform(0, 2 * np.pi, size=4),
                     "core": rng.uniform(0.3, 0.5) if heterogeneous else 0.0,
@@ -113,10 +127,12 @@ def draw_slice(
     axis = (np.arange(size) + 0.5) / size * 2 - 1
     v, u = np.meshgrid(axis, axis, indexing="ij")  # v: rows (down), u: columns (right)
 
-    # Head: rotated ellipse, a little smaller away from the middle slice.
+    # Head: rotated ellipse, a little smaller away from the middle slice. (ur, vr) are head
+    # coordinates: the anatomy is drawn there, whatever the head's size, pose and position.
     cos, sin = np.cos(patient["head_angle"]), np.sin(patient["head_angle"])
     uc, vc = u - patient["head_shift"][0], v - patient["head_shift"][1]
     ur, vr = cos * uc + sin * vc, -sin * uc + cos * vc
+    ur, vr = ur / patient["head_size"], vr / patient["head_size"]
     head_scale = 1.0 - 0.04 * abs(z)
     rho = np.hypot(ur / (patient["head_axes"][0] * head_scale), vr / (patient["head_axes"][1] * head_scale))
 
@@ -185,12 +201,17 @@ def draw_slice(
     lesion_weight = ndimage.gaussian_filter(lesion_weight.astype(float), sigma=0.4 * size / 256)
     image = image * (1 - lesion_weight) + lesion_layer * lesion_weight
 
-    # Scanner: smooth bias field, thermal noise (Rician-like in the background).
-    bias = 1.0 + patient["bias"][0] * u + patient["bias"][1] * v
-    image = ndimage.gaussian_filter(image, sigma=0.5 * size / 256) * bias
+    # Scanner: global intensity and contrast, smooth (quadratic) bias field, thermal noise
+    # (Rician-like in the background).
+    image = patient["gain"] * 255.0 * (np.clip(image, 0, None) / 255.0) ** patient["gamma"]
+    b = patient["bias"]
+    bias = 1.0 + b[0] * u + b[1] * v + b[2] * u * u + b[3] * v * v + b[4] * u * v
+    image = ndimage.gaussian_filter(image, sigma=0.5 * size / 256) * np.clip(bias, 0.5, 1.5)
     noise = patient["noise_sigma"] * rng.standard_normal((size, size, 2))
     image = np.hypot(image + noise[..., 0], noise[..., 1])
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+    if patient["mirrored"]:  # left-right orientation of the display
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), np.ascontiguousarray(mask)
 
 
 # ---------------------------------------------------------------------------- cohort

@@ -122,3 +122,26 @@ def test_bad_arguments(tmp_path, bad):
     with pytest.raises(SystemExit) as exit_info:
         make_demo_data.main([str(tmp_path / "x"), *bad])
     assert exit_info.value.code == 2
+
+
+def test_patients_vary_as_real_scans_do(tmp_path):
+    patients = [make_demo_data.make_patient(np.random.default_rng([0, 0, i]), "gbm") for i in range(200)]
+    angles = np.degrees([p["head_angle"] for p in patients])
+    assert angles.min() < -15 and angles.max() > 15  # in-plane rotation of at least +-15 degrees
+    assert 0.3 < np.mean([p["mirrored"] for p in patients]) < 0.7  # both left-right orientations
+    assert np.ptp([p["head_size"] for p in patients]) > 0.2
+    assert np.ptp([p["gain"] for p in patients]) > 0.4 and np.ptp([p["gamma"] for p in patients]) > 0.4
+    # On the images: head position, size and brightness differ from patient to patient.
+    out = tmp_path / "data"
+    argv = [str(out), "--patients-per-class", "8", "--slices-per-patient", "1", "--size", "64"]
+    assert make_demo_data.main(argv) == 0
+    heads = [np.asarray(Image.open(p), dtype=float) for p in sorted(out.glob("*/*/slice00.png"))]
+    masks = [ndimage.binary_fill_holes(image > 25) for image in heads]
+    centres = np.array([ndimage.center_of_mass(mask) for mask in masks])
+    areas = np.array([mask.sum() for mask in masks])
+    assert centres.std(axis=0).min() > 1.0  # pixels at 64 px
+    assert areas.max() > 1.3 * areas.min()
+    brightness = [np.median(image[mask]) for image, mask in zip(heads, masks, strict=True)]
+    assert np.ptp(brightness) > 25
+    for mask in masks:  # the head stays inside the image
+        assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())

@@ -72,7 +72,7 @@ def test_help_and_argument_errors_do_not_import_tensorflow():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.stdout.splitlines()[-3:] == ["exit 0", "exit 2", "False False"]
-    assert "--augmentation {none,base,base_and_noise}" in result.stdout
+    assert "--augmentation {none,base,base_and_noise,strong}" in result.stdout
     assert "invalid choice: 'flip'" in result.stderr
 
 

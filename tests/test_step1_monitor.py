@@ -1,0 +1,151 @@
+"""step1's --monitor (best epoch, checkpoint names, run.json), the warning for a run that did
+not learn, --batchnorm-momentum and --tensorboard (event files that hold the epoch losses)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+import step1_train_model as step1
+
+HEADER = ["epoch", "accuracy", "auc", "learning_rate", "loss", "val_accuracy", "val_auc", "val_loss"]
+
+
+def fake_run(tmp_path: Path, val_losses, val_aucs, monitor: str) -> tuple[step1.RunFolder, dict]:
+    """A run folder with a history.csv of these validation values and one checkpoint per epoch."""
+    run = step1.RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    with open(run.history_csv, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(HEADER)
+        for epoch, (loss, auc) in enumerate(zip(val_losses, val_aucs, strict=True)):
+            writer.writerow([epoch, 0.9, 0.95, 1e-3, 0.2, 0.8, auc, loss])
+            value = loss if monitor == "val_loss" else auc
+            (run.path / f"ckpt_{epoch + 1:03d}_{value:.4f}.keras").write_text("x")
+    return run, {"arguments": {"monitor": monitor}}
+
+
+@pytest.mark.parametrize(
+    ("monitor", "best_epoch"),
+    [("val_loss", 2), ("val_auc", 4)],  # lowest val_loss at epoch 2, first highest val_auc at 4
+)
+def test_finish_run_picks_the_best_epoch_by_the_monitored_metric(tmp_path, monitor, best_epoch, caplog):
+    val_losses = [0.69, 0.40, 0.55, 0.61, 0.70]
+    val_aucs = [0.50, 0.70, 0.80, 0.90, 0.90]
+    run, info = fake_run(tmp_path, val_losses, val_aucs, monitor)
+    with caplog.at_level("INFO", logger="gbmpcnsl"):
+        step1.finish_run(run, info, None)
+    saved = json.loads(run.run_json.read_text())
+    assert saved["monitor"] == monitor and saved["best_epoch"] == best_epoch
+    assert saved["best_val_loss"] == val_losses[best_epoch - 1]
+    assert saved["best_val_auc"] == 0.90  # the best over all epochs
+    assert saved["best_checkpoint"].startswith(f"ckpt_{best_epoch:03d}_")
+    assert "warning" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("val_losses", "val_aucs", "reason"),
+    [
+        ([0.69, 0.70, 0.72], [0.5, 0.8, 0.9], "the best epoch by val_loss is the first"),
+        ([0.69, 0.60, 0.65], [0.5, 0.55, 0.58], "the best validation AUC is 0.580 (< 0.6)"),
+    ],
+)
+def test_a_run_that_did_not_learn_gets_a_one_line_warning(tmp_path, val_losses, val_aucs, reason, caplog):
+    run, info = fake_run(tmp_path, val_losses, val_aucs, "val_loss")
+    with caplog.at_level("INFO", logger="gbmpcnsl"):
+        step1.finish_run(run, info, None)
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warning")]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert reason in warnings[0] and "--augmentation strong" in warnings[0]
+    assert "--learning-rate" in warnings[0] and "more data" in warnings[0]
+
+
+def test_monitor_flag_choices(capsys):
+    assert step1.parse_args(["a", "b"]).monitor == "val_loss"  # as the original
+    with pytest.raises(SystemExit):
+        step1.parse_args(["--monitor", "loss", "a", "b"])
+    assert "invalid choice: 'loss'" in capsys.readouterr().err
+    assert {"monitor", "batchnorm_momentum"} <= set(step1.RESUME_MUST_MATCH)
+
+
+def read_event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar summary in a TensorBoard log folder, read with tensorboard's own reader."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return {
+        tag: [(event.step, float(tf.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors(tag)]
+        for tag in accumulator.Tags()["tensors"]
+    }
+
+
+@pytest.mark.slow
+def test_strong_val_auc_tensorboard_and_batchnorm_momentum_run(demo_h5, tmp_path, caplog):
+    import keras
+
+    from gbmpcnsl_common import load_model_for_inference
+
+    run_dir = tmp_path / "run"
+    argv = ["--augmentation", "strong", "--rotation-degrees", "20", "--epochs", "2", "--weights", "none"]
+    argv += ["--backbone", "efficientnetb0", "--monitor", "val_auc", "--batchnorm-momentum", "0.9"]
+    argv += ["--tensorboard", "--seed", "2", str(demo_h5), str(run_dir)]
+    with caplog.at_level("INFO", logger="gbmpcnsl"):
+        assert step1.main(argv) == 0
+    with open(run_dir / "history.csv", newline="") as handle:
+        history = list(csv.DictReader(handle))
+    assert len(history) == 2
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["arguments"]["augmentation"] == "strong" and run["arguments"]["rotation_degrees"] == 20
+    assert run["arguments"]["scale"] == step1.StrongAugmentation().scale
+    assert run["monitor"] == "val_auc" and run["arguments"]["batchnorm_momentum"] == 0.9
+    val_aucs = [float(row["val_auc"]) for row in history]
+    assert run["best_val_auc"] == max(val_aucs)
+    assert run["best_epoch"] == val_aucs.index(max(val_aucs)) + 1
+
+    # Checkpoints carry the monitored value: written on each strict improvement of val_auc.
+    names = sorted(p.name for p in run_dir.glob("ckpt_*.keras"))
+    assert names[0] == f"ckpt_001_{val_aucs[0]:.4f}.keras"
+    assert all(re.fullmatch(r"ckpt_\d{3}_[01]\.\d{4}\.keras", name) for name in names)
+    assert run["best_checkpoint"] == names[-1]
+    model = load_model_for_inference(run_dir / names[-1])
+    momenta = {
+        layer.momentum
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert momenta == {0.9}
+
+    # TensorBoard: one event file per side, holding the epoch losses and the learning rate.
+    train = read_event_scalars(run_dir / "tensorboard" / "train")
+    validation = read_event_scalars(run_dir / "tensorboard" / "validation")
+    for scalars, column in ((train["epoch_loss"], "loss"), (validation["epoch_loss"], "val_loss")):
+        assert [step for step, _ in scalars] == [0, 1]
+        assert [value for _, value in scalars] == pytest.approx(
+            [float(row[column]) for row in history], rel=1e-6
+        )
+    learning_rates = [value for _, value in train["epoch_learning_rate"]]
+    assert learning_rates == pytest.approx([float(row["learning_rate"]) for row in history])
+    assert all(math.isclose(rate, 1e-4, rel_tol=1e-6) for rate in learning_rates)
+
+
+def test_a_run_from_before_the_new_settings_can_be_resumed(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = step1.parse_args(["--augmentation", "base", "--resume", "data.h5", str(run_dir)])
+    old_arguments = {name: step1._jsonable(getattr(args, name)) for name in step1.RESUME_MUST_MATCH}
+    for name in step1.RESUME_DEFAULTS:  # run.json written before these flags existed
+        del old_arguments[name]
+    (run_dir / "run.json").write_text(json.dumps({"status": "running", "arguments": old_arguments}))
+    assert step1.check_run_folder(args, run_dir).previous["arguments"] == old_arguments
+    changed = step1.parse_args(
+        ["--augmentation", "base", "--monitor", "val_auc", "--resume", "d.h5", str(run_dir)]
+    )
+    with pytest.raises(step1.UserError, match="--resume needs the run's own settings: --monitor"):
+        step1.check_run_folder(changed, run_dir)
