@@ -513,10 +513,13 @@ def dicom_gray_to_uint8(stored: np.ndarray, ds, window: tuple[float, float] | No
     display = None
     if bounds is not None:
         try:
-            if ds.get("VOILUTSequence"):  # LUTs index integer values
-                values = np.rint(values).astype(np.int64)
+            lut = bool(ds.get("VOILUTSequence"))
+            if lut:  # LUTs index integer values; outside the LUT's inputs, its end entries apply
+                # (clipped here: pydicom's uint8 index array wraps for 8-bit LUTs)
+                values = np.clip(np.rint(values), *bounds).astype(np.int64)
             windowed = apply_voi_lut(values, ds, index=0)
-            out_low, out_high = apply_voi_lut(np.asarray(bounds, dtype=values.dtype), ds, index=0)
+            edges = np.asarray(bounds, dtype=np.int64 if lut else np.float64)
+            out_low, out_high = apply_voi_lut(edges, ds, index=0)
             display = window_to_uint8(windowed, float(out_low), float(out_high))
         except (ValueError, NotImplementedError, TypeError):  # a broken window: as if absent
             display = None

@@ -106,6 +106,24 @@ def test_rescale_then_window_tags(tmp_path):
     np.testing.assert_array_equal(io.load_slice(tmp_path / "a.dcm", None), as_rgb(expected))
 
 
+def test_fractional_window_on_integer_pixels_and_voi_lut(tmp_path):
+    from pydicom.dataset import Dataset
+
+    stored = np.arange(-20, 280, dtype=np.int16).reshape(15, 20)
+    write_dicom(tmp_path / "w.dcm", stored, WindowCenter="100.7", WindowWidth="150.3")
+    low, high = 100.7 - 0.5 - 149.3 / 2, 100.7 - 0.5 + 149.3 / 2
+    expected = independent_window(stored.astype(float), low, high)
+    np.testing.assert_array_equal(io.load_slice(tmp_path / "w.dcm", None), as_rgb(expected))
+    # A VOI LUT (8-bit entries for inputs 0..255, a gamma curve): its output range is 0-255.
+    lut = (np.arange(256) ** 2 // 255).astype(np.uint16)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [256, 0, 8])  # LUTDescriptor: entries, first input, bits
+    item.add_new(0x00283006, "US", [int(v) for v in lut])  # LUTData
+    write_dicom(tmp_path / "lut.dcm", stored, VOILUTSequence=[item])
+    expected = lut[np.clip(stored, 0, 255)].astype(np.uint8)
+    np.testing.assert_array_equal(io.load_slice(tmp_path / "lut.dcm", None), as_rgb(expected))
+
+
 def test_no_window_gives_the_percentile_window_of_16_bit_images(tmp_path):
     rng = np.random.default_rng(1)
     stored = rng.integers(0, 60000, size=(16, 16)).astype(np.uint16)
