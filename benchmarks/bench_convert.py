@@ -209,17 +209,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_format_folders(work_dir: Path, images: int, size: int) -> dict[tuple[str, int], Path]:
-    """The same demo slices as PNG files and as DICOM series, M and 4M of them."""
+    """The same demo slices as PNG files and as DICOM series, M and 4M of them: 4M are
+    generated (both formats side by side), M are the first M/10 patients per class of
+    those (hard links), as make_folders does."""
+    large = {fmt: work_dir / f"demo{size}_{fmt}_{4 * images}" for fmt in ("png", "dicom")}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "demo" / "make_demo_data.py"), str(folder), "--size", str(size)]
+            + ["--format", fmt, "--patients-per-class", str(4 * images // 10)]
+        )
+        for fmt, folder in large.items()
+        if not (folder / "pcnsl").is_dir()
+    ]
+    if any(run.wait() != 0 for run in runs):
+        raise SystemExit("demo data generation failed")
     folders = {}
-    for fmt in ("png", "dicom"):
-        for count in (images, 4 * images):
-            folder = work_dir / f"{fmt}{size}_{count}"
-            if not (folder / "pcnsl").is_dir():
-                shutil.rmtree(folder, ignore_errors=True)
-                command = [sys.executable, str(ROOT / "demo" / "make_demo_data.py"), str(folder)]
-                command += ["--size", str(size), "--format", fmt, "--patients-per-class", str(count // 10)]
-                subprocess.run(command, check=True)
-            folders[fmt, count] = folder
+    for fmt, source in large.items():
+        folders[fmt, images] = subset = work_dir / f"{fmt}{size}_{images}"
+        shutil.rmtree(subset, ignore_errors=True)
+        for kind in ("gbm", "pcnsl"):
+            for patient in sorted((source / kind).iterdir())[: images // 10]:
+                (subset / kind / patient.name).mkdir(parents=True)
+                for file in patient.iterdir():
+                    os.link(file, subset / kind / patient.name / file.name)
+        folders[fmt, 4 * images] = source
     return folders
 
 

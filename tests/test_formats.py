@@ -330,3 +330,32 @@ def test_demo_formats_agree(tmp_path):
         expected = io.load_slice(png_name, (24, 24))
         np.testing.assert_array_equal(io.load_slice(dicom_name, (24, 24)), expected)
         np.testing.assert_array_equal(io.load_slice(nifti_name, (24, 24)), expected)
+
+
+def test_demo_dicom_and_nifti_are_repeatable_and_tagged(tmp_path):
+    first = demo_cohort(tmp_path / "a", "dicom", slices=2, size=16)
+    second = demo_cohort(tmp_path / "b", "dicom", slices=2, size=16)
+    volumes = [demo_cohort(tmp_path / name, "nifti", slices=2, size=16) for name in "cd"]
+    for a, b in ((first, second), tuple(volumes)):
+        files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+        assert files and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    ds = pydicom.dcmread(first / "gbm/gbm_s0_p000/IM0002.dcm")
+    assert (ds.BitsStored, ds.Rows, ds.Modality) == (16, 16, "MR")
+    assert ds.pixel_array.max() > 255  # really 16-bit stored values, mapped back by the tags
+    assert float(ds.RescaleSlope) != 1 and ds.WindowWidth and len(ds.ImagePositionPatient) == 3
+    assert sorted(p.name for p in (volumes[0] / "pcnsl/pcnsl_s0_p000").iterdir()) == [
+        "t1c.nii.gz",
+        "t1c_seg.nii.gz",
+    ]
+
+
+def test_unsupported_transfer_syntax_and_missing_pixel_data_are_named(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML  # encapsulated, but no decoder for it
+    ds.save_as(tmp_path / "mpeg.dcm")
+    with pytest.raises(UserError, match=r"mpeg\.dcm: cannot decode DICOM pixels \(transfer syntax MPEG2"):
+        io.load_slice(tmp_path / "mpeg.dcm", (8, 8))
+    del ds.PixelData
+    ds.save_as(tmp_path / "empty.dcm")
+    with pytest.raises(UserError, match=r"empty\.dcm: DICOM file without pixel data"):
+        io.load_slice(tmp_path / "empty.dcm", (8, 8))
