@@ -270,30 +270,52 @@ def lesion_slices(volume: Path, pattern: str, min_lesion_pixels: int) -> list[in
     return [int(k) for k in np.flatnonzero(per_slice >= min_lesion_pixels)]
 
 
+@dataclass(frozen=True)
+class _DicomHeader:
+    """What series grouping and ordering need from a DICOM header (nothing identifying)."""
+
+    frames: int
+    normal: np.ndarray | None
+    position: np.ndarray | None
+    instance_number: int | None
+    series_key: int  # hash of the SeriesInstanceUID: groups files, never shown
+
+
+def _dicom_header(path: Path) -> _DicomHeader:
+    header = _read_dicom_header(path)
+    position = header.get("ImagePositionPatient")
+    number = header.get("InstanceNumber")
+    return _DicomHeader(
+        frames=int(header.get("NumberOfFrames", 1) or 1),
+        normal=_slice_normal(_multiframe_orientation(header)),
+        position=np.asarray(position, float) if position is not None and len(position) == 3 else None,
+        instance_number=int(number) if number is not None else None,
+        series_key=hash(str(header.get("SeriesInstanceUID", ""))),
+    )
+
+
 def _dicom_slices(files: list[tuple[Path, str]], options: dict, found: FoundSlices) -> list[str]:
     """Slice names of DICOM files found together (one folder, or given one by one): each
     multi-frame file is a volume ("path#k"), single-frame files are grouped into series by
     folder and SeriesInstanceUID and ordered along the slice normal (ImagePositionPatient
     on the ImageOrientationPatient normal; InstanceNumber, then the name, as fallbacks)."""
-    series: dict[tuple, list] = {}
+    series: dict[tuple, list[tuple[str, _DicomHeader | None]]] = {}
     names: list[str] = []
     for path, path_text in files:
-        try:
-            header = _read_dicom_header(path)
+        try:  # only the few values below are kept, so memory stays flat in the number of files
+            header = _dicom_header(path)
         except Exception:
             series.setdefault(("unreadable", path_text), []).append((path_text, None))
             continue
-        frames = int(header.get("NumberOfFrames", 1) or 1)
-        if frames > 1:
+        if header.frames > 1:
             series.setdefault(("volume", path_text), []).append((path_text, header))
             continue
-        key = ("series", str(path.parent), str(header.get("SeriesInstanceUID", "")))
-        series.setdefault(key, []).append((path_text, header))
+        series.setdefault(("series", str(path.parent), header.series_key), []).append((path_text, header))
     for key, members in series.items():
         if key[0] == "unreadable":
             names.append(key[1])  # load_slice reports why it cannot be read
             continue
-        normal = _slice_normal(_multiframe_orientation(members[0][1]))
+        normal = members[0][1].normal
         plane = plane_name(normal)
         if plane != "axial" and not options["any_orientation"]:
             where = key[1] if key[0] == "volume" else str(Path(members[0][0]).parent)
@@ -302,7 +324,7 @@ def _dicom_slices(files: list[tuple[Path, str]], options: dict, found: FoundSlic
             )
             continue
         if key[0] == "volume":
-            count = int(members[0][1].NumberOfFrames)
+            count = members[0][1].frames
             names.extend(_volume_names(key[1], count)[i] for i in options["selection"].indices(count))
             continue
         members.sort(key=lambda member: _series_sort_key(member, normal))
@@ -311,13 +333,11 @@ def _dicom_slices(files: list[tuple[Path, str]], options: dict, found: FoundSlic
     return names
 
 
-def _series_sort_key(member: tuple[str, object], normal: np.ndarray | None) -> tuple:
+def _series_sort_key(member: tuple[str, _DicomHeader], normal: np.ndarray | None) -> tuple:
     path_text, header = member
-    position = header.get("ImagePositionPatient")
-    if normal is not None and position is not None and len(position) == 3:
-        return (0, float(np.asarray(position, float) @ normal), path_text)
-    number = header.get("InstanceNumber")
-    return (1, int(number) if number is not None else 0, path_text)
+    if normal is not None and header.position is not None:
+        return (0, float(header.position @ normal), path_text)
+    return (1, header.instance_number or 0, path_text)
 
 
 def find_slices(
