@@ -525,27 +525,48 @@ def dicom_gray_to_uint8(stored: np.ndarray, ds, window: tuple[float, float] | No
     window's own output bounds to 0-255 (pydicom maps it onto the stored-bits range);
     without one, `window` (low, high) in scanner units, or the 0.5-99.5 percentile
     window 16-bit images get. MONOCHROME1 (0 = white) is inverted.
+
+    Integer images are mapped level by level, as viewers do: the pipeline runs once per
+    stored value between the image's minimum and maximum and the pixels index that table
+    (the same result, several times faster than running it on every pixel).
     """
     from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
-    values = apply_modality_lut(stored, ds)
     bounds = _voi_input_bounds(ds)
-    display = None
     if bounds is not None:
-        try:
-            lut = bool(ds.get("VOILUTSequence"))
-            if lut:  # LUTs index integer values; outside the LUT's inputs, its end entries apply
-                # (clipped here: pydicom's uint8 index array wraps for 8-bit LUTs)
-                values = np.clip(np.rint(values), *bounds).astype(np.int64)
-            windowed = apply_voi_lut(values, ds, index=0)
-            edges = np.asarray(bounds, dtype=np.int64 if lut else np.float64)
-            out_low, out_high = apply_voi_lut(edges, ds, index=0)
-            display = window_to_uint8(windowed, float(out_low), float(out_high))
-        except (ValueError, NotImplementedError, TypeError):  # a broken window: as if absent
-            display = None
-    if display is None:
-        low, high = window if window is not None else percentile_window(values)
-        display = window_to_uint8(values, low, high)
+        try:  # a broken window (e.g. width < 1) counts as none
+            apply_voi_lut(np.asarray(bounds, dtype=np.int64 if ds.get("VOILUTSequence") else np.float64), ds)
+        except (ValueError, NotImplementedError, TypeError):
+            bounds = None
+    if bounds is None and window is None:
+        window = percentile_window(apply_modality_lut(stored, ds))
+    if np.issubdtype(stored.dtype, np.integer) and stored.size:
+        first, last = int(stored.min()), int(stored.max())
+        if last - first < stored.size:
+            levels = np.arange(first, last + 1).astype(stored.dtype)
+            table = _gray_levels_to_uint8(levels, ds, bounds, window)
+            return table[stored.astype(np.int64) - first]
+    return _gray_levels_to_uint8(stored, ds, bounds, window)
+
+
+def _gray_levels_to_uint8(stored: np.ndarray, ds, bounds, window) -> np.ndarray:
+    """dicom_gray_to_uint8 on every element of `stored`, with the VOI input bounds (None:
+    no usable VOI) or the fallback window already decided."""
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(stored, ds)
+    if bounds is not None:
+        lut = bool(ds.get("VOILUTSequence"))
+        if lut:  # LUTs index integer values; outside the LUT's inputs, its end entries apply
+            # (clipped here: pydicom's uint8 index array wraps for 8-bit LUTs)
+            values = np.clip(np.rint(values), *bounds).astype(np.int64)
+        windowed = apply_voi_lut(values, ds, index=0)
+        out_low, out_high = apply_voi_lut(
+            np.asarray(bounds, dtype=np.int64 if lut else np.float64), ds, index=0
+        )
+        display = window_to_uint8(windowed, float(out_low), float(out_high))
+    else:
+        display = window_to_uint8(values, *window)
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         display = 255 - display
     return display
