@@ -2,15 +2,22 @@
 
     python step0_convert_images_to_hdf5.py DATA OUT.h5 [--size 380 380] [--workers N]
         [--compression gzip|lzf|none] [--strict] [--overwrite] [--verbose]
+        [--slices all|middle:N|A:B] [--lesion-masks PATTERN] [--min-lesion-pixels N]
+        [--any-orientation]
 
-DATA holds gbm/ and pcnsl/. Images (.jpg .jpeg .png .tif .tiff .bmp, any case) sit either
-in a folder per patient (DATA/gbm/patient017/slice04.png; the folder name is the patient
-id, deeper sub-folders belong to that patient) or directly in the class folder
-(DATA/gbm/img001.png; each such file is its own group, named "gbm/img001").
+DATA holds gbm/ and pcnsl/. Sources are 2-D images (.jpg .jpeg .png .tif .tiff .bmp, any
+case), DICOM files (.dcm .dicom .ima or any file with the DICM preamble; a folder's
+single-frame files form a series, ordered along the slice normal; a multi-frame file is a
+volume) and NIfTI volumes (.nii, .nii.gz). They sit either in a folder per patient
+(DATA/gbm/patient017/slice04.png; the folder name is the patient id, deeper sub-folders
+belong to that patient) or directly in the class folder (DATA/gbm/img001.png; each such
+source is its own group, named "gbm/img001"). Every slice of a volume is one HDF5 row,
+its path "gbm/patient017/t1c.nii.gz#045" (k: 0-based, inferior to superior).
 
-Every image is read with gbmpcnsl_common.load_image (the loader step2 and step5 use too:
-convert("RGB") and a LANCZOS resize to H x W, 16-bit and float images windowed to 0-255
-first) and written to
+Every slice is read with gbmpcnsl_io.load_slice (the loader step2 and step5 use too:
+2-D images through gbmpcnsl_common.load_image, i.e. convert("RGB") and a LANCZOS resize to
+H x W, 16-bit and float images windowed to 0-255 first; DICOM and NIfTI through their
+intensity rules, see the README) and written to
 
     /gbm/{H}_{W}/features    uint8 (N, H, W, 3), one image per chunk, compressed
     /gbm/{H}_{W}/labels      uint8 (N,), all 0
@@ -21,7 +28,12 @@ first) and written to
 Images are decoded and resized by a pool of worker processes and streamed to disk, so
 memory stays flat however many images there are. Hidden files are skipped; other files
 and unreadable images are skipped with a warning (an error with --strict); every skip is
-counted in the summary on stderr. OUT.h5 is written to a temporary file beside it and
+counted in the summary on stderr. Non-axial DICOM series and volumes are skipped the same
+way unless --any-orientation. --slices picks slices of each volume and series;
+--lesion-masks '{stem}_seg.nii.gz' keeps the slices of each NIfTI volume whose mask (beside
+it) has at least --min-lesion-pixels labelled voxels. No DICOM header value is written
+anywhere; two patient folders with DICOM files of one PatientID or StudyInstanceUID get a
+warning (without the value). OUT.h5 is written to a temporary file beside it and
 renamed at the end: an interrupted or failed run leaves the previous OUT.h5 untouched.
 Sizes already in OUT.h5 are kept; converting a size that is already there is an error
 unless --overwrite.
@@ -55,43 +67,82 @@ from gbmpcnsl_common import (
     IMAGE_EXTENSIONS,
     UserError,
     hdf5_root_attributes,
-    load_image,
     log,
     patient_id,
     run_main,
     setup_logging,
     single_slice_groups_warning,
     size_key,
+    split_slice_name,
+)
+from gbmpcnsl_io import (
+    ALL_SLICES,
+    add_slice_arguments,
+    dicom_identities,
+    find_slices,
+    is_dicom,
+    load_slice,
+    source_slice_names,
 )
 
 GZIP_LEVEL = 4  # h5py's default gzip level
 
 
 # ---------------------------------------------------------------------------- scan
-def scan_class_folder(data_dir: Path, folder: str) -> tuple[list[tuple[Path, str]], dict[str, list[str]]]:
-    """Candidate images of one class as (path, group id), sorted by path, and the files
-    skipped while scanning: {"hidden": [...], "not an image": [...]} (paths relative to DATA).
-    """
+def scan_class_folder(
+    data_dir: Path, folder: str, options: dict | None = None
+) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """Slices of one class as (name relative to DATA, group id), in path order (a series
+    in position order, a volume's slices "#k" in order), and the files skipped while
+    scanning: {"hidden": [...], "not an image": [...], "non-axial": ["path: why", ...]}.
+    `options`: find_slices keywords (--slices, --lesion-masks ...)."""
     class_dir = data_dir / folder
     if not class_dir.is_dir():
         raise UserError(f"{class_dir}: no such folder (DATA must hold gbm/ and pcnsl/)")
-    candidates: list[tuple[Path, str]] = []
-    skipped: dict[str, list[str]] = {"hidden": [], "not an image": []}
-    for path in sorted(class_dir.rglob("*")):
-        if not path.is_file():
-            continue
-        relative = path.relative_to(class_dir)
-        if any(part.startswith(".") for part in relative.parts):  # .DS_Store, ._x.png, .git/...
-            skipped["hidden"].append(path.relative_to(data_dir).as_posix())
-        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped["not an image"].append(path.relative_to(data_dir).as_posix())
-        else:  # the one patient rule: gbm/<patient folder>, or gbm/<stem> for a flat file
-            candidates.append((path, patient_id(path.relative_to(data_dir).as_posix())))
+    options = options or {}
+    found = find_slices([class_dir], **options)
+    filtered = bool(found.skipped["non-axial"] or options.get("lesion_masks")) or (
+        options.get("selection", ALL_SLICES) != ALL_SLICES
+    )
+    candidates = []
+    for name in found.names:  # the one patient rule: gbm/<patient folder>, or gbm/<stem> for a flat source
+        source, index = split_slice_name(name)
+        relative = Path(source).relative_to(data_dir).as_posix() + (
+            f"#{index:03d}" if index is not None else ""
+        )
+        candidates.append((relative, patient_id(relative)))
+    skipped = {
+        "hidden": [Path(p).relative_to(data_dir).as_posix() for p in found.skipped["hidden"]],
+        "not an image": [Path(p).relative_to(data_dir).as_posix() for p in found.skipped["not an image"]],
+        "non-axial": found.skipped["non-axial"],
+    }
     if not candidates:
         raise UserError(
-            f"{class_dir}: no images ({' '.join(IMAGE_EXTENSIONS)}) directly inside or in patient folders"
+            f"{class_dir}: no images ({' '.join(IMAGE_EXTENSIONS)}), DICOM files or NIfTI volumes "
+            "directly inside or in patient folders"
+            + (" left by --slices, --lesion-masks and orientation" if filtered else "")
         )
     return candidates, skipped
+
+
+def shared_dicom_identities(data_dir: Path, candidates: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(keyword, patient a, patient b) for patient folders whose DICOM files share a
+    PatientID or StudyInstanceUID (one file per folder is read; values stay in memory)."""
+    first_file: dict[tuple[str, str], Path] = {}
+    for name, group_id in candidates:
+        source = Path(split_slice_name(name)[0])
+        if is_dicom(data_dir / source):
+            first_file.setdefault((group_id, source.parent.as_posix()), data_dir / source)
+    owners: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
+    for (group_id, _), path in first_file.items():
+        for keyword, values in dicom_identities([path]).items():
+            for value in values:
+                owners[(keyword, value)].add(group_id)
+    shared = set()
+    for (keyword, _), groups in owners.items():
+        ordered = sorted(groups)
+        shared.update((keyword, a, b) for i, a in enumerate(ordered) for b in ordered[i + 1 :])
+    return sorted(shared)
 
 
 # ---------------------------------------------------------------------------- workers
@@ -100,15 +151,15 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def encode_image(path: Path, size: tuple[int, int], compression: str) -> tuple[object, str | None]:
-    """Load one image and encode it as the HDF5 chunk it will become.
+def encode_image(path: str | Path, size: tuple[int, int], compression: str) -> tuple[object, str | None]:
+    """Load one slice and encode it as the HDF5 chunk it will become.
 
     Returns (payload, None) or (None, error message). The payload is the gzip-compressed
     (zlib) or raw chunk bytes, written as is with write_direct_chunk, so compression runs
     in the workers; for lzf (no Python encoder) it is the uint8 array itself.
     """
     try:
-        pixels = load_image(path, size)
+        pixels = load_slice(path, size)
     except UserError as error:
         return None, str(error)
     if compression == "gzip":
@@ -116,6 +167,14 @@ def encode_image(path: Path, size: tuple[int, int], compression: str) -> tuple[o
     if compression == "none":
         return pixels.tobytes(), None
     return pixels, None
+
+
+def encode_source(
+    names: list[str], size: tuple[int, int], compression: str
+) -> list[tuple[object, str | None]]:
+    """encode_image for every slice of one source, in one worker: a volume is decoded once
+    (gbmpcnsl_io keeps it while its slices are read)."""
+    return [encode_image(name, size, compression) for name in names]
 
 
 @contextlib.contextmanager
@@ -133,7 +192,7 @@ def worker_pool(workers: int):
         context = multiprocessing.get_context("fork")
     elif "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["gbmpcnsl_common", "h5py"])
+        context.set_forkserver_preload(["gbmpcnsl_common", "gbmpcnsl_io", "h5py"])
     else:
         context = multiprocessing.get_context("spawn")
     executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
@@ -144,26 +203,28 @@ def worker_pool(workers: int):
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def encoded_images(paths: list[Path], size: tuple[int, int], compression: str, executor, max_in_flight: int):
-    """Yield encode_image results in input order, with at most `max_in_flight` submitted
-    and not yet consumed, so that a slow disk never lets results pile up in memory.
-    executor None: load in this process."""
+def encoded_images(
+    sources: list[list[str]], size: tuple[int, int], compression: str, executor, max_in_flight: int
+):
+    """Yield encode_source results (a list per source: its slices) in input order, with at
+    most `max_in_flight` sources submitted and not yet consumed, so that a slow disk never
+    lets results pile up in memory. executor None: load in this process."""
     if executor is None:
-        for path in paths:
-            yield encode_image(path, size, compression)
+        for names in sources:
+            yield encode_source(names, size, compression)
         return
     in_flight: collections.deque = collections.deque()
-    pending = iter(paths)
+    pending = iter(sources)
     try:
-        for path in pending:
-            in_flight.append(executor.submit(encode_image, path, size, compression))
+        for names in pending:
+            in_flight.append(executor.submit(encode_source, names, size, compression))
             if len(in_flight) >= max_in_flight:
                 break
         while in_flight:
             result = in_flight.popleft().result()
-            next_path = next(pending, None)
-            if next_path is not None:
-                in_flight.append(executor.submit(encode_image, next_path, size, compression))
+            next_names = next(pending, None)
+            if next_names is not None:
+                in_flight.append(executor.submit(encode_source, next_names, size, compression))
             yield result
     finally:
         for future in in_flight:  # on an error or Ctrl-C: drop the queued work
@@ -208,7 +269,7 @@ def copy_other_content(source: h5py.File, target: h5py.File, replaced_key: str) 
 
 def convert_images(
     h5file: h5py.File,
-    candidates: dict[str, list[tuple[Path, str]]],
+    candidates: dict[str, list[tuple[str, str]]],
     data_dir: Path,
     size: tuple[int, int],
     compression: str,
@@ -218,7 +279,8 @@ def convert_images(
 ) -> tuple[dict[str, tuple[int, int]], list[str]]:
     """Write /<class>/<H>_<W>/{features,labels,paths,groups} for every class, loading the
     images with `executor` (a process pool, or None: in this process). Returns
-    {class: (images, patients)} and the unreadable files as "path: reason"."""
+    {class: (images, patients)} and the unreadable files as "path: reason". Candidates are
+    (slice name relative to DATA, group id)."""
     height, width = size
     key = size_key(size)
     options = {"gzip": {"compression": "gzip", "compression_opts": GZIP_LEVEL}, "lzf": {"compression": "lzf"}}
@@ -234,15 +296,23 @@ def convert_images(
             chunks=(1, height, width, 3),
             **options.get(compression, {}),
         )
-    jobs = [(folder, path, group_id) for folder in CLASS_FOLDERS for path, group_id in candidates[folder]]
+    jobs = [(folder, name, group_id) for folder in CLASS_FOLDERS for name, group_id in candidates[folder]]
     paths: dict[str, list[str]] = {folder: [] for folder in CLASS_FOLDERS}
     groups: dict[str, list[str]] = {folder: [] for folder in CLASS_FOLDERS}
     unreadable: list[str] = []
-    results = encoded_images([path for _, path, _ in jobs], size, compression, executor, max_in_flight)
+    sources = source_slice_names([name for _, name, _ in jobs])  # a volume's slices: one job
+    results = encoded_images(
+        [[str(data_dir / jobs[position][1]) for position in source] for source in sources],
+        size,
+        compression,
+        executor,
+        max_in_flight,
+    )
+    slice_results = (result for source_results in results for result in source_results)
     progress = tqdm(total=len(jobs), desc="images", unit="img", file=sys.stderr, leave=False)
     with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
         try:
-            for (folder, path, group_id), (payload, error) in zip(jobs, results, strict=True):
+            for (folder, name, group_id), (payload, error) in zip(jobs, slice_results, strict=True):
                 progress.update()
                 if error is not None:
                     if strict:
@@ -251,7 +321,7 @@ def convert_images(
                     unreadable.append(error)
                     continue
                 write_image(features[folder], len(paths[folder]), payload)
-                paths[folder].append(path.relative_to(data_dir).as_posix())
+                paths[folder].append(name)
                 groups[folder].append(group_id)
         finally:
             progress.close()
@@ -297,7 +367,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace this size if OUT.h5 already has it")
     parser.add_argument("--verbose", action="store_true", help="also list hidden files that were skipped")
+    add_slice_arguments(parser)
     args = parser.parse_args(argv)
+    if args.min_lesion_pixels < 0:
+        parser.error("--min-lesion-pixels must be at least 0")
     if min(args.size) < 1:
         parser.error("--size: H and W must be positive")
     if args.workers is None:
@@ -325,8 +398,14 @@ def _main(argv: list[str] | None) -> int:
         raise UserError(f"{output.parent}: no such folder for the output file")
     if output.exists() and key in existing_sizes(output) and not args.overwrite:
         raise UserError(f"{output}: already holds size {key} (use --overwrite to replace it)")
-    scanned = {folder: scan_class_folder(data_dir, folder) for folder in CLASS_FOLDERS}
-    skipped: dict[str, list[str]] = {"hidden": [], "not an image": [], "unreadable": []}
+    options = {
+        "selection": args.slices,
+        "lesion_masks": args.lesion_masks,
+        "min_lesion_pixels": args.min_lesion_pixels,
+        "any_orientation": args.any_orientation,
+    }
+    scanned = {folder: scan_class_folder(data_dir, folder, options) for folder in CLASS_FOLDERS}
+    skipped: dict[str, list[str]] = {"hidden": [], "not an image": [], "non-axial": [], "unreadable": []}
     for _, class_skipped in scanned.values():
         for reason, files in class_skipped.items():
             skipped[reason].extend(files)
@@ -336,11 +415,19 @@ def _main(argv: list[str] | None) -> int:
                 f"{data_dir / name}: not a supported image ({' '.join(IMAGE_EXTENSIONS)}); --strict: nothing written"
             )
         log.warning("warning: skipped %s: not a supported image file", data_dir / name)
+    for line in skipped["non-axial"]:
+        if args.strict:
+            raise UserError(f"{line}; --strict: nothing written")
+        log.warning("warning: skipped %s", line)
     for name in skipped["hidden"]:
         log.debug("skipped hidden file %s", data_dir / name)
     # Patients are numbered per class in most exports: gbm/001 and pcnsl/001 stay two patients.
     folder_names = [
-        {group.split("/", 1)[1] for path, group in candidates if len(path.relative_to(data_dir).parts) > 2}
+        {
+            group.split("/", 1)[1]
+            for name, group in candidates
+            if len(Path(split_slice_name(name)[0]).parts) > 2
+        }
         for candidates, _ in scanned.values()
     ]
     for name in sorted(set.intersection(*folder_names)):
@@ -356,6 +443,16 @@ def _main(argv: list[str] | None) -> int:
     )
     if single_slice:
         log.warning(single_slice)
+    # One person under two patient folders leaks across the split: say so, never the value.
+    all_candidates = [candidate for candidates, _ in scanned.values() for candidate in candidates]
+    for keyword, first, second in shared_dicom_identities(data_dir, all_candidates):
+        log.warning(
+            "warning: patient folders %s and %s hold DICOM files with the same %s: "
+            "if they are one patient, put them in one folder",
+            first,
+            second,
+            keyword,
+        )
 
     # Write a temporary file beside the output; rename it over the output only at the end.
     handle, temp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")

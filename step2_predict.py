@@ -15,6 +15,10 @@ CKPT is a step1 checkpoint (.keras), a .weights.h5 file next to its run's run.js
 tf.keras 2.x .h5/.hdf5 checkpoint of the original EfficientNetB4 model (the paper era).
 Images are read at the model's input size with the loader that step0 used for training.
 A folder expands recursively to its images (.jpg .jpeg .png .tif .tiff .bmp, sorted).
+DICOM files, DICOM series folders and NIfTI volumes (.nii, .nii.gz) are read too: every
+slice of a volume gets its own line, named "<path>#<k>" (k: 0-based, inferior to superior);
+a series is listed in position order. --slices, --lesion-masks and --any-orientation pick
+slices as in step0.
 
 --csv also writes path,prob_gbm,prob_pcnsl (full float precision) for the predicted
 images; an existing file is kept unless --overwrite.
@@ -39,15 +43,14 @@ from pathlib import Path
 from gbmpcnsl_common import (
     CLASS_NAMES,
     UserError,
-    find_images,
     import_tensorflow,
-    load_image,
     load_model_for_inference,
     log,
     model_input_size,
     run_main,
     setup_logging,
 )
+from gbmpcnsl_io import add_slice_arguments, find_slices, load_slice
 
 LINE_FORMAT = "{path:<40} {percent:.2f} % {name}"
 
@@ -69,7 +72,11 @@ def parse_args(argv):
     )
     parser.add_argument("--tta", action="store_true", help="average over the 4 training flips")
     parser.add_argument("--verbose", action="store_true", help="debug logging and TensorFlow's own messages")
-    return parser.parse_args(argv)
+    add_slice_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.min_lesion_pixels < 0:
+        parser.error("--min-lesion-pixels must be at least 0")
+    return args
 
 
 def positive_int(text: str) -> int:
@@ -86,17 +93,17 @@ def result_line(path: str, prob_pcnsl: float) -> str:
     return LINE_FORMAT.format(path=str(path), percent=100 * (1 - prob_pcnsl), name=CLASS_NAMES[0])
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Image paths to predict, as given: a file stays the string the user typed, a folder
-    expands to its images (sorted, recursive). A missing path raises UserError."""
-    paths = []
-    for item in inputs:
-        found = find_images([item])  # checks that the path exists
-        if Path(item).is_dir():
-            paths.extend(str(path) for path in found)
-        else:
-            paths.append(item)
-    return paths
+def expand_inputs(inputs: list[str], options: dict | None = None) -> list[str]:
+    """Slice names to predict, as given: a file stays the string the user typed (a volume
+    becomes "<file>#<k>" per slice), a folder expands to its slices (sorted, recursive,
+    series in position order). `options`: gbmpcnsl_io.find_slices keywords. A missing path
+    raises UserError; non-axial series and volumes are skipped with a warning."""
+    found = find_slices(inputs, **(options or {}))
+    for line in found.skipped["non-axial"]:
+        log.warning("warning: skipped %s", line)
+    if not found.names:
+        raise UserError(f"{' '.join(inputs)}: no slices to predict (see the warnings above)")
+    return found.names
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -112,7 +119,7 @@ def image_dataset(paths: list[str], size: tuple[int, int], batch_size: int, erro
 
     def load(index, path):
         try:
-            return load_image(path.decode(), size), True
+            return load_slice(path.decode(), size), True
         except UserError as error:
             errors[int(index)] = str(error)
             return np.zeros((*size, 3), np.uint8), False
@@ -177,7 +184,15 @@ def _main(argv) -> int:
             raise UserError(f"--csv {args.csv}: exists (use --overwrite to replace it)")
         if not args.csv.parent.is_dir():
             raise UserError(f"--csv {args.csv}: folder {args.csv.parent} does not exist")
-    paths = expand_inputs(args.images)
+    paths = expand_inputs(
+        args.images,
+        {
+            "selection": args.slices,
+            "lesion_masks": args.lesion_masks,
+            "min_lesion_pixels": args.min_lesion_pixels,
+            "any_orientation": args.any_orientation,
+        },
+    )
 
     # Load the model; its input size is the image size.
     started = time.perf_counter()

@@ -20,6 +20,9 @@ Inputs are image files and folders (searched recursively for .jpg .jpeg .png .ti
 .bmp). Outputs mirror the inputs' paths relative to their common parent folder, so
 `data/gbm/p01/s1.jpg` and `data/pcnsl/p01/s1.jpg` give `DIR/gbm/p01/s1.png` and
 `DIR/pcnsl/p01/s1.png` (inputs that differ only by extension keep it: `s1.jpg.png`).
+DICOM files, DICOM series folders and NIfTI volumes are read too (--slices, --lesion-masks
+and --any-orientation as in step0); slice k of a volume `data/gbm/p01/t1c.nii.gz` gives
+`DIR/gbm/p01/t1c_<k>.png` (k zero-padded to 3 digits), drawn at the slice's own size.
 An existing output is an error unless --overwrite, checked before any work. Unreadable
 images are reported on stderr and skipped; the exit code is then 1.
 
@@ -43,13 +46,13 @@ from gbmpcnsl_common import (
     LAST_CONV_LAYER,
     LOGIT_LAYER,
     UserError,
-    find_images,
     import_tensorflow,
-    load_image,
     log,
     run_main,
     setup_logging,
+    split_slice_name,
 )
+from gbmpcnsl_io import add_slice_arguments, find_slices, is_nifti, load_slice, nifti_stem
 
 ALPHA = 0.4  # heatmap opacity, as the original
 HEATMAPS_FILE = "heatmaps.npz"
@@ -154,23 +157,36 @@ def annotate(overlay: np.ndarray, text: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- outputs
-def output_paths(images: list[Path], output_dir: Path) -> list[Path]:
-    """One PNG path per image under output_dir, mirroring its path relative to the inputs'
-    common parent folder: `<parent>/gbm/p1/s1.jpg` -> `output_dir/gbm/p1/s1.png`.
+def output_paths(images: list[str | Path], output_dir: Path) -> list[Path]:
+    """One PNG path per slice under output_dir, mirroring its path relative to the inputs'
+    common parent folder: `<parent>/gbm/p1/s1.jpg` -> `output_dir/gbm/p1/s1.png`, and slice
+    k of a volume `<parent>/gbm/p1/t1c.nii.gz#045` -> `output_dir/gbm/p1/t1c_045.png`.
 
     Two inputs that differ only by extension (`s1.jpg`, `s1.png`) keep it in the name
     (`s1.jpg.png`, `s1.png.png`). Raises UserError if two outputs would still collide.
     """
-    absolute = [Path(os.path.abspath(p)) for p in images]
+    sources = [split_slice_name(image) for image in images]
+    absolute = [Path(os.path.abspath(source)) for source, _ in sources]
     root = Path(os.path.commonpath([p.parent for p in absolute]))
     relative = [p.relative_to(root) for p in absolute]
-    outputs = [output_dir / r.with_suffix(".png") for r in relative]
+    indices = [index for _, index in sources]
+
+    def short(path: Path, index: int | None) -> Path:
+        if index is None:
+            return path.with_suffix(".png")
+        stem = nifti_stem(path) if is_nifti(path) else path.stem
+        return path.parent / f"{stem}_{index:03d}.png"
+
+    def long(path: Path, index: int | None) -> Path:
+        return path.parent / (path.name + ".png" if index is None else f"{path.name}_{index:03d}.png")
+
+    outputs = [output_dir / short(r, i) for r, i in zip(relative, indices, strict=True)]
     counts = Counter(outputs)
     outputs = [
-        output_dir / r.parent / (r.name + ".png") if counts[out] > 1 else out
-        for out, r in zip(outputs, relative, strict=True)
+        output_dir / long(r, i) if counts[out] > 1 else out
+        for out, r, i in zip(outputs, relative, indices, strict=True)
     ]
-    first: dict[Path, Path] = {}
+    first: dict[Path, str | Path] = {}
     for image, out in zip(images, outputs, strict=True):
         if out in first:
             raise UserError(f"{image} and {first[out]} would both be written to {out}")
@@ -217,7 +233,10 @@ def _parse_args(argv):
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's logs")
+    add_slice_arguments(parser)
     args = parser.parse_args(argv)
+    if args.min_lesion_pixels < 0:
+        parser.error("--min-lesion-pixels must be at least 0")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     return args
@@ -242,7 +261,18 @@ def _main(argv) -> int:
     if not args.model_weights.is_file():
         raise UserError(f"--model-weights {args.model_weights}: no such file")
     # Plan every output first: a clash or an existing file stops us before any work.
-    images = list(dict.fromkeys(find_images(args.images)))  # a file given twice is done once
+    found = find_slices(
+        args.images,
+        selection=args.slices,
+        lesion_masks=args.lesion_masks,
+        min_lesion_pixels=args.min_lesion_pixels,
+        any_orientation=args.any_orientation,
+    )
+    for line in found.skipped["non-axial"]:
+        log.warning("warning: skipped %s", line)
+    if not found.names:
+        raise UserError(f"{' '.join(args.images)}: no slices to explain (see the warnings above)")
+    images = list(dict.fromkeys(found.names))  # a file given twice is done once
     outputs = output_paths(images, args.output_dir)
     heatmaps_path = args.output_dir / HEATMAPS_FILE
     if not args.overwrite:
@@ -277,10 +307,8 @@ def _main(argv) -> int:
             for path, out in zip(
                 images[start : start + args.batch_size], outputs[start : start + args.batch_size], strict=True
             ):
-                try:
-                    with Image.open(path) as opened:
-                        width, height = opened.size
-                    batch.append((path, out, load_image(path, input_size), load_image(path, (height, width))))
+                try:  # the model's input, and the slice at its own size for the overlay
+                    batch.append((path, out, load_slice(path, input_size), load_slice(path, None)))
                 except (UserError, OSError, ValueError, Image.DecompressionBombError) as error:
                     message = (
                         str(error) if isinstance(error, UserError) else f"{path}: cannot read image ({error})"

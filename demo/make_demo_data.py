@@ -1,7 +1,7 @@
 """Write a synthetic GBM / PCNSL cohort of MRI-like slices (no download, no real patients).
 
     python demo/make_demo_data.py OUT_DIR [--patients-per-class 20] [--slices-per-patient 5]
-                                          [--size 256] [--format png|jpg] [--seed 0] [--overwrite]
+                                          [--size 256] [--format png|jpg|dicom|nifti] [--seed 0] [--overwrite]
 
 Writes 8-bit grayscale axial "contrast-enhanced T1" slices in step0's input layout, and a
 lesion mask (0/255 PNG) for every slice in a parallel tree that step0 never reads:
@@ -21,7 +21,10 @@ and have varied sizes. The kinds of lesion:
 Lesion size and brightness ranges overlap between the classes, some GBMs have thin rings
 and small cores and some PCNSLs are faintly heterogeneous, so the task is learnable but
 not trivial. A patient's lesion stays in place across its slices; its size changes a
-little from slice to slice. The same --seed gives byte-identical files; patient ids carry
+little from slice to slice. --format dicom writes each patient as one 16-bit DICOM series
+(OUT_DIR/gbm/<patient>/IM0001.dcm..., with geometry, rescale and window tags), --format
+nifti as one volume plus its lesion mask (OUT_DIR/gbm/<patient>/t1c.nii.gz and
+t1c_seg.nii.gz); their tags map them back to exactly the 8-bit slices. The same --seed gives byte-identical files; patient ids carry
 the seed, so cohorts made with different seeds (e.g. train and test) never share a patient.
 """
 
@@ -31,6 +34,7 @@ import argparse
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -231,16 +235,101 @@ def make_cohort(
             image_dir.mkdir(parents=True, exist_ok=True)
             mask_dir.mkdir(parents=True, exist_ok=True)
             heights = np.linspace(-1.0, 1.0, slices_per_patient) if slices_per_patient > 1 else [0.0]
+            volume_slices, volume_masks = [], []  # --format dicom / nifti: written per patient
             for slice_index, z in enumerate(heights):
                 pixels, mask = draw_slice(rng, patient, kind, float(z), size)
                 name = f"slice{slice_index:02d}"
-                if fmt == "png":
+                if fmt in VOLUME_FORMATS:
+                    volume_slices.append(pixels)
+                    volume_masks.append(mask)
+                elif fmt == "png":
                     Image.fromarray(pixels, mode="L").save(image_dir / f"{name}.png")
                 else:
                     Image.fromarray(pixels, mode="L").save(image_dir / f"{name}.jpg", quality=92)
                 Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_dir / f"{name}.png")
                 written += 1
+            if fmt == "dicom":
+                write_dicom_series(image_dir, patient_id, volume_slices)
+            elif fmt == "nifti":
+                write_nifti_volume(image_dir, volume_slices, volume_masks)
     return written
+
+
+# ---------------------------------------------------------------------------- scanner formats
+VOLUME_FORMATS = ("dicom", "nifti")
+FIELD_OF_VIEW_MM = 220.0  # a typical head field of view
+SLICE_SPACING_MM = 5.0
+# 16-bit DICOM: stored = 16 * pixel + 100; RescaleSlope/Intercept give 8 * pixel; the
+# window [0, 2040] maps that back onto the 8-bit pixel exactly.
+DICOM_STORED_SCALE, DICOM_STORED_OFFSET = 16, 100
+DICOM_RESCALE = ("0.5", "-50")
+DICOM_WINDOW = ("1020.5", "2041")  # PS3.3 C.11.2.1.2: edges at c - 0.5 -+ (w - 1) / 2 = 0, 2040
+
+
+def write_dicom_series(folder: Path, patient_id: str, slices: list[np.ndarray]) -> None:
+    """One axial 16-bit MR series (pydicom), a file per slice, inferior to superior, with
+    geometry (ImagePositionPatient, ImageOrientationPatient, PixelSpacing), rescale and
+    window tags. Header values are synthetic, derived from the patient folder name."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    rows, columns = slices[0].shape
+    spacing = FIELD_OF_VIEW_MM / columns
+    scanner_id = f"{zlib.crc32(patient_id.encode()):010d}"  # a PACS-style id, unlike the folder name
+    study, series, frame = (
+        generate_uid(entropy_srcs=[patient_id, part]) for part in ("study", "series", "frame")
+    )
+    for index, pixels in enumerate(slices):
+        sop = generate_uid(entropy_srcs=[patient_id, "slice", str(index)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.SeriesDescription = "MR", "AX T1 POST (synthetic)"
+        ds.PatientName, ds.PatientID, ds.StudyDate = f"DEMO^{scanner_id}", scanner_id, "20240101"
+        ds.InstanceNumber = index + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        z = (index - (len(slices) - 1) / 2) * SLICE_SPACING_MM
+        ds.ImagePositionPatient = [-FIELD_OF_VIEW_MM / 2, -FIELD_OF_VIEW_MM / 2, z]
+        ds.SliceLocation, ds.SliceThickness = z, SLICE_SPACING_MM
+        ds.PixelSpacing = [spacing, spacing]
+        ds.Rows, ds.Columns = rows, columns
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope = DICOM_RESCALE[1], DICOM_RESCALE[0]
+        ds.WindowCenter, ds.WindowWidth = DICOM_WINDOW
+        stored = pixels.astype(np.uint16) * DICOM_STORED_SCALE + DICOM_STORED_OFFSET
+        ds.PixelData = stored.astype("<u2").tobytes()
+        ds.save_as(folder / f"IM{index + 1:04d}.dcm", enforce_file_format=True)
+
+
+def write_nifti_volume(folder: Path, slices: list[np.ndarray], masks: list[np.ndarray]) -> None:
+    """One RAS+ volume t1c.nii.gz (int16 scaled by scl_slope/scl_inter, display range
+    cal_min/cal_max 0-255, giving back the 8-bit pixels) and its lesion mask t1c_seg.nii.gz (uint8 labels), with nibabel.
+
+    Slice k is the k-th (inferior to superior) slice; each is stored so that a radiology
+    view (anterior up, patient's right on the left) shows the drawn image as it is."""
+    import nibabel as nib
+
+    spacing = FIELD_OF_VIEW_MM / slices[0].shape[1]
+    affine = np.diag([spacing, spacing, SLICE_SPACING_MM, 1.0])
+    affine[:3, 3] = [-FIELD_OF_VIEW_MM / 2, -FIELD_OF_VIEW_MM / 2, -SLICE_SPACING_MM * (len(slices) - 1) / 2]
+
+    def to_volume(images):  # drawn (rows: anterior -> posterior, columns: right -> left) -> RAS (i, j, k)
+        return np.stack([image[::-1, ::-1].T for image in images], axis=-1)
+
+    image = nib.Nifti1Image(to_volume(slices).astype(np.float32), affine)
+    image.header.set_data_dtype(np.int16)  # nibabel picks scl_slope/scl_inter to fill int16
+    image.header["cal_min"], image.header["cal_max"] = 0.0, 255.0  # display range: the 8-bit scale
+    image.header.set_xyzt_units("mm")
+    nib.save(image, folder / "t1c.nii.gz")
+    mask = nib.Nifti1Image(to_volume(masks).astype(np.uint8), affine)
+    mask.header.set_xyzt_units("mm")
+    nib.save(mask, folder / "t1c_seg.nii.gz")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients-per-class", type=int, default=20)
     parser.add_argument("--slices-per-patient", type=int, default=5)
     parser.add_argument("--size", type=int, default=256, help="image height and width in pixels")
-    parser.add_argument("--format", choices=("png", "jpg"), default="png")
+    parser.add_argument(
+        "--format",
+        choices=("png", "jpg", *VOLUME_FORMATS),
+        default="png",
+        help="png or jpg slices, a DICOM series or a NIfTI volume (+ mask) per patient",
+    )
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (also part of the patient ids)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace gbm/, pcnsl/ and masks/ in a non-empty OUT_DIR"
