@@ -1,11 +1,16 @@
 """The numbers behind the step 3 and step 4 notebooks, as small pure functions.
 
 Step 4 (ROC analysis): the AUC of the data (Mann-Whitney U, ties counted half), a
-vectorised bootstrap of the AUC with its percentile confidence interval, the DeLong
-variance and confidence interval (fast DeLong, Sun & Xu 2014), sensitivity, specificity
-and the confusion counts at a threshold, patient-level aggregation (mean probability per
-patient), ground truth from a CSV or from the gbm/pcnsl folder in each path, and the
-metrics table the notebook saves. Step 3 (training curves): reading a run's history.
+vectorised bootstrap of the AUC with its percentile confidence interval, over slices or
+over patients (cluster bootstrap: a patient's slices are resampled together), the DeLong
+variance and confidence interval (fast DeLong, Sun & Xu 2014) and DeLong's paired test of
+two models on the same images, the paired bootstrap of an AUC difference, sensitivity,
+specificity (with Wilson intervals) and the confusion counts at a threshold, Youden's
+threshold (chosen on validation predictions), calibration (reliability table, Brier
+score, ECE, calibration intercept and slope), per-fold AUCs of out-of-fold predictions,
+patient-level aggregation (mean probability per patient), ground truth from a CSV or
+from the gbm/pcnsl folder in each path, and the tables the notebook saves. Step 3
+(training curves): reading a run's history.
 
 Everything takes and returns arrays or DataFrames; plotting and file writing stay in the
 notebooks. Labels follow gbmpcnsl_common: GBM = 0, PCNSL = 1, the model outputs P(PCNSL).
