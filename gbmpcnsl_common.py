@@ -651,3 +651,69 @@ def _is_legacy_h5(path: Path) -> bool:
             return "layer_names" in h5file.attrs or "model_weights" in h5file
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------- ensembles
+CV_FILE = "cv.json"
+
+
+def ensemble_checkpoints(items: list[str | Path]) -> list[tuple[str, Path]]:
+    """The checkpoints of --model-weights as (name, path), in order; their models' P(PCNSL)
+    is averaged.
+
+    An item is a checkpoint file, or a cross-validation run folder (step1 --folds: its
+    cv.json lists each fold's best checkpoint); a folder whose folds are not all trained
+    raises UserError. Names are "fold<i>" for a single CV folder and "model<i>" otherwise
+    (step2's per-model CSV columns). Existence and type of the files are checked when
+    each is loaded (load_model_for_inference).
+    """
+    checkpoints: list[tuple[str | None, Path]] = []
+    for item in items:
+        path = Path(item)
+        if not path.is_dir():
+            checkpoints.append((None, path))
+            continue
+        cv_json = path / CV_FILE
+        if not cv_json.is_file():
+            raise UserError(
+                f"--model-weights {path}: a folder, but not a cross-validation run (no {CV_FILE})"
+            )
+        try:
+            cv = json.loads(cv_json.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"{cv_json}: cannot read ({error})") from error
+        best = cv.get("best_checkpoints")
+        if not cv.get("complete") or not best:
+            done = sum(1 for fold in cv.get("fold_assignment", []) if fold.get("best_checkpoint"))
+            raise UserError(
+                f"--model-weights {path}: cross-validation run incomplete ({done} of {cv.get('folds', '?')} "
+                "folds have a best checkpoint); train the remaining folds first"
+            )
+        folds = [fold.get("fold", index) for index, fold in enumerate(cv.get("fold_assignment", []))]
+        if len(folds) != len(best):
+            folds = list(range(len(best)))
+        checkpoints.extend(
+            (f"fold{fold}", path / relative) for fold, relative in zip(folds, best, strict=True)
+        )
+    if len(items) == 1 and all(name is not None for name, _ in checkpoints):
+        return [(str(name), path) for name, path in checkpoints]
+    return [(f"model{index}", path) for index, (_, path) in enumerate(checkpoints)]
+
+
+CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx", ".xml")
+
+
+def split_model_arguments(model_weights: list[str], inputs: list[str]) -> tuple[list[str], list[str]]:
+    """(checkpoints, inputs) from `--model-weights A [B ...] IMAGES...` as argparse parsed it.
+
+    --model-weights takes several values, so argparse also hands it the images that
+    follow it on the command line (`--model-weights m.keras scan.png`, the original
+    usage). Its first value is always a model; later values stay models while they look
+    like one (a checkpoint file name, or a folder with a cv.json), and the rest are
+    inputs, put before the ones argparse already found.
+    """
+    models = list(model_weights[:1])
+    rest = list(model_weights[1:])
+    while rest and (rest[0].lower().endswith(CHECKPOINT_SUFFIXES) or (Path(rest[0]) / CV_FILE).is_file()):
+        models.append(rest.pop(0))
+    return models, [*rest, *inputs]

@@ -29,6 +29,21 @@ read, 2 bad arguments, missing files or an unusable checkpoint.
 
 --tta averages P(PCNSL) over the four flips that training augmentation draws from:
 as is, left-right, up-down, and both (4x the compute).
+
+Ensembles: --model-weights takes several checkpoints, or a cross-validation run folder
+(step1 --folds; its folds' best checkpoints, refused until every fold is trained).
+P(PCNSL) is then the mean of the models' probabilities; the lines keep their format, and
+the CSV gains prob_pcnsl_std (the SD over the models) and, with --per-model, one column
+per model (prob_pcnsl_fold<i> for a CV folder, else prob_pcnsl_model<i> in the order
+given; the names are logged on stderr). One model: the output is exactly as above.
+
+Patients: --per-patient FILE also writes patient_id,n_slices,prob_gbm,prob_pcnsl, one row
+per patient in order of first appearance (the patient rule of step0: the folder under the
+gbm/ or pcnsl/ folder, qualified by its class, e.g. gbm/p017; an image directly in a
+class folder is its own patient). --aggregate says how a patient's slice probabilities
+combine: mean (default), median, or max (the most extreme call: the slice probability
+farthest from 0.5). --per-patient - prints one line per patient, in the slice lines'
+format, after the slice lines.
 """
 
 from __future__ import annotations
@@ -43,16 +58,20 @@ from pathlib import Path
 from gbmpcnsl_common import (
     CLASS_NAMES,
     UserError,
+    ensemble_checkpoints,
     import_tensorflow,
     load_model_for_inference,
     log,
     model_input_size,
+    patient_id,
     run_main,
     setup_logging,
+    split_model_arguments,
 )
 from gbmpcnsl_io import add_slice_arguments, find_slices, load_slice
 
 LINE_FORMAT = "{path:<40} {percent:.2f} % {name}"
+AGGREGATES = ("mean", "median", "max")
 
 
 def parse_args(argv):
@@ -61,8 +80,14 @@ def parse_args(argv):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders")
-    parser.add_argument("--model-weights", required=True, metavar="CKPT", help="checkpoint to predict with")
+    parser.add_argument("images", nargs="*", metavar="IMAGE_OR_FOLDER", help="image files or folders")
+    parser.add_argument(
+        "--model-weights",
+        required=True,
+        nargs="+",
+        metavar="CKPT",
+        help="checkpoint to predict with; several checkpoints or a CV run folder: their mean",
+    )
     parser.add_argument(
         "--csv", type=Path, metavar="FILE", help="also write path,prob_gbm,prob_pcnsl to FILE"
     )
@@ -71,9 +96,26 @@ def parse_args(argv):
         "--batch-size", type=positive_int, default=32, metavar="N", help="images per batch (default 32)"
     )
     parser.add_argument("--tta", action="store_true", help="average over the 4 training flips")
+    parser.add_argument(
+        "--per-model", action="store_true", help="with several models: one CSV column per model"
+    )
+    parser.add_argument(
+        "--per-patient",
+        metavar="FILE",
+        help="also write patient_id,n_slices,prob_gbm,prob_pcnsl to FILE ('-': lines on stdout)",
+    )
+    parser.add_argument(
+        "--aggregate",
+        choices=AGGREGATES,
+        default="mean",
+        help="a patient's probability from its slices' (default mean; max: the most extreme call)",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging and TensorFlow's own messages")
     add_slice_arguments(parser)
     args = parser.parse_args(argv)
+    args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)
+    if not args.images:
+        parser.error("the following arguments are required: IMAGE_OR_FOLDER")
     if args.min_lesion_pixels < 0:
         parser.error("--min-lesion-pixels must be at least 0")
     return args
@@ -156,7 +198,49 @@ def predict_function(model, tta: bool):
     return predict
 
 
+# ---------------------------------------------------------------------------- patients
+def aggregate_patients(
+    rows: list[tuple[str, float]], aggregate: str = "mean"
+) -> list[tuple[str, int, float]]:
+    """(patient_id, n_slices, prob_pcnsl) per patient, in order of first appearance.
+
+    rows: (slice name, prob_pcnsl). aggregate: "mean", "median", or "max", the most
+    extreme call: the slice probability farthest from 0.5 (the first such slice on a tie).
+    """
+    import numpy as np
+
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate {aggregate!r}: expected one of {', '.join(AGGREGATES)}")
+    by_patient: dict[str, list[float]] = {}
+    for path, prob_pcnsl in rows:
+        by_patient.setdefault(patient_id(path), []).append(prob_pcnsl)
+    patients = []
+    for patient, probs in by_patient.items():
+        probs = np.asarray(probs, dtype=np.float64)
+        if aggregate == "mean":
+            value = probs.mean()
+        elif aggregate == "median":
+            value = np.median(probs)
+        else:
+            value = probs[np.argmax(np.abs(probs - 0.5))]
+        patients.append((patient, len(probs), float(value)))
+    return patients
+
+
 # ---------------------------------------------------------------------------- output
+def write_table(csv_path: Path, header: list[str], rows: list[list]) -> None:
+    """A CSV with header and rows (floats at full precision, repr); temp file + rename."""
+    temporary = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(header)
+            writer.writerows([repr(v) if isinstance(v, float) else v for v in row] for row in rows)
+        os.replace(temporary, csv_path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_csv(csv_path: Path, rows: list[tuple[str, float]]) -> None:
     """path,prob_gbm,prob_pcnsl with full float precision; temp file + rename."""
     temporary = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
@@ -176,14 +260,21 @@ def _main(argv) -> int:
     setup_logging(args.verbose)
 
     # Everything that can be checked without TensorFlow, before any work.
-    model_path = Path(args.model_weights)
-    if not model_path.is_file():
-        raise UserError(f"--model-weights {model_path}: no such file")
+    checkpoints = ensemble_checkpoints(args.model_weights)
+    for _, model_path in checkpoints:
+        if not model_path.is_file():
+            raise UserError(f"--model-weights {model_path}: no such file")
     if args.csv is not None:
         if args.csv.exists() and not args.overwrite:
             raise UserError(f"--csv {args.csv}: exists (use --overwrite to replace it)")
         if not args.csv.parent.is_dir():
             raise UserError(f"--csv {args.csv}: folder {args.csv.parent} does not exist")
+    if args.per_patient not in (None, "-"):
+        per_patient = Path(args.per_patient)
+        if per_patient.exists() and not args.overwrite:
+            raise UserError(f"--per-patient {per_patient}: exists (use --overwrite to replace it)")
+        if not per_patient.parent.is_dir():
+            raise UserError(f"--per-patient {per_patient}: folder {per_patient.parent} does not exist")
     paths = expand_inputs(
         args.images,
         {
@@ -197,34 +288,73 @@ def _main(argv) -> int:
     # Load the model; its input size is the image size.
     started = time.perf_counter()
     import_tensorflow(args.verbose)  # without TF's C++ start-up notices on stderr
-    model = load_model_for_inference(model_path)
+    models = [load_model_for_inference(model_path) for _, model_path in checkpoints]
+    model, model_path = models[0], checkpoints[0][1]
     size = model_input_size(model)
+    for (_, other_path), other in zip(checkpoints[1:], models[1:], strict=True):
+        if model_input_size(other) != size:
+            raise UserError(
+                f"--model-weights {other_path}: input size {model_input_size(other)} differs from "
+                f"{model_path}'s {size}; an ensemble needs one image size"
+            )
+    if len(models) > 1:
+        log.info(
+            f"ensemble of {len(models)} models (P(PCNSL) is their mean): "
+            + ", ".join(f"{name} = {path}" for name, path in checkpoints)
+        )
     log.info(
         f"{model_path}: {model.name}, {size[0]}x{size[1]} input; "
         f"predicting {len(paths)} image{'s' * (len(paths) != 1)}{' with 4 flips (--tta)' if args.tta else ''}"
     )
 
     # Predict batch by batch, printing each batch's lines as soon as it is done.
+    import numpy as np
     from tqdm import tqdm
 
     errors: dict[int, str] = {}
-    predict = predict_function(model, args.tta)
-    rows = []
+    predicts = [predict_function(member, args.tta) for member in models]
+    rows, member_rows = [], []  # (path, mean prob_pcnsl); each model's prob_pcnsl per row
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None, leave=False) as progress:
         for indices, images, ok in image_dataset(paths, size, args.batch_size, errors):
-            prob_pcnsl = predict(images).numpy()
-            for index, prob, readable in zip(indices.numpy(), prob_pcnsl, ok.numpy(), strict=True):
+            member_probs = np.stack([predict(images).numpy() for predict in predicts]).astype(np.float64)
+            prob_pcnsl = member_probs.mean(axis=0)  # one model: its own float32 values
+            for index, prob, readable, members in zip(
+                indices.numpy(), prob_pcnsl, ok.numpy(), member_probs.T, strict=True
+            ):
                 if not readable:
                     progress.write(f"error: {errors[int(index)]}", file=sys.stderr)
                     continue
                 rows.append((paths[index], float(prob)))
+                member_rows.append(members)
                 print(result_line(paths[index], float(prob)))
             sys.stdout.flush()
             progress.update(len(prob_pcnsl))
 
-    if args.csv is not None:
+    if args.csv is not None and len(models) == 1 and not args.per_model:
         write_csv(args.csv, rows)
         log.info(f"wrote {args.csv}")
+    elif args.csv is not None:
+        header = ["path", "prob_gbm", "prob_pcnsl", "prob_pcnsl_std"]
+        if args.per_model:
+            header += [f"prob_pcnsl_{name}" for name, _ in checkpoints]
+        table = []
+        for (path, prob), members in zip(rows, member_rows, strict=True):
+            extra = [float(v) for v in members] if args.per_model else []
+            table.append([path, 1.0 - prob, prob, float(np.std(members)), *extra])
+        write_table(args.csv, header, table)
+        log.info(f"wrote {args.csv}")
+    if args.per_patient is not None:
+        patients = aggregate_patients(rows, args.aggregate)
+        if args.per_patient == "-":
+            for patient, _, prob in patients:
+                print(result_line(patient, prob))
+        else:
+            write_table(
+                Path(args.per_patient),
+                ["patient_id", "n_slices", "prob_gbm", "prob_pcnsl"],
+                [[patient, n_slices, 1.0 - prob, prob] for patient, n_slices, prob in patients],
+            )
+            log.info(f"wrote {args.per_patient} ({len(patients)} patients, {args.aggregate} of their slices)")
     elapsed = time.perf_counter() - started
     log.info(
         f"predicted {len(rows)} of {len(paths)} images in {elapsed:.1f} s ({len(rows) / elapsed:.1f} images/s)"

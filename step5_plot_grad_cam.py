@@ -27,7 +27,11 @@ An existing output is an error unless --overwrite, checked before any work. Unre
 images are reported on stderr and skipped; the exit code is then 1.
 
 Checkpoints: step1's .keras models, .weights.h5 files with their run.json, and tf.keras
-2.x .h5/.hdf5 checkpoints of the original EfficientNetB4 model.
+2.x .h5/.hdf5 checkpoints of the original EfficientNetB4 model. Several checkpoints, or a
+cross-validation run folder (its folds' best checkpoints), explain an ensemble: the
+explained class is the ensemble's call (mean P(PCNSL) > 0.5) unless --class says, each
+model's heatmap is taken for that class, and the overlay shows their mean, scaled to a
+peak of 1 (--annotate shows the ensemble's probability).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from gbmpcnsl_common import (
     log,
     run_main,
     setup_logging,
+    split_model_arguments,
     split_slice_name,
 )
 from gbmpcnsl_io import add_slice_arguments, find_slices, is_nifti, load_slice, nifti_stem
@@ -80,7 +85,8 @@ def grad_cam(grad_model, images, explain: str = "auto"):
     """Grad-CAM heatmaps for a batch.
 
     images: float (N, H, W, 3), RGB 0-255 at the model's input size.
-    explain: "auto" (the predicted class: logit > 0 is PCNSL, else GBM), "gbm" or "pcnsl".
+    explain: "auto" (the predicted class: logit > 0 is PCNSL, else GBM), "gbm" or "pcnsl",
+    or a tensor of class indices (N,), one per image.
     Returns (heatmaps float32 (N, h, w) in 0-1 at the layer's resolution, logits (N,),
     explained class index (N,): 0 GBM, 1 PCNSL). A heatmap with no positive value is
     returned as all zeros (not divided by zero).
@@ -90,7 +96,9 @@ def grad_cam(grad_model, images, explain: str = "auto"):
     with tf.GradientTape() as tape:
         activations, logits = grad_model(images, training=False)
         logits = tf.reshape(tf.cast(logits, tf.float32), [-1])
-        if explain == "auto":
+        if not isinstance(explain, str):
+            class_index = tf.cast(explain, tf.int32)
+        elif explain == "auto":
             class_index = tf.cast(logits > 0, tf.int32)
         else:
             class_index = tf.fill(tf.shape(logits), CLASS_NAMES.index(explain.upper()))
@@ -105,6 +113,32 @@ def grad_cam(grad_model, images, explain: str = "auto"):
     peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
     heatmaps = tf.math.divide_no_nan(cam, peak)  # an all-zero map stays zero
     return heatmaps, logits, class_index
+
+
+def ensemble_grad_cam(grad_models: list, images, explain: str = "auto"):
+    """Grad-CAM of an ensemble: grad_cam's (heatmaps, logits, class index) for a batch.
+
+    The explained class is the ensemble's call (mean P(PCNSL) over the models > 0.5) for
+    "auto", else `explain`; every model explains that class, and the heatmap is the mean
+    of the models' 0-1 heatmaps divided by its maximum. The logits returned are the
+    logit of the mean P(PCNSL).
+    """
+    import tensorflow as tf
+
+    logits = [
+        tf.reshape(tf.cast(grad_model(images, training=False)[1], tf.float32), [-1])
+        for grad_model in grad_models
+    ]
+    prob_pcnsl = tf.reduce_mean(tf.sigmoid(tf.stack(logits)), axis=0)
+    if explain == "auto":
+        class_index = tf.cast(prob_pcnsl > 0.5, tf.int32)
+    else:
+        class_index = tf.fill(tf.shape(prob_pcnsl), CLASS_NAMES.index(explain.upper()))
+    heatmaps = tf.reduce_mean(
+        tf.stack([grad_cam(grad_model, images, class_index)[0] for grad_model in grad_models]), axis=0
+    )
+    heatmaps = tf.math.divide_no_nan(heatmaps, tf.reduce_max(heatmaps, axis=(1, 2), keepdims=True))
+    return heatmaps, tf.math.log(prob_pcnsl) - tf.math.log1p(-prob_pcnsl), class_index
 
 
 # ---------------------------------------------------------------------------- overlay
@@ -201,14 +235,14 @@ def _parse_args(argv):
     parser.add_argument(
         "--model-weights",
         required=True,
-        type=Path,
+        nargs="+",
         metavar="CKPT",
-        help="checkpoint (.keras, .weights.h5, .h5)",
+        help="checkpoint (.keras, .weights.h5, .h5); several, or a CV run folder: an ensemble",
     )
     parser.add_argument(
         "--output-dir", required=True, type=Path, metavar="DIR", help="folder for the overlays (created)"
     )
-    parser.add_argument("images", nargs="+", help="image files and/or folders")
+    parser.add_argument("images", nargs="*", help="image files and/or folders")
     parser.add_argument(
         "--class",
         dest="explain",
@@ -235,6 +269,9 @@ def _parse_args(argv):
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's logs")
     add_slice_arguments(parser)
     args = parser.parse_args(argv)
+    args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)
+    if not args.images:
+        parser.error("the following arguments are required: images")
     if args.min_lesion_pixels < 0:
         parser.error("--min-lesion-pixels must be at least 0")
     if args.batch_size < 1:
@@ -286,18 +323,31 @@ def _main(argv) -> int:
     from scipy.special import expit
     from tqdm import tqdm
 
-    from gbmpcnsl_common import load_model_for_inference, model_input_size
+    from gbmpcnsl_common import ensemble_checkpoints, load_model_for_inference, model_input_size
 
-    model = load_model_for_inference(args.model_weights)
-    if LOGIT_LAYER not in {layer.name for layer in model.layers}:
-        raise UserError(
-            f"{args.model_weights}: the model has no '{LOGIT_LAYER}' layer (the Dense(1) output "
-            "before the sigmoid, which Grad-CAM explains); expected a model built like step1's"
+    checkpoints = ensemble_checkpoints(args.model_weights)
+    models = [load_model_for_inference(path) for _, path in checkpoints]
+    for (_, path), model in zip(checkpoints, models, strict=True):
+        if LOGIT_LAYER not in {layer.name for layer in model.layers}:
+            raise UserError(
+                f"{path}: the model has no '{LOGIT_LAYER}' layer (the Dense(1) output "
+                "before the sigmoid, which Grad-CAM explains); expected a model built like step1's"
+            )
+    grad_models = [make_grad_model(model, args.layer) for model in models]
+    input_size = model_input_size(models[0])
+    for (_, path), model in zip(checkpoints[1:], models[1:], strict=True):
+        if model_input_size(model) != input_size:
+            raise UserError(f"--model-weights {path}: input size differs from the first model's {input_size}")
+    # Traced once per batch shape; the gradient models are built once for the whole run.
+    if len(grad_models) == 1:
+        compute = tf.function(
+            lambda batch: grad_cam(grad_models[0], batch, args.explain), reduce_retracing=True
         )
-    grad_model = make_grad_model(model, args.layer)
-    input_size = model_input_size(model)
-    # Traced once per batch shape; the gradient model is built once for the whole run.
-    compute = tf.function(lambda batch: grad_cam(grad_model, batch, args.explain), reduce_retracing=True)
+    else:
+        log.info("ensemble of %d models: %s", len(models), ", ".join(str(path) for _, path in checkpoints))
+        compute = tf.function(
+            lambda batch: ensemble_grad_cam(grad_models, batch, args.explain), reduce_retracing=True
+        )
 
     failed, no_evidence, written = 0, 0, 0
     saved_heatmaps: dict[str, np.ndarray] = {}

@@ -250,3 +250,104 @@ def test_committed_notebooks_are_stripped_and_parameterised():
         assert "parameters" in code_cells[0].metadata.get("tags", []), name
         for cell in code_cells:
             assert cell.outputs == [] and cell.execution_count is None, f"{name}: outputs not stripped"
+
+
+def test_step4_notebook_threshold_from_validation_calibration_folds_and_comparison(
+    step4_predictions, tmp_path
+):
+    """threshold_from (Youden on validation), calibration, out-of-fold folds and the paired
+    model comparison, each checked against sklearn or a direct count."""
+    from sklearn.metrics import brier_score_loss
+
+    base = tmp_path / "inputs"
+    base.mkdir()
+    # Validation predictions whose probabilities run low: Youden's threshold sits well below 0.5.
+    validation = pd.read_csv(write_predictions(base / "val.csv", seed=5, separation=1.2))
+    validation["prob_pcnsl"] = 1 / (
+        1 + np.exp(-(np.log(validation["prob_pcnsl"] / validation["prob_gbm"]) - 1.5))
+    )
+    validation["prob_gbm"] = 1 - validation["prob_pcnsl"]
+    validation.to_csv(base / "val.csv", index=False)
+    # Out-of-fold predictions as step1 --folds writes them: label, patient_id and fold columns.
+    oof = pd.read_csv(step4_predictions["model A"])
+    oof["label"] = oof["path"].str.contains("/pcnsl/").astype(int)
+    oof["patient_id"] = oof["path"].str.split("/").str[1:3].str.join("/")
+    oof["fold"] = oof["path"].str.extract(r"_p(\d+)/")[0].astype(int) % 3
+    oof.to_csv(base / "oof_predictions.csv", index=False)
+    predictions = {
+        **{name: str(path) for name, path in step4_predictions.items()},
+        "cv": str(base / "oof_predictions.csv"),
+    }
+
+    output_dir = tmp_path / "figures"
+    run_notebook(
+        STEP4,
+        tmp_path / STEP4,
+        {
+            "predictions": json.dumps(predictions),
+            "output_dir": str(output_dir),
+            "n_bootstraps": N_BOOTSTRAPS,
+            "threshold_from": str(base / "val.csv"),
+            "bootstrap_unit": "patient",
+            "calibration_bins": 5,
+        },
+    )
+    check_figure(output_dir / "calibration")
+    metrics = pd.read_csv(output_dir / "roc_metrics.csv")
+
+    # The threshold maximises Youden's J on validation (brute force over every split), not on test.
+    val_pcnsl = validation["path"].str.contains("/pcnsl/").to_numpy()
+    val_prob = validation["prob_pcnsl"].to_numpy()
+
+    def youden_j(is_pcnsl, prob, threshold):
+        called = prob > threshold
+        return (
+            (called & is_pcnsl).sum() / is_pcnsl.sum() + (~called & ~is_pcnsl).sum() / (~is_pcnsl).sum() - 1
+        )
+
+    best_j = max(youden_j(val_pcnsl, val_prob, t) for t in np.concatenate([[-1.0], val_prob]))
+    thresholds = metrics["threshold"].unique()
+    assert len(thresholds) == 1 and thresholds[0] < 0.4
+    assert youden_j(val_pcnsl, val_prob, thresholds[0]) == pytest.approx(best_j)
+    assert metrics["threshold_from"].str.startswith("Youden on ").all()
+    assert (metrics["bootstrap_unit"] == "patient").all()
+
+    for name, csv_path in predictions.items():
+        frame = pd.read_csv(csv_path)
+        is_pcnsl = frame["path"].str.contains("/pcnsl/").to_numpy()
+        row = metrics[(metrics["model"] == name) & (metrics["positive_class"] == "PCNSL")].iloc[0]
+        called = frame["prob_pcnsl"].to_numpy() > thresholds[0]
+        assert row["tp"] == (called & is_pcnsl).sum() and row["fp"] == (called & ~is_pcnsl).sum()
+        assert row["sensitivity_ci_low"] < row["sensitivity"] <= row["sensitivity_ci_high"]
+        assert row["brier"] == pytest.approx(brier_score_loss(is_pcnsl, frame["prob_pcnsl"]), abs=1e-12)
+
+    cv_row = metrics[(metrics["model"] == "cv") & (metrics["positive_class"] == "PCNSL")].iloc[0]
+    fold_aucs = [
+        roc_auc_score(oof.loc[oof["fold"] == k, "label"], oof.loc[oof["fold"] == k, "prob_pcnsl"])
+        for k in range(3)
+    ]
+    assert cv_row["n_folds"] == 3
+    assert [cv_row[f"auc_fold_{k}"] for k in range(3)] == pytest.approx(fold_aucs, abs=1e-12)
+    assert cv_row["fold_auc_mean"] == pytest.approx(np.mean(fold_aucs)) and cv_row[
+        "fold_auc_sd"
+    ] == pytest.approx(np.std(fold_aucs, ddof=1))
+    assert (output_dir / "roc_details.md").read_text().count("\n") == 2 + len(metrics)
+
+    comparison = pd.read_csv(output_dir / "roc_comparison.csv")
+    assert comparison[["model_a", "model_b"]].values.tolist() == [
+        ["model A", "model B"],
+        ["model A", "cv"],
+        ["model B", "cv"],
+    ]
+    a, b = (pd.read_csv(step4_predictions[name]) for name in ("model A", "model B"))
+    first = comparison.iloc[0]
+    labels = a["path"].str.contains("/pcnsl/")
+    difference = roc_auc_score(labels, a["prob_pcnsl"]) - roc_auc_score(labels, b["prob_pcnsl"])
+    assert first["auc_difference"] == pytest.approx(difference, abs=1e-12)
+    assert first["delong_ci_low"] < difference < first["delong_ci_high"] and 0 < first["delong_p"] < 1
+    assert first["bootstrap_unit"] == "patient" and first["n_patients"] == 20
+    assert (
+        comparison.iloc[1]["auc_difference"] == 0 and comparison.iloc[1]["delong_p"] == 1
+    )  # the same scores
+    markdown = (output_dir / "roc_comparison.md").read_text().splitlines()
+    assert markdown[0].startswith("| Model A | Model B |") and len(markdown) == 2 + 3
