@@ -239,8 +239,6 @@ def _main(argv) -> int:
     args = _parse_args(argv)
     setup_logging(args.verbose)
 
-    if not args.model_weights.is_file():
-        raise UserError(f"--model-weights {args.model_weights}: no such file")
     # Plan every output first: a clash or an existing file stops us before any work.
     images = list(dict.fromkeys(find_images(args.images)))  # a file given twice is done once
     outputs = output_paths(images, args.output_dir)
