@@ -583,7 +583,7 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, capfd):
     assert np.corrcoef(stem, start_stem)[0, 1] > 0.9  # trained from the file's weights
     (run_dir / "notes.txt").write_text("belongs to the old run")
 
-    assert step1.main([*TINY, "--epochs", "3", "--early-stopping", "1", "--overwrite", *argv[4:]]) == 0
+    assert step1.main([*TINY, "--epochs", "2", "--early-stopping", "1", "--overwrite", *argv[4:]]) == 0
     assert capfd.readouterr().out == ""
     assert not (run_dir / "notes.txt").exists()
     second = json.loads((run_dir / "run.json").read_text())
@@ -593,5 +593,5 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, capfd):
     losses = [float(row["val_loss"]) for row in rows]
     # Patience 1: stopped after the first epoch that did not improve, if any.
     worse = [i for i in range(1, len(losses)) if losses[i] >= min(losses[:i])]
-    assert second["epochs_done"] == len(rows) == (worse[0] + 1 if worse else 3)
+    assert second["epochs_done"] == len(rows) == (worse[0] + 1 if worse else 2)
     assert second["stopped_early"] == bool(worse)
