@@ -295,8 +295,6 @@ def _main(argv) -> int:
     args = _parse_args(argv)
     setup_logging(args.verbose)
 
-    if not args.model_weights.is_file():
-        raise UserError(f"--model-weights {args.model_weights}: no such file")
     # Plan every output first: a clash or an existing file stops us before any work.
     found = find_slices(
         args.images,

@@ -344,6 +344,7 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.slow  # a TensorFlow subprocess or two
 def test_ctrl_c_in_step2_exits_130_without_a_csv(tiny_b0, tmp_path):
     """A real SIGINT once the first result line is out; 3000 inputs cannot be done first."""
     image = tiny_b0 / "images" / "s0.png"
@@ -368,6 +369,7 @@ def test_ctrl_c_in_step2_exits_130_without_a_csv(tiny_b0, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.slow  # a TensorFlow subprocess or two
 def test_ctrl_c_in_step5_exits_130_with_whole_overlays_only(tiny_b0, tmp_path):
     """A real SIGINT once the first overlay exists; 400 inputs cannot be done first."""
     images = tmp_path / "images"
@@ -397,6 +399,7 @@ def test_ctrl_c_in_step5_exits_130_with_whole_overlays_only(tiny_b0, tmp_path):
 
 
 # ---------------------------------------------------------------------------- step1 (points 8, 10)
+@pytest.mark.slow  # a TensorFlow subprocess or two
 def test_step1_weights_path_errors_leave_no_run_folder(tmp_path, capsys):
     h5_path = write_h5(tmp_path / "d.h5")
     for weights, message in (
@@ -552,7 +555,7 @@ def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatc
     assert [row["epoch"] for row in rows] == ["0", "1", "2"]
     for row in rows:
         assert float(row["learning_rate"]) == pytest.approx(step1.learning_rate_at(int(row["epoch"]), 1e-3))
-    assert float(rows[2]["learning_rate"]) < float(rows[1]["learning_rate"]) < float(rows[0]["learning_rate"])
+    assert float(rows[2]["learning_rate"]) < float(rows[1]["learning_rate"])  # decayed after epoch 1
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["epochs_done"] == 3 and run["arguments"]["epochs"] == 3
     assert run["resumed"][0]["after_epoch"] == 1 and run["arguments"]["normalization"] == "imagenet"
@@ -580,7 +583,7 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, capfd):
     assert np.corrcoef(stem, start_stem)[0, 1] > 0.9  # trained from the file's weights
     (run_dir / "notes.txt").write_text("belongs to the old run")
 
-    assert step1.main([*TINY, "--epochs", "3", "--early-stopping", "1", "--overwrite", *argv[4:]]) == 0
+    assert step1.main([*TINY, "--epochs", "2", "--early-stopping", "1", "--overwrite", *argv[4:]]) == 0
     assert capfd.readouterr().out == ""
     assert not (run_dir / "notes.txt").exists()
     second = json.loads((run_dir / "run.json").read_text())
@@ -590,5 +593,5 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, capfd):
     losses = [float(row["val_loss"]) for row in rows]
     # Patience 1: stopped after the first epoch that did not improve, if any.
     worse = [i for i in range(1, len(losses)) if losses[i] >= min(losses[:i])]
-    assert second["epochs_done"] == len(rows) == (worse[0] + 1 if worse else 3)
+    assert second["epochs_done"] == len(rows) == (worse[0] + 1 if worse else 2)
     assert second["stopped_early"] == bool(worse)
