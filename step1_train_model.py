@@ -142,7 +142,12 @@ class StrongAugmentation:
 
 
 # What a run started before these settings existed ran with, so that it can be resumed.
-RESUME_DEFAULTS = {"monitor": "val_loss", "batchnorm_momentum": None, **asdict(StrongAugmentation())}
+RESUME_DEFAULTS = {
+    "monitor": "val_loss",
+    "batchnorm_momentum": None,
+    "normalization": "imagenet",
+    **asdict(StrongAugmentation()),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

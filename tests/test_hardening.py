@@ -346,25 +346,29 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.slow  # a TensorFlow subprocess or two
 def test_ctrl_c_in_step2_exits_130_without_a_csv(tiny_b0, tmp_path):
-    """A real SIGINT once the first result line is out; 3000 inputs cannot be done first."""
-    image = tiny_b0 / "images" / "s0.png"
+    """A real SIGINT once the first result line is out; 20000 inputs cannot be done first
+    (an uninterrupted run would exit 0 and fail the exit-code assertion)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(20000):  # hard links: a big folder in a second, not a long command line
+        os.link(tiny_b0 / "images" / "s0.png", images / f"s{index:05d}.png")
     csv_path = tmp_path / "out" / "predictions.csv"
     csv_path.parent.mkdir()
     command = [sys.executable, "step2_predict.py", "--model-weights", str(tiny_b0 / "tiny.keras")]
     process = subprocess.Popen(
-        [*command, "--csv", str(csv_path), *[str(image)] * 3000],
+        [*command, "--csv", str(csv_path), str(images)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    first = process.stdout.readline()  # blocks until the first image is predicted
-    assert first.startswith(str(image)), process.stderr.read()[-2000:]
+    first = process.stdout.readline()  # blocks until the first batch is predicted
+    assert first.startswith(str(images)), process.stderr.read()[-2000:]
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     assert last_line(err) == "interrupted" and "Traceback" not in err
-    assert len(out.splitlines()) + 1 < 3000
+    assert len(out.splitlines()) + 1 < 20000
     assert list(csv_path.parent.iterdir()) == []
 
 
