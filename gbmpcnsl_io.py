@@ -278,7 +278,7 @@ class _DicomHeader:
     normal: np.ndarray | None
     position: np.ndarray | None
     instance_number: int | None
-    series_key: int  # hash of the SeriesInstanceUID: groups files, never shown
+    series_uid: str  # groups files into series; never shown or written
 
 
 def _dicom_header(path: Path) -> _DicomHeader:
@@ -290,8 +290,17 @@ def _dicom_header(path: Path) -> _DicomHeader:
         normal=_slice_normal(_multiframe_orientation(header)),
         position=np.asarray(position, float) if position is not None and len(position) == 3 else None,
         instance_number=int(number) if number is not None else None,
-        series_key=hash(str(header.get("SeriesInstanceUID", ""))),
+        series_uid=str(header.get("SeriesInstanceUID", "")),
     )
+
+
+def read_dicom_header(path: Path) -> _DicomHeader | None:
+    """The grouping and ordering values of one DICOM file, None when its header cannot be
+    read (load_slice names the problem later). A top-level function: pools can map it."""
+    try:
+        return _dicom_header(path)
+    except Exception:
+        return None
 
 
 def _dicom_slices(files: list[tuple[Path, str]], options: dict, found: FoundSlices) -> list[str]:
@@ -301,16 +310,16 @@ def _dicom_slices(files: list[tuple[Path, str]], options: dict, found: FoundSlic
     on the ImageOrientationPatient normal; InstanceNumber, then the name, as fallbacks)."""
     series: dict[tuple, list[tuple[str, _DicomHeader | None]]] = {}
     names: list[str] = []
-    for path, path_text in files:
-        try:  # only the few values below are kept, so memory stays flat in the number of files
-            header = _dicom_header(path)
-        except Exception:
+    # Only the few values of _DicomHeader are kept, so memory stays flat in the number of files.
+    headers = options["header_map"](read_dicom_header, [path for path, _ in files])
+    for (path, path_text), header in zip(files, headers, strict=True):
+        if header is None:
             series.setdefault(("unreadable", path_text), []).append((path_text, None))
             continue
         if header.frames > 1:
             series.setdefault(("volume", path_text), []).append((path_text, header))
             continue
-        series.setdefault(("series", str(path.parent), header.series_key), []).append((path_text, header))
+        series.setdefault(("series", str(path.parent), header.series_uid), []).append((path_text, header))
     for key, members in series.items():
         if key[0] == "unreadable":
             names.append(key[1])  # load_slice reports why it cannot be read
@@ -346,6 +355,7 @@ def find_slices(
     lesion_masks: str | None = None,
     min_lesion_pixels: int = 1,
     any_orientation: bool = False,
+    header_map=map,
 ) -> FoundSlices:
     """Expand files and folders into slice names, in the order given.
 
@@ -356,12 +366,14 @@ def find_slices(
     in `.skipped`; so are non-axial DICOM and NIfTI sources unless any_orientation.
     --slices (`selection`) picks slices within each volume and series; `lesion_masks`
     (NIfTI) keeps only slices with lesion voxels. A missing path raises UserError.
+    `header_map(function, paths)` reads DICOM headers (a process pool's map, in step0).
     """
     options = {
         "selection": selection,
         "lesion_masks": lesion_masks,
         "min_lesion_pixels": min_lesion_pixels,
         "any_orientation": any_orientation,
+        "header_map": header_map,
     }
     found = FoundSlices()
     for item in inputs:
