@@ -300,6 +300,8 @@ def _main(argv) -> int:
 
     # Everything that can be checked without TensorFlow, before any work.
     checkpoint, out = args.model_weights, args.out
+    if checkpoint.is_dir():  # a run or CV folder: one graph per export, so one checkpoint
+        raise UserError(f"--model-weights {checkpoint}: a folder; export one checkpoint file (.keras, .h5)")
     if not checkpoint.is_file():
         raise UserError(f"--model-weights {checkpoint}: no such file")
     files = output_files(out, args.format)
