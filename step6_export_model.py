@@ -38,6 +38,10 @@ with the Keras model within 1e-5. Otherwise the export fails with a one-line err
 leaves nothing behind: everything is written to a temporary folder beside OUT and moved
 into place at the end. An existing OUT (or its .bin/.json) is kept unless --overwrite.
 
+Example, then prediction without TensorFlow (step2 reads .onnx and .xml exports):
+    python step6_export_model.py --model-weights run/ckpt_120_0.2110.keras --format openvino model.xml
+    python step2_predict.py --model-weights model.xml scans/
+
 Exit codes: 0 exported, 2 bad arguments, an unreadable checkpoint, an existing output or a
 failed check.
 """
