@@ -13,6 +13,9 @@ Usage:
 
 CKPT is a step1 checkpoint (.keras), a .weights.h5 file next to its run's run.json, or a
 tf.keras 2.x .h5/.hdf5 checkpoint of the original EfficientNetB4 model (the paper era).
+It may also be a model exported by step6_export_model.py: an ONNX file (.onnx, run by ONNX
+Runtime) or an OpenVINO IR (.xml with its .bin, run by OpenVINO, compiled models cached in
+~/.cache/gbm-pcnsl/openvino or $XDG_CACHE_HOME); these run without TensorFlow.
 Images are read at the model's input size with the loader that step0 used for training.
 A folder expands recursively to its images (.jpg .jpeg .png .tif .tiff .bmp, sorted).
 DICOM files, DICOM series folders and NIfTI volumes (.nii, .nii.gz) are read too: every
@@ -50,10 +53,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import importlib
 import os
 import sys
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from gbmpcnsl_common import (
     CLASS_NAMES,
@@ -227,6 +237,133 @@ def aggregate_patients(
     return patients
 
 
+# ---------------------------------------------------------------------------- exported models
+# A predict-batch function maps a batch of images (N, H, W, 3), uint8 or float 0-255, to
+# P(PCNSL) (N,) as numpy. Exported models get one from their runtime, without TensorFlow;
+# several such functions can be averaged (an ensemble of exported models).
+PredictBatch = Callable[[np.ndarray], np.ndarray]
+
+EXPORTED_MODEL_RUNTIMES = {".onnx": ("ONNX Runtime", "onnxruntime"), ".xml": ("OpenVINO", "openvino")}
+
+
+def is_exported_model(path: str | Path) -> bool:
+    """True for a model exported by step6 (.onnx or OpenVINO .xml), run without TensorFlow."""
+    return Path(path).suffix.lower() in EXPORTED_MODEL_RUNTIMES
+
+
+def _import_runtime(path: Path):
+    """The runtime module for an exported model; a missing one is a one-line UserError."""
+    name, module = EXPORTED_MODEL_RUNTIMES[path.suffix.lower()]
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UserError(
+            f"{path}: running this model needs {name}, which is not installed "
+            f"(pip install -r requirements.txt, or pip install {module})"
+        ) from error
+
+
+def openvino_cache_dir(xml_path: Path) -> Path:
+    """Where OpenVINO keeps this model's compiled form (CACHE_DIR), so that later runs
+    start fast: one folder per content of the .xml and .bin (OpenVINO's own cache key
+    for a model file ignores the .bin, and would serve a stale model after it changed)."""
+    digest = hashlib.sha256()
+    for path in (xml_path, xml_path.with_suffix(".bin")):
+        with open(path, "rb") as file:
+            for block in iter(lambda file=file: file.read(1 << 22), b""):
+                digest.update(block)
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "gbm-pcnsl" / "openvino" / digest.hexdigest()[:16]
+
+
+def load_exported_model(path: str | Path) -> tuple[PredictBatch, tuple[int, int], str]:
+    """(predict-batch function, (H, W) input size, description) of an exported model:
+    ONNX Runtime for .onnx, OpenVINO (CPU, float32, compiled-model cache) for .xml.
+
+    A file the runtime cannot read (corrupt, truncated, a .bin that does not belong to its
+    .xml) raises UserError in one line.
+    """
+    path = Path(path)
+    runtime = _import_runtime(path)
+    try:
+        if path.suffix.lower() == ".onnx":
+            session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            image_input = session.get_inputs()[0]
+            shape, input_name = list(image_input.shape), image_input.name
+
+            def predict(images):
+                feed = {input_name: np.asarray(images, dtype=np.float32)}
+                return session.run(None, feed)[0].reshape(-1)
+
+        else:
+            core = runtime.Core()
+            cache_dir = openvino_cache_dir(path)
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                core.set_property({"CACHE_DIR": str(cache_dir)})
+            except OSError:  # a read-only home: run without the cache
+                pass
+            # float32 as exported (this CPU would otherwise pick bf16); one request, all cores.
+            config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+            compiled = core.compile_model(str(path), "CPU", config)
+            request = compiled.create_infer_request()
+            shape = [
+                dim.get_length() if dim.is_static else None for dim in compiled.inputs[0].get_partial_shape()
+            ]
+
+            def predict(images):
+                request.infer({0: np.asarray(images, dtype=np.float32)})
+                return request.get_output_tensor(0).data.reshape(-1).copy()
+
+    except Exception as error:  # the runtimes raise their own types for unreadable files
+        message = str(error).strip().splitlines()
+        raise UserError(
+            f"{path}: cannot load exported model ({message[0] if message else type(error).__name__})"
+        ) from error
+    if len(shape) != 4 or shape[3] != 3 or not all(isinstance(dim, int) for dim in shape[1:3]):
+        raise UserError(f"{path}: expected an image model with input (N, H, W, 3), got input shape {shape}")
+    name = EXPORTED_MODEL_RUNTIMES[path.suffix.lower()][0]
+    return predict, (int(shape[1]), int(shape[2])), f"exported model run by {name}"
+
+
+def with_flips(predict: PredictBatch) -> PredictBatch:
+    """--tta for a predict-batch function: the mean over identity, lr, ud and lr+ud flips."""
+
+    def predict_with_flips(images):
+        flips = np.concatenate([images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]])
+        return predict(flips).reshape(4, -1).mean(axis=0)
+
+    return predict_with_flips
+
+
+def image_batches(paths: list[str], size: tuple[int, int], batch_size: int, errors: dict) -> Iterator[tuple]:
+    """image_dataset without TensorFlow: numpy batches of (index, uint8 image, ok), the
+    first of one image, decoded by a thread pool up to two batches ahead of the model."""
+
+    def load(index):
+        try:
+            return load_slice(paths[index], size), True
+        except UserError as error:
+            errors[index] = str(error)
+            return np.zeros((*size, 3), np.uint8), False
+
+    bounds = [0, *range(1, len(paths), batch_size), len(paths)]
+    batches = [range(start, stop) for start, stop in zip(bounds, bounds[1:], strict=False) if stop > start]
+
+    def collect(batch, futures):
+        images, ok = zip(*(future.result() for future in futures), strict=True)
+        return np.array(batch), np.stack(images), np.array(ok)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        ahead = deque()
+        for batch in batches:
+            ahead.append((batch, [pool.submit(load, index) for index in batch]))
+            if len(ahead) > 2:
+                yield collect(*ahead.popleft())
+        while ahead:
+            yield collect(*ahead.popleft())
+
+
 # ---------------------------------------------------------------------------- output
 def write_table(csv_path: Path, header: list[str], rows: list[list]) -> None:
     """A CSV with header and rows (floats at full precision, repr); temp file + rename."""
@@ -285,25 +422,46 @@ def _main(argv) -> int:
         },
     )
 
-    # Load the model; its input size is the image size.
+    # Load the model; its input size is the image size. An exported model (.onnx, .xml)
+    # runs in its own runtime and never imports TensorFlow.
     started = time.perf_counter()
-    import_tensorflow(args.verbose)  # without TF's C++ start-up notices on stderr
-    models = [load_model_for_inference(model_path) for _, model_path in checkpoints]
-    model, model_path = models[0], checkpoints[0][1]
-    size = model_input_size(model)
-    for (_, other_path), other in zip(checkpoints[1:], models[1:], strict=True):
-        if model_input_size(other) != size:
+    errors: dict[int, str] = {}
+    if not all(is_exported_model(path) for _, path in checkpoints):
+        import_tensorflow(args.verbose)  # without TF's C++ start-up notices on stderr
+    predicts: list[PredictBatch] = []  # one per model; an ensemble averages them
+    size = None
+    for _, model_path in checkpoints:
+        if is_exported_model(model_path):
+            predict, model_size, description = load_exported_model(model_path)
+            predicts.append(with_flips(predict) if args.tta else predict)
+        else:
+            model = load_model_for_inference(model_path)
+            model_size, description = model_input_size(model), model.name
+            tf_predict = predict_function(model, args.tta)
+            predicts.append(lambda images, tf_predict=tf_predict: tf_predict(images).numpy())
+        if size is not None and model_size != size:
             raise UserError(
-                f"--model-weights {other_path}: input size {model_input_size(other)} differs from "
-                f"{model_path}'s {size}; an ensemble needs one image size"
+                f"--model-weights {model_path}: input size {model_size} differs from "
+                f"{checkpoints[0][1]}'s {size}; an ensemble needs one image size"
             )
-    if len(models) > 1:
+        size = model_size
+    if len(checkpoints) > 1:
         log.info(
-            f"ensemble of {len(models)} models (P(PCNSL) is their mean): "
+            f"ensemble of {len(checkpoints)} models (P(PCNSL) is their mean): "
             + ", ".join(f"{name} = {path}" for name, path in checkpoints)
         )
+    if all(is_exported_model(path) for _, path in checkpoints):
+        batches = image_batches(paths, size, args.batch_size, errors)
+    else:
+        batches = (
+            tuple(tensor.numpy() for tensor in batch)
+            for batch in image_dataset(paths, size, args.batch_size, errors)
+        )
+    source = (
+        f"{model_path}: {description}" if len(checkpoints) == 1 else f"ensemble of {len(checkpoints)} models"
+    )
     log.info(
-        f"{model_path}: {model.name}, {size[0]}x{size[1]} input; "
+        f"{source}, {size[0]}x{size[1]} input; "
         f"predicting {len(paths)} image{'s' * (len(paths) != 1)}{' with 4 flips (--tta)' if args.tta else ''}"
     )
 
@@ -311,16 +469,12 @@ def _main(argv) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    errors: dict[int, str] = {}
-    predicts = [predict_function(member, args.tta) for member in models]
     rows, member_rows = [], []  # (path, mean prob_pcnsl); each model's prob_pcnsl per row
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None, leave=False) as progress:
-        for indices, images, ok in image_dataset(paths, size, args.batch_size, errors):
-            member_probs = np.stack([predict(images).numpy() for predict in predicts]).astype(np.float64)
+        for indices, images, ok in batches:
+            member_probs = np.stack([predict(images) for predict in predicts]).astype(np.float64)
             prob_pcnsl = member_probs.mean(axis=0)  # one model: its own float32 values
-            for index, prob, readable, members in zip(
-                indices.numpy(), prob_pcnsl, ok.numpy(), member_probs.T, strict=True
-            ):
+            for index, prob, readable, members in zip(indices, prob_pcnsl, ok, member_probs.T, strict=True):
                 if not readable:
                     progress.write(f"error: {errors[int(index)]}", file=sys.stderr)
                     continue
@@ -330,7 +484,7 @@ def _main(argv) -> int:
             sys.stdout.flush()
             progress.update(len(prob_pcnsl))
 
-    if args.csv is not None and len(models) == 1 and not args.per_model:
+    if args.csv is not None and len(predicts) == 1 and not args.per_model:
         write_csv(args.csv, rows)
         log.info(f"wrote {args.csv}")
     elif args.csv is not None:

@@ -1,7 +1,7 @@
 """Benchmark step2 (prediction) against the original approach, and look for the CPU limit.
 
     python benchmarks/bench_predict.py [--counts 64 256] [--size 380] [--work-dir DIR]
-                                       [--repeat 1] [--skip-tuning]
+                                       [--repeat 1] [--skip-tuning] [--model-only-images 64]
 
 Predicts demo slices (demo/make_demo_data.py, --size px PNGs) with the same paper-era
 checkpoint: an EfficientNetB4 of the original architecture built by tf-keras with
@@ -11,6 +11,10 @@ weights=None (nothing is downloaded) and saved with model.save("ckpt.hdf5").
 - original: the original approach, in tf.keras 2.x (tf-keras): build the model, load the
   weights, then for each image PIL convert("RGB") + LANCZOS resize and one
   `model.predict(image[None])` call, printing one line per image.
+- exported: the same checkpoint exported by step6_export_model.py to ONNX and OpenVINO
+  IR, run by `step2_predict.py --model-weights original.onnx|original.xml` (ONNX Runtime
+  or OpenVINO, no TensorFlow). OpenVINO runs twice: first with an empty compiled-model
+  cache (its compile time inside the command), then with the cache that run filled.
 Each run is a whole command in its own subprocess (interpreter start, imports and model
 loading included). Wall time runs from start to exit; time to first result is when the
 first result line reaches stdout. Runs alternate so that other load on a shared machine
@@ -19,6 +23,8 @@ favours neither side; the fastest of --repeat counts.
 Tuning (unless --skip-tuning): step2 on the smaller count with other batch sizes,
 oneDNN off, and TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS; and the model-only limit,
 the model's own throughput on in-memory batches (no start-up, no image decoding).
+The model-only rate of each engine (TensorFlow, ONNX Runtime, OpenVINO, batch 32) and
+OpenVINO's load time with an empty and a filled cache are measured in any case.
 """
 
 from __future__ import annotations
@@ -94,6 +100,24 @@ for _ in range(count // batch_size):
 print(f"{(count // batch_size) * batch_size / (time.perf_counter() - started):.3f}")
 """
 
+# An exported model's throughput through step2's own engine: load time, then images/s.
+MODEL_ONLY_EXPORTED = """
+import sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from step2_predict import load_exported_model
+count, batch_size = int(sys.argv[3]), int(sys.argv[4])
+started = time.perf_counter()
+predict, (height, width), _ = load_exported_model(sys.argv[2])
+load_time = time.perf_counter() - started
+images = np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
+predict(images)
+started = time.perf_counter()
+for _ in range(count // batch_size):
+    predict(images)
+print(f"{load_time:.3f} {(count // batch_size) * batch_size / (time.perf_counter() - started):.3f}")
+"""
+
 
 def timed_run(command: list[str], env: dict | None = None) -> dict:
     """Run a command; wall time, time to the first result line, and the result lines."""
@@ -150,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; the fastest counts")
     parser.add_argument("--work-dir", type=Path, help="keep the demo images and checkpoint here")
     parser.add_argument("--skip-tuning", action="store_true")
+    parser.add_argument(
+        "--model-only-images", type=int, default=64, help="images per engine in the model-only rows"
+    )
     args = parser.parse_args(argv)
 
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_predict_"))
@@ -178,36 +205,97 @@ def main(argv: list[str] | None = None) -> int:
     if not checkpoint.is_file():
         subprocess.run([sys.executable, "-c", SAVE_ORIGINAL, str(checkpoint), str(args.size)], check=True)
 
+    # The same checkpoint exported by step6 (timed once; kept in --work-dir).
+    exported = {"onnx": work_dir / "original.onnx", "openvino": work_dir / "original.xml"}
+    for export_format, path in exported.items():
+        if not path.is_file():
+            started = time.perf_counter()
+            command = [
+                sys.executable,
+                str(ROOT / "step6_export_model.py"),
+                "--model-weights",
+                str(checkpoint),
+            ]
+            subprocess.run([*command, "--format", export_format, str(path)], check=True, cwd=ROOT)
+            print(f"  step6 export to {export_format}: {time.perf_counter() - started:.1f} s", flush=True)
+
     original_env = {"PYTHONUNBUFFERED": "1"}  # each result line is seen when printed
+    variants = [
+        "original",
+        "step2 TensorFlow",
+        "step2 ONNX Runtime",
+        "step2 OpenVINO, first run",
+        "step2 OpenVINO, cached",
+    ]
     results = {}
     for count in args.counts:
-        ours, original = [], []
+        runs = {name: [] for name in variants}
         for _ in range(args.repeat):
-            ours.append(timed_run(step2_command(checkpoint, images[:count])))
-            print(
-                f"  ours     {count:4d} images: {ours[-1]['wall']:.1f} s (load {load_average()})", flush=True
-            )
-            command = [sys.executable, "-c", ORIGINAL, str(checkpoint), str(args.size), *images[:count]]
-            original.append(timed_run(command, original_env))
-            print(
-                f"  original {count:4d} images: {original[-1]['wall']:.1f} s (load {load_average()})",
-                flush=True,
-            )
-        results[count] = (best(ours), best(original))
-        assert results[count][0]["lines"] == count and results[count][1]["lines"] == count
+            cache_home = Path(tempfile.mkdtemp(prefix="ov_cache_", dir=work_dir))  # empty OpenVINO cache
+            commands = {
+                "original": (
+                    [sys.executable, "-c", ORIGINAL, str(checkpoint), str(args.size), *images[:count]],
+                    original_env,
+                ),
+                "step2 TensorFlow": (step2_command(checkpoint, images[:count]), {}),
+                "step2 ONNX Runtime": (step2_command(exported["onnx"], images[:count]), {}),
+                "step2 OpenVINO, first run": (
+                    step2_command(exported["openvino"], images[:count]),
+                    {"XDG_CACHE_HOME": str(cache_home)},
+                ),
+                "step2 OpenVINO, cached": (
+                    step2_command(exported["openvino"], images[:count]),
+                    {"XDG_CACHE_HOME": str(cache_home)},
+                ),
+            }
+            for name in variants:
+                command, env = commands[name]
+                runs[name].append(timed_run(command, env))
+                print(
+                    f"  {name:<27} {count:4d} images: {runs[name][-1]['wall']:.1f} s (load {load_average()})",
+                    flush=True,
+                )
+            shutil.rmtree(cache_home, ignore_errors=True)
+        results[count] = {name: best(runs[name]) for name in variants}
+        assert all(run["lines"] == count for run in results[count].values())
 
     print()
-    print(
-        "| images | ours wall (s) | original wall (s) | wall ratio | ours first result (s) "
-        "| original first result (s) | ours images/s | original images/s |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for count, (ours, original) in results.items():
-        print(
-            f"| {count} | {ours['wall']:.1f} | {original['wall']:.1f} | {original['wall'] / ours['wall']:.2f}x "
-            f"| {ours['first']:.1f} | {original['first']:.1f} "
-            f"| {count / ours['wall']:.2f} | {count / original['wall']:.2f} |"
+    print("whole command (start-up, imports, model loading included):")
+    print("| images | command | wall (s) | vs original | first result (s) | images/s |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for count, by_variant in results.items():
+        original_wall = by_variant["original"]["wall"]
+        for name, run in by_variant.items():
+            print(
+                f"| {count} | {name} | {run['wall']:.1f} | {original_wall / run['wall']:.2f}x "
+                f"| {run['first']:.1f} | {count / run['wall']:.2f} |"
+            )
+
+    # Model-only rate of each engine, and OpenVINO's load time with an empty / filled cache.
+    count = max(args.model_only_images, 32)
+    print()
+    print(f"model-only, batch 32, {count} images in memory (after a warm-up batch; load avg before each):")
+    print("| engine | images/s | vs TensorFlow | model load (s) | load |")
+    print("|---|---:|---:|---:|---|")
+    load = load_average()
+    command = [sys.executable, "-c", MODEL_ONLY, str(ROOT), str(checkpoint), str(count), "32"]
+    tf_rate = float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
+    print(f"| TensorFlow | {tf_rate:.2f} | 1.00x | | {load} |", flush=True)
+    cache_home = Path(tempfile.mkdtemp(prefix="ov_cache_", dir=work_dir))
+    for name, path in [
+        ("ONNX Runtime", exported["onnx"]),
+        ("OpenVINO, empty cache", exported["openvino"]),
+        ("OpenVINO, cached", exported["openvino"]),
+    ]:
+        load = load_average()
+        command = [sys.executable, "-c", MODEL_ONLY_EXPORTED, str(ROOT), str(path), str(count), "32"]
+        env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+        load_time, rate = map(
+            float,
+            subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.split()[-2:],
         )
+        print(f"| {name} | {rate:.2f} | {rate / tf_rate:.2f}x | {load_time:.2f} | {load} |", flush=True)
+    shutil.rmtree(cache_home, ignore_errors=True)
 
     if not args.skip_tuning:
         count = min(args.counts)

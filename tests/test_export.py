@@ -1,0 +1,335 @@
+"""step6_export_model.py and step2 on exported models (ONNX Runtime, OpenVINO).
+
+One tiny EfficientNetB0 (32x32, weights=None) with probabilities spread over (0, 1) is
+exported once per format; each export is loaded back with its own runtime here, apart from
+step6's own check, and compared with the Keras model on demo slices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import step2_predict as step2
+import step6_export_model as step6
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+EXPORT_FILES = {"saved_model": "saved_model", "onnx": "tiny.onnx", "openvino": "tiny.xml"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(demo_data, tmp_path_factory) -> Path:
+    """tiny.keras: an EfficientNetB0 at 32x32 whose P(PCNSL) differs clearly between slices.
+
+    Untrained, its features hardly differ between images; the BatchNormalization statistics
+    are set from the demo slices (one training-mode pass, momentum 0) and the head points
+    along the features' first principal axis, logits spread by about +-2 (scaled by the
+    median absolute deviation: at 32x32 a few slices lie far out and simply saturate).
+    """
+    import keras
+
+    from gbmpcnsl_common import build_model, load_image
+
+    keras.utils.set_random_seed(0)
+    model = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)
+    images = np.stack([load_image(p, (SIZE, SIZE)) for p in sorted(demo_data.glob("[gp]*/*/*.png"))])
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(images.astype(np.float32), training=True)
+    features = keras.Model(model.inputs[0], model.get_layer("avg_pool").output).predict(images, verbose=0)
+    direction = np.linalg.svd(features - features.mean(0), full_matrices=False)[2][0]
+    projection = features @ direction
+    spread = np.median(np.abs(projection - np.median(projection)))
+    kernel = (direction * 2.0 / spread)[:, None].astype(np.float32)
+    bias = np.array([-np.median(projection) * 2.0 / spread], np.float32)
+    model.get_layer("logit").set_weights([kernel, bias])
+    path = tmp_path_factory.mktemp("export_model") / "tiny.keras"
+    saved = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)  # default momentum
+    saved.set_weights(model.get_weights())
+    saved.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    import keras
+
+    return keras.saving.load_model(checkpoint, compile=False)
+
+
+@pytest.fixture(scope="module")
+def exports(checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """Each format exported by step6 (in this process), keyed by format."""
+    folder = tmp_path_factory.mktemp("exports")
+    paths = {}
+    for export_format, name in EXPORT_FILES.items():
+        paths[export_format] = folder / name
+        argv = ["--model-weights", str(checkpoint), "--format", export_format, str(paths[export_format])]
+        assert step6.main(argv) == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["saved_model", "tiny.onnx", "tiny.onnx.json", "tiny.xml", "tiny.bin", "tiny.xml.json"]
+    )  # and no staging folder left behind
+    return paths
+
+
+@pytest.fixture(scope="module")
+def slices(demo_data) -> list[str]:
+    paths = sorted(demo_data.glob("gbm/*/*.png"))[:4] + sorted(demo_data.glob("pcnsl/*/*.png"))[:4]
+    return [str(path) for path in paths]
+
+
+@pytest.fixture(autouse=True)
+def openvino_cache(tmp_path_factory, monkeypatch) -> Path:
+    """OpenVINO's compiled-model cache in a temporary folder, not the user's ~/.cache."""
+    cache_home = tmp_path_factory.getbasetemp() / "xdg_cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    return cache_home / "gbm-pcnsl" / "openvino"
+
+
+def slice_images(slices: list[str]) -> np.ndarray:
+    from gbmpcnsl_common import load_image
+
+    return np.stack([load_image(path, (SIZE, SIZE)) for path in slices]).astype(np.float32)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def run_with_own_runtime(path: Path, images: np.ndarray) -> np.ndarray:
+    """P(PCNSL) from an export, run directly by its runtime (not through step2 or step6)."""
+    if path.suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["prob_pcnsl"], {"images": images})[0]
+    if path.suffix == ".xml":
+        import openvino
+
+        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return compiled(images)["prob_pcnsl"]
+    import tensorflow as tf
+
+    signatures = tf.saved_model.load(str(path)).signatures
+    from_float = signatures["serving_default"](images=tf.constant(images))["prob_pcnsl"].numpy()
+    from_uint8 = signatures["serve_uint8"](images=tf.constant(images.astype(np.uint8)))["prob_pcnsl"].numpy()
+    np.testing.assert_array_equal(from_float, from_uint8)  # the images hold whole numbers
+    return from_float
+
+
+def assert_same_lines(export_out: str, keras_out: str, keras_prob_pcnsl: list[float]) -> None:
+    """The same lines, except where the Keras probability lies within 1e-5 of a rounding
+    boundary of the printed percentage (x.xx5 %): there a difference of 1e-6 may flip the
+    last digit, and only that digit may differ."""
+    export_lines, keras_lines = export_out.splitlines(), keras_out.splitlines()
+    assert len(export_lines) == len(keras_lines)
+    for export_line, keras_line, prob_pcnsl in zip(export_lines, keras_lines, keras_prob_pcnsl, strict=True):
+        if export_line == keras_line:
+            continue
+        percent = 100 * max(prob_pcnsl, 1 - prob_pcnsl)
+        assert abs((percent * 100) % 1 - 0.5) < 0.1, (export_line, keras_line)
+        export_percent, keras_percent = float(export_line.split()[-3]), float(keras_line.split()[-3])
+        assert abs(export_percent - keras_percent) == pytest.approx(0.01)
+        assert export_line.split()[-1] == keras_line.split()[-1]
+
+
+# ---------------------------------------------------------------------------- step6
+def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
+    checkpoint = tmp_path / "model.keras"
+    checkpoint.write_bytes(b"x")
+    (tmp_path / "taken.onnx").write_bytes(b"x")
+    code = (
+        "import sys, step6_export_model as step6\n"
+        "try:\n    step6.main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+        f"ckpt = {str(checkpoint)!r}\n"
+        f"print(step6.main(['--model-weights', ckpt, '--format', 'onnx', {str(tmp_path / 'out.xml')!r}]))\n"
+        f"print(step6.main(['--model-weights', ckpt, '--format', 'onnx', {str(tmp_path / 'taken.onnx')!r}]))\n"
+        f"print(step6.main(['--model-weights', {str(tmp_path / 'no.keras')!r}, '--format', 'openvino', 'm.xml']))\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-4:] == ["2", "2", "2", "False False"]
+    assert "--format {saved_model,onnx,openvino}" in result.stdout and "TensorFlow Serving" in result.stdout
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'out.xml'}: --format onnx writes a .onnx file; name OUT *.onnx",
+        f"error: {tmp_path / 'taken.onnx'}: exists (use --overwrite to replace it)",
+        f"error: --model-weights {tmp_path / 'no.keras'}: no such file",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("export_format", ["saved_model", "onnx", "openvino"])
+def test_export_round_trips_and_agrees_with_keras(exports, export_format, checkpoint, model, slices):
+    path = exports[export_format]
+    images = slice_images(slices)
+    expected = model.predict(images, verbose=0)[:, 0]
+    assert expected.max() - expected.min() > 0.2  # a model whose outputs differ between slices
+    np.testing.assert_allclose(run_with_own_runtime(path, images), expected, rtol=0, atol=1e-5)
+
+    metadata_path = path / "gbmpcnsl_model.json" if path.is_dir() else Path(f"{path}.json")
+    metadata = json.loads(metadata_path.read_text())
+    assert metadata["format"] == export_format
+    assert metadata["classes"] == {"GBM": 0, "PCNSL": 1}
+    assert metadata["input_size"] == [SIZE, SIZE]
+    assert metadata["input"] == {"name": "images", "shape": [None, SIZE, SIZE, 3], "dtype": "float32"}
+    assert "LANCZOS" in metadata["preprocessing"] and "0-255" in metadata["preprocessing"]
+    assert metadata["source_checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert 0 <= metadata["check"]["max_abs_difference"] <= 1e-5
+    if export_format == "openvino":  # float32 weights, not openvino's default fp16
+        weights = (path.parent / "tiny.bin").stat().st_size
+        assert weights > 4 * model.count_params() * 0.9
+
+
+@pytest.mark.slow
+def test_existing_export_is_kept_unless_overwrite(exports, checkpoint, capsys):
+    onnx_path = exports["onnx"]
+    before = onnx_path.read_bytes()
+    assert step6.main(["--model-weights", str(checkpoint), "--format", "onnx", str(onnx_path)]) == 2
+    assert capsys.readouterr().err == f"error: {onnx_path}: exists (use --overwrite to replace it)\n"
+    assert onnx_path.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_failed_check_leaves_nothing_behind(exports, checkpoint, tmp_path, monkeypatch, capsys):
+    """An export that disagrees with Keras is refused in one line, and no file remains."""
+    monkeypatch.setattr(step6, "write_onnx", lambda model, path: shutil.copy(exports["onnx"], path))
+    real_run_export = step6.run_export
+
+    def off_by_a_little(path, export_format, images):
+        return {name: prob + 2e-5 for name, prob in real_run_export(path, export_format, images).items()}
+
+    monkeypatch.setattr(step6, "run_export", off_by_a_little)
+    out = tmp_path / "bad.onnx"
+    assert step6.main(["--model-weights", str(checkpoint), "--format", "onnx", str(out)]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: export check failed: onnx differs from the Keras model by 2")
+    assert error.endswith("(more than 1e-05) on 4 test images; nothing written")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- step2
+@pytest.fixture(scope="module")
+def keras_predictions(checkpoint, slices, tmp_path_factory) -> dict[bool, tuple[str, list[dict]]]:
+    """step2's stdout and CSV rows on the Keras checkpoint, without and with --tta."""
+    results = {}
+    for tta in (False, True):
+        csv_path = tmp_path_factory.mktemp("keras_csv") / "keras.csv"
+        argv = ["--model-weights", str(checkpoint), "--batch-size", "3", "--csv", str(csv_path)]
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            assert step2.main([*argv, *(["--tta"] if tta else []), *slices]) == 0
+        results[tta] = (stdout.getvalue(), read_csv(csv_path))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("export_format", ["onnx", "openvino"])
+def test_step2_prints_the_keras_checkpoints_lines(
+    exports, export_format, keras_predictions, slices, tmp_path, capsys, openvino_cache
+):
+    for tta in ([], ["--tta"]):
+        keras_out, keras_rows = keras_predictions[bool(tta)]
+        export_csv = tmp_path / "export.csv"
+        argv = ["--batch-size", "3", *tta, "--overwrite"]
+        export_argv = ["--model-weights", str(exports[export_format]), "--csv", str(export_csv)]
+        assert step2.main([*export_argv, *argv, *slices]) == 0
+        captured = capsys.readouterr()
+        assert "run by " + {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}[export_format] in captured.err
+        export_rows = read_csv(export_csv)
+        assert_same_lines(captured.out, keras_out, [float(row["prob_pcnsl"]) for row in keras_rows])
+        assert len(keras_out.splitlines()) == len(slices)
+        assert [row["path"] for row in export_rows] == slices == [row["path"] for row in keras_rows]
+        for column in ("prob_gbm", "prob_pcnsl"):
+            np.testing.assert_allclose(
+                [float(row[column]) for row in export_rows],
+                [float(row[column]) for row in keras_rows],
+                rtol=0,
+                atol=1e-5,
+            )
+    if export_format == "openvino":  # compiled once, then loaded from the cache
+        assert any(path.suffix == ".blob" for path in openvino_cache.glob("*/*"))
+
+
+@pytest.mark.slow
+def test_step2_on_exports_never_imports_tensorflow(exports, slices, openvino_cache):
+    code = (
+        "import sys, step2_predict\n"
+        f"for model in ({str(exports['onnx'])!r}, {str(exports['openvino'])!r}):\n"
+        f"    assert step2_predict.main(['--model-weights', model, *{slices[:3]!r}]) == 0\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules, "
+        "any(name.startswith(('tensorflow', 'keras', 'tf_keras')) for name in sys.modules))\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(openvino_cache.parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "False False False"
+    assert lines[:3] == lines[3:6] and len(lines) == 7  # ONNX Runtime and OpenVINO agree
+
+
+@pytest.mark.slow
+def test_corrupt_export_gives_one_line_error(exports, slices, tmp_path, capsys):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(exports["onnx"].read_bytes()[:100_000])
+    garbage = tmp_path / "garbage.xml"
+    garbage.write_text("<net><layers><layer id='0'")
+    shutil.copy(exports["openvino"].with_suffix(".bin"), garbage.with_suffix(".bin"))
+    for path in (truncated, garbage):
+        assert step2.main(["--model-weights", str(path), slices[0]]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"error: {path}: cannot load exported model (")
+        assert len(captured.err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_mismatched_bin_gives_one_line_error_even_after_caching(exports, slices, tmp_path, capsys):
+    """A .bin that does not belong to its .xml is refused, also when the .xml's compiled
+    model sits in OpenVINO's cache from an earlier run."""
+    xml = tmp_path / "model.xml"
+    shutil.copy(exports["openvino"], xml)
+    shutil.copy(exports["openvino"].with_suffix(".bin"), xml.with_suffix(".bin"))
+    assert step2.main(["--model-weights", str(xml), slices[0]]) == 0  # compiled into the cache
+    capsys.readouterr()
+    weights = xml.with_suffix(".bin").read_bytes()
+    xml.with_suffix(".bin").write_bytes(weights[: len(weights) // 2])
+    assert step2.main(["--model-weights", str(xml), slices[0]]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: {xml}: cannot load exported model (")
+    assert len(captured.err.splitlines()) == 1
+    xml.with_suffix(".bin").unlink()
+    assert step2.main(["--model-weights", str(xml), slices[0]]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {xml}: cannot load exported model (")
+
+
+@pytest.mark.parametrize(("suffix", "module"), [(".onnx", "onnxruntime"), (".xml", "openvino")])
+def test_missing_runtime_says_what_to_install(suffix, module, demo_data, tmp_path, monkeypatch, capsys):
+    model_path = tmp_path / f"model{suffix}"
+    model_path.write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    image = next(demo_data.glob("gbm/*/*.png"))
+    assert step2.main(["--model-weights", str(model_path), str(image)]) == 2
+    name = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}[module]
+    assert capsys.readouterr().err == (
+        f"error: {model_path}: running this model needs {name}, which is not installed "
+        f"(pip install -r requirements.txt, or pip install {module})\n"
+    )
