@@ -1038,8 +1038,9 @@ def fit_across_workers(
     worker's share of the training stream (make_shard_dataset), with the loss and the
     metrics computed from every replica's predictions (strategy.gather), so that all
     workers log the same numbers. It drives the callbacks of fit(): the chief writes
-    history.csv, the best-only checkpoints and the backup; the other workers write nothing
-    and restore the chief's backup on --resume. Returns the EarlyStopping callback (or None)."""
+    history.csv, the best-only checkpoints and the backup; the other workers save alike
+    (saving takes every worker) into a scratch folder they delete, and restore the chief's
+    backup on --resume. Returns the EarlyStopping callback (or None)."""
     import keras
     import tensorflow as tf
 
