@@ -63,6 +63,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -279,7 +280,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("auto", "none", "mirrored", "multiworker"),
         default="auto",
         help="auto: MirroredStrategy when more than one GPU is visible; mirrored: all local GPUs "
-        "(or all logical CPUs); multiworker: MultiWorkerMirroredStrategy from TF_CONFIG (default auto)",
+        "(or all logical CPUs); multiworker: MultiWorkerMirroredStrategy over several machines, "
+        "cluster from TF_CONFIG or Slurm (see the README) (default auto)",
     )
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN_DIR")
     parser.add_argument(
@@ -718,27 +720,46 @@ def library_versions() -> dict:
 
 def make_strategy(name: str):
     """(tf.distribute strategy, its name, whether this process is the chief) for --distribute.
-    Call it before any other TensorFlow work: MultiWorkerMirroredStrategy must come first."""
+    Call it before any other TensorFlow work: MultiWorkerMirroredStrategy must come first.
+    multiworker reads the cluster from TF_CONFIG or, without it, from Slurm's variables."""
     import tensorflow as tf
 
     if name == "multiworker":
-        if "TF_CONFIG" not in os.environ:
-            raise UserError("--distribute multiworker: set TF_CONFIG (cluster and task) on every worker")
-        try:
-            config = json.loads(os.environ["TF_CONFIG"])
-            task = config["task"]
-            is_chief = task["type"] == "chief" or (
-                "chief" not in config["cluster"] and task["type"] == "worker" and int(task["index"]) == 0
+        resolver = None
+        if "TF_CONFIG" in os.environ:
+            try:
+                config = json.loads(os.environ["TF_CONFIG"])
+                config["task"]["type"], int(config["task"]["index"]), config["cluster"]  # all present?
+            except KeyError as error:
+                raise UserError(
+                    f"--distribute multiworker: TF_CONFIG lacks {error} (set it on every worker)"
+                ) from error
+            except (ValueError, TypeError) as error:
+                raise UserError(
+                    f"--distribute multiworker: TF_CONFIG is not a valid cluster spec ({error})"
+                ) from error
+        elif slurm_task() is not None:
+            resolver = slurm_cluster_resolver()
+        else:
+            raise UserError(
+                "--distribute multiworker: set TF_CONFIG (cluster and task) on every worker, or start "
+                "the workers with Slurm's srun"
             )
-        except KeyError as error:
-            raise UserError(
-                f"--distribute multiworker: TF_CONFIG lacks {error} (set it on every worker)"
-            ) from error
-        except (ValueError, TypeError) as error:
-            raise UserError(
-                f"--distribute multiworker: TF_CONFIG is not a valid cluster spec ({error})"
-            ) from error
-        return tf.distribute.MultiWorkerMirroredStrategy(), "MultiWorkerMirroredStrategy", is_chief
+        # RING: gRPC collectives between the workers' CPUs; NCCL between GPUs (AUTO picks it).
+        gpus = tf.config.list_physical_devices("GPU")
+        implementation = tf.distribute.experimental.CommunicationImplementation
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation.AUTO if gpus else implementation.RING
+        )
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options
+        )
+        task_type, task_index = strategy.cluster_resolver.task_type, strategy.cluster_resolver.task_id
+        cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+        is_chief = task_type == "chief" or (
+            "chief" not in cluster and task_type == "worker" and task_index == 0
+        )
+        return strategy, "MultiWorkerMirroredStrategy", is_chief
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "none"
@@ -746,6 +767,151 @@ def make_strategy(name: str):
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy(devices=[d.name for d in devices]), "MirroredStrategy", True
     return tf.distribute.get_strategy(), "default strategy", True
+
+
+# ---------------------------------------------------------------------------- several machines
+# Keras 3's fit cannot train under MultiWorkerMirroredStrategy with the TensorFlow backend
+# (keras-team/keras#20585: "Attempt to convert a value (PerReplica...)"), so a multi-worker
+# run trains with the custom step below and drives the same Keras callbacks by hand.
+SLURM_PORT_BASE = 20000  # the workers listen on SLURM_PORT_BASE + (job id % 20000) + task on node
+
+
+def slurm_task() -> int | None:
+    """This process's Slurm task number (SLURM_PROCID) inside an srun job step, else None."""
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_NODELIST" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
+    return None
+
+
+def is_other_worker() -> bool:
+    """True in a worker process of a multi-worker cluster (TF_CONFIG or Slurm) that is not
+    its chief; known without importing TensorFlow."""
+    try:
+        config = json.loads(os.environ["TF_CONFIG"])
+        kind, index = config["task"]["type"], int(config["task"]["index"])
+        return not (kind == "chief" or (kind == "worker" and index == 0 and "chief" not in config["cluster"]))
+    except (KeyError, ValueError, TypeError):
+        return (slurm_task() or 0) > 0
+
+
+def slurm_cluster_resolver():
+    """tf.distribute's SlurmClusterResolver for the current srun step: one worker per Slurm
+    task, on port SLURM_PORT_BASE + job id % 20000 (+ the task's rank on its node), so that
+    two jobs sharing a node pick different ports. A task's GPUs are those Slurm gave it."""
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver
+    port_base = SLURM_PORT_BASE + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+    gpus = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if gpus:
+        return resolver(port_base=port_base, gpus_per_node=len(gpus))
+    # CPU nodes: no GPU to hand out (the resolver would otherwise run nvidia-smi).
+    tasks_per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1")
+    most = max(int(part.split("(")[0]) for part in tasks_per_node.split(","))
+    return resolver(port_base=port_base, gpus_per_node=most, gpus_per_task=1, auto_set_gpu=False)
+
+
+def shard_layout(count: int, replicas: int, batch_size: int) -> np.ndarray:
+    """How one epoch of `count` slices is cut across `replicas` replicas: an int array
+    (steps, replicas + 1) of positions in the epoch's order, replica r taking positions
+    [bounds[s, r], bounds[s, r + 1]) at step s. The steps' global batches hold at most
+    replicas * batch_size slices and differ in size by at most one; every replica gets at
+    least one slice per step (a replica with an empty batch would break BatchNormalization),
+    so each step has the same number of slices, +-1, on every replica. Every position is
+    taken exactly once. Raises UserError if there are fewer slices than replicas."""
+    if count < replicas:
+        raise UserError(f"{count} slice(s) cannot be shared by {replicas} replicas (at least one each)")
+    steps = max(1, min(math.ceil(count / (replicas * batch_size)), count // replicas))
+    starts = np.arange(steps + 1) * count // steps  # the global batches
+    sizes = np.diff(starts)
+    return starts[:-1, None] + np.arange(replicas + 1)[None, :] * sizes[:, None] // replicas
+
+
+def make_shard_dataset(
+    reader: HDF5Images,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    layout: np.ndarray,
+    replicas: range,
+    augmentation: str = "none",
+    seed: int = 0,
+    epochs: tuple[int, int] | None = None,
+    strong: StrongAugmentation | None = None,
+):
+    """One worker's share of make_dataset's stream, for distribute_datasets_from_function:
+    batches (images, labels (B, 1), record indices (B,), global batch size) for its
+    `replicas` at every step of `layout` (shard_layout), step by step. Each epoch is the
+    very permutation, with the very augmentation draws, that make_dataset gives: every
+    worker computes it and keeps its own positions, so the workers' shares are disjoint and
+    together cover the epoch once. Without `epochs`: one ordered, unaugmented pass."""
+    import tensorflow as tf
+
+    label_table = tf.constant(labels, tf.float32)
+    height, width = reader.size
+    index_tensor = tf.constant(indices, tf.int64)
+    pieces = [
+        (layout[s, r], layout[s, r + 1], layout[s, -1] - layout[s, 0])
+        for s in range(len(layout))
+        for r in replicas
+    ]
+    starts, stops, global_sizes = (
+        tf.constant(np.array(column, np.int64)) for column in zip(*pieces, strict=True)
+    )
+
+    def epoch_stream(epoch, order, epoch_seed):
+        def load(position, index):
+            image = tf.numpy_function(reader.read, [index], tf.uint8, stateful=False)
+            image = tf.cast(tf.ensure_shape(image, [height, width, 3]), tf.float32)
+            if epoch_seed is not None:
+                image = augment_image(
+                    image,
+                    tf.random.experimental.stateless_fold_in(epoch_seed, position),
+                    augmentation,
+                    strong,
+                )
+            return image, tf.gather(label_table, index)[None], index
+
+        def piece(start, stop, global_size):
+            positions = tf.range(start, stop)
+            images = tf.data.Dataset.from_tensor_slices((positions, tf.gather(order, positions)))
+            images = images.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(stop - start)
+            return images.map(
+                lambda image, label, index: (image, label, index, tf.cast(global_size, tf.float32))
+            )
+
+        # Each piece is one batch: interleaving them in parallel keeps their order.
+        return tf.data.Dataset.from_tensor_slices((starts, stops, global_sizes)).interleave(
+            piece, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+
+    if epochs is None:
+        dataset = epoch_stream(0, index_tensor, None)
+    else:
+        fold_in = tf.random.experimental.stateless_fold_in
+
+        def one_epoch(epoch):  # as in make_dataset
+            order = tf.random.experimental.stateless_shuffle(
+                index_tensor, fold_in(tf.constant([seed, 1], tf.int64), epoch)
+            )
+            return epoch_stream(epoch, order, fold_in(tf.constant([seed, 2], tf.int64), epoch))
+
+        dataset = tf.data.Dataset.range(*epochs).flat_map(one_epoch)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF
+    )  # sharded here
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def agree_on_first_epoch(strategy, first_epoch: int, is_chief: bool) -> int:
+    """The chief's first epoch, on every worker. A collective: it also waits until every
+    worker (the chief above all, which repairs the backup) is past the run folder's set-up."""
+    import tensorflow as tf
+
+    share = float(first_epoch) / len(strategy.extended.worker_devices) if is_chief else 0.0
+    per_replica = strategy.run(tf.function(lambda: tf.constant(share)))
+    return int(round(float(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))))
 
 
 # ---------------------------------------------------------------------------- callbacks
@@ -849,6 +1015,8 @@ def check_run_folder(args: argparse.Namespace, run_dir: Path) -> RunFolder:
             )
             raise UserError(f"{run_dir}: --resume needs the run's own settings: {listed}")
         run.previous = previous
+    elif args.distribute == "multiworker" and is_other_worker():
+        pass  # a worker that is not the chief: the chief checks (and writes) the run folder
     elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not args.overwrite:
             raise UserError(f"{run_dir}: exists; pick a new run folder, --resume it or --overwrite it")
@@ -995,9 +1163,8 @@ def open_run_folder(
         raise UserError(f"{cohort.hdf5}: its content changed since the run started (SHA-256 differs)")
     if run.previous is None and args.overwrite and run.run_json.is_file() and distribution.is_chief:
         shutil.rmtree(run.path)
-    if not distribution.is_chief:
-        task = json.loads(os.environ["TF_CONFIG"])["task"]
-        run = RunFolder(run.path / "workers" / f"{task['type']}_{task['index']}", run.previous)
+    if not distribution.is_chief:  # the chief writes the run folder, the other workers nothing
+        return run, {}, 0
     run.path.mkdir(parents=True, exist_ok=True)
     first_epoch = backup_epoch(run.backup_dir) if run.previous is not None else 0
     if run.previous is not None:
@@ -1041,6 +1208,54 @@ def open_run_folder(
     return run, info, first_epoch
 
 
+def training_callbacks(
+    args: argparse.Namespace, run: RunFolder, steps_per_epoch: int, folder: Path | None = None
+) -> tuple[list, object]:
+    """The callbacks of both training loops (fit and fit_across_workers), in this order:
+    learning-rate schedule, best-only checkpoints on --monitor, history.csv, the backup for
+    --resume, progress, TensorBoard, early stopping. Returns (callbacks, EarlyStopping or
+    None). `folder` holds the checkpoints and the backup (default: the run folder); the
+    other workers of a multi-worker run save into a scratch folder and write no history."""
+    import keras
+
+    writes_run = folder is None
+    folder = run.path if folder is None else folder
+    monitor = getattr(args, "monitor", "val_loss")
+    mode = MONITORS[monitor]
+    done = [float(r[monitor]) for r in read_history(run.history_csv)[1] if r.get(monitor)]
+    initial = args.learning_rate
+    callbacks = [
+        keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate_at(epoch, initial)),
+        keras.callbacks.ModelCheckpoint(
+            str(folder / ("ckpt_{epoch:03d}_{" + monitor + ":.4f}.keras")),
+            monitor=monitor,
+            mode=mode,
+            save_best_only=True,
+            # A resumed run only saves improvements.
+            initial_value_threshold=(min if mode == "min" else max)(done) if done else None,
+        ),
+    ]
+    if writes_run:
+        # CSVLogger before BackupAndRestore: a crash between the two repeats a row (cut on
+        # resume), never loses one.
+        callbacks.append(keras.callbacks.CSVLogger(str(run.history_csv), append=True))
+    # Two generations of backup: a kill while the weights are written keeps the older one.
+    callbacks.append(keras.callbacks.BackupAndRestore(str(folder / "backup"), double_checkpoint=True))
+    callbacks.append(progress_callback(args.epochs, steps_per_epoch))
+    if getattr(args, "tensorboard", False) and writes_run:
+        # After LearningRateScheduler, which puts the epoch's learning rate into the logs.
+        callbacks.append(
+            keras.callbacks.TensorBoard(str(run.path / "tensorboard"), write_graph=False, profile_batch=0)
+        )
+    early_stopping = None
+    if args.early_stopping:
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor=monitor, mode=mode, patience=args.early_stopping
+        )
+        callbacks.append(early_stopping)
+    return callbacks, early_stopping
+
+
 def fit(
     args: argparse.Namespace,
     model,
@@ -1053,7 +1268,6 @@ def fit(
 ):
     """Phase 7: train epochs first_epoch..args.epochs-1 with Keras's fit; returns the
     EarlyStopping callback (or None)."""
-    import keras
 
     global_batch = args.batch_size * distribution.replicas
     train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
@@ -1070,38 +1284,7 @@ def fit(
         StrongAugmentation.from_args(args),
     )
     val_data = make_dataset(reader, val_indices, cohort.labels, global_batch)
-    monitor = getattr(args, "monitor", "val_loss")
-    mode = MONITORS[monitor]
-    done = [float(r[monitor]) for r in read_history(run.history_csv)[1] if r.get(monitor)]
-    initial = args.learning_rate
-    fit_callbacks = [
-        keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate_at(epoch, initial)),
-        keras.callbacks.ModelCheckpoint(
-            str(run.path / ("ckpt_{epoch:03d}_{" + monitor + ":.4f}.keras")),
-            monitor=monitor,
-            mode=mode,
-            save_best_only=True,
-            # A resumed run only saves improvements.
-            initial_value_threshold=(min if mode == "min" else max)(done) if done else None,
-        ),
-        # CSVLogger before BackupAndRestore: a crash between the two repeats a row (cut on
-        # resume), never loses one.
-        keras.callbacks.CSVLogger(str(run.history_csv), append=True),
-        # Two generations of backup: a kill while the weights are written keeps the older one.
-        keras.callbacks.BackupAndRestore(str(run.backup_dir), double_checkpoint=True),
-        progress_callback(args.epochs, steps_per_epoch),
-    ]
-    if getattr(args, "tensorboard", False):
-        # After LearningRateScheduler, which puts the epoch's learning rate into the logs.
-        fit_callbacks.append(
-            keras.callbacks.TensorBoard(str(run.path / "tensorboard"), write_graph=False, profile_batch=0)
-        )
-    early_stopping = None
-    if args.early_stopping:
-        early_stopping = keras.callbacks.EarlyStopping(
-            monitor=monitor, mode=mode, patience=args.early_stopping
-        )
-        fit_callbacks.append(early_stopping)
+    fit_callbacks, early_stopping = training_callbacks(args, run, steps_per_epoch)
     fit_callbacks += callbacks or []
     if first_epoch >= args.epochs:
         log.info("all %d epochs were already done", args.epochs)
@@ -1119,6 +1302,185 @@ def fit(
     if run.backup_dir.exists():  # e.g. nothing left to train: BackupAndRestore did not clean up
         shutil.rmtree(run.backup_dir)
     return early_stopping
+
+
+def fit_across_workers(
+    args: argparse.Namespace,
+    model,
+    run: RunFolder,
+    cohort: Cohort,
+    is_val: np.ndarray,
+    distribution: Distribution,
+    first_epoch: int,
+    callbacks: list | None = None,
+):
+    """Phase 7 under MultiWorkerMirroredStrategy, where Keras 3's fit fails: a custom step
+    (strategy.run; gradients summed across all replicas by the optimizer) over each
+    worker's share of the training stream (make_shard_dataset), with the loss and the
+    metrics computed from every replica's predictions (strategy.gather), so that all
+    workers log the same numbers. It drives the callbacks of fit(): the chief writes
+    history.csv, the best-only checkpoints and the backup; the other workers save alike
+    (saving takes every worker) into a scratch folder they delete, and restore the chief's
+    backup on --resume. Returns the EarlyStopping callback (or None)."""
+    import keras
+    import tensorflow as tf
+
+    strategy = distribution.strategy
+    replicas = distribution.replicas
+    train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    reader = HDF5Images(cohort.hdf5, cohort.size)
+    train_layout = shard_layout(len(train_indices), replicas, args.batch_size)
+    val_layout = shard_layout(len(val_indices), replicas, args.batch_size)
+    first_epoch = agree_on_first_epoch(strategy, first_epoch, distribution.is_chief)
+
+    def shard(indices, layout, epochs):
+        def dataset_fn(context: tf.distribute.InputContext):
+            local = context.num_replicas_in_sync // context.num_input_pipelines
+            mine = range(context.input_pipeline_id * local, (context.input_pipeline_id + 1) * local)
+            return make_shard_dataset(
+                reader,
+                indices,
+                cohort.labels,
+                layout,
+                mine,
+                args.augmentation,
+                args.seed,
+                epochs,
+                StrongAugmentation.from_args(args),
+            )
+
+        return strategy.distribute_datasets_from_function(dataset_fn)
+
+    train_data = shard(train_indices, train_layout, (first_epoch, max(args.epochs, first_epoch + 1)))
+    val_data = shard(val_indices, val_layout, None)
+
+    # The metrics of build_compiled_model, as plain (per-process) Keras metrics fed with
+    # every replica's predictions.
+    metrics = {
+        "loss": keras.metrics.Mean(name="loss"),
+        "accuracy": keras.metrics.BinaryAccuracy(name="accuracy"),
+        "auc": keras.metrics.AUC(name="auc"),
+    }
+    val_metrics = {
+        f"val_{name}": metric.__class__.from_config(metric.get_config()) for name, metric in metrics.items()
+    }
+    optimizer = model.optimizer
+
+    def replica_step(images, labels, global_size, training):
+        size = tf.cast(tf.shape(labels)[0], tf.float32)
+        with tf.GradientTape() as tape:
+            probabilities = model(images, training=training)
+            # Keras divides each replica's loss by the number of replicas: undo it.
+            loss = model.compute_loss(x=images, y=labels, y_pred=probabilities, training=training) * replicas
+            # Weighted by the replica's share of the global batch: summed over the
+            # replicas, the gradient is that of the global batch's mean loss.
+            scaled = optimizer.scale_loss(loss * size / global_size)
+        if training:
+            gradients = tape.gradient(scaled, model.trainable_weights)
+            optimizer.apply_gradients(zip(gradients, model.trainable_weights, strict=True))
+        return probabilities, loss[None], size[None]
+
+    def update(tracked, labels, outputs):
+        probabilities, losses, sizes = (strategy.gather(value, axis=0) for value in outputs)
+        labels = strategy.gather(labels, axis=0)
+        names = list(tracked)
+        tracked[names[0]].update_state(losses, sample_weight=sizes)
+        for name in names[1:]:
+            tracked[name].update_state(labels, probabilities)
+
+    # Keras 3 keeps a BatchNormalization moving mean and variance per replica (each from its
+    # own batches), so replicas drift apart; average them after each epoch's training, as
+    # tf.keras did (ON_READ, MEAN), so that validation, checkpoints and every worker agree.
+    moving_statistics = [v for v in model.non_trainable_variables if "float" in str(v.dtype)]
+
+    @tf.function
+    def average_moving_statistics():
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            local = [tf.identity(v.value) for v in moving_statistics]
+            means = context.all_reduce(tf.distribute.ReduceOp.MEAN, local)
+            for variable, mean in zip(moving_statistics, means, strict=True):
+                variable.assign(mean)
+
+        strategy.run(replica_fn)
+
+    # The steps take the iterator, not its batches: traced once for any batch size.
+    @tf.function
+    def train_step(iterator):
+        images, labels, indices, global_size = next(iterator)
+        update(metrics, labels, strategy.run(replica_step, args=(images, labels, global_size, True)))
+        return indices
+
+    @tf.function
+    def val_step(iterator):
+        images, labels, _, global_size = next(iterator)
+        update(val_metrics, labels, strategy.run(replica_step, args=(images, labels, global_size, False)))
+
+    # Saving reads variables with collectives, so every worker saves alike: the chief into
+    # the run folder, the others into a scratch folder of their own, deleted at the end.
+    folder = run.path if distribution.is_chief else Path(tempfile.mkdtemp(prefix="gbmpcnsl-worker-"))
+    backup_dir = folder / "backup"
+    if not distribution.is_chief and (run.backup_dir / "latest.weights.h5").is_file():
+        backup_dir.mkdir()  # all workers restore the chief's backup (a filesystem they share)
+        for name in ("latest.weights.h5", "training_metadata.json"):
+            shutil.copyfile(run.backup_dir / name, backup_dir / name)
+    callback_list, early_stopping = training_callbacks(
+        args, run, len(train_layout), None if distribution.is_chief else folder
+    )
+    callback_list = keras.callbacks.CallbackList(callback_list + (callbacks or []), model=model)
+    callback_list.set_params({"epochs": args.epochs, "steps": len(train_layout), "verbose": 0})
+
+    seen = {}  # test-only record (GBMPCNSL_WORKER_DUMP): the records this worker trained on
+    try:
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+            model.stop_training = False
+            if first_epoch >= args.epochs:
+                log.info("all %d epochs were already done", args.epochs)
+            else:
+                callback_list.on_train_begin()
+                train_iterator = iter(train_data)
+                for epoch in range(first_epoch, args.epochs):
+                    for metric in [*metrics.values(), *val_metrics.values()]:
+                        metric.reset_state()
+                    callback_list.on_epoch_begin(epoch)
+                    for step in range(len(train_layout)):
+                        callback_list.on_train_batch_begin(step)
+                        indices = train_step(train_iterator)
+                        seen.setdefault(epoch, []).extend(
+                            int(i) for local in strategy.experimental_local_results(indices) for i in local
+                        )
+                        callback_list.on_train_batch_end(step)
+                    if moving_statistics:
+                        average_moving_statistics()
+                    val_iterator = iter(val_data)
+                    for _ in range(len(val_layout)):
+                        val_step(val_iterator)
+                    logs = {name: float(m.result()) for name, m in [*metrics.items(), *val_metrics.items()]}
+                    callback_list.on_epoch_end(epoch, logs)
+                    if model.stop_training:
+                        break
+                callback_list.on_train_end()
+        dump_worker_state(model, seen, strategy)
+        if backup_dir.exists():  # e.g. nothing left to train: BackupAndRestore did not clean up
+            shutil.rmtree(backup_dir)
+    finally:
+        if not distribution.is_chief:
+            shutil.rmtree(folder, ignore_errors=True)
+    return early_stopping
+
+
+def dump_worker_state(model, seen: dict, strategy) -> None:
+    """Test-only: with GBMPCNSL_WORKER_DUMP=DIR, each worker writes its final weights
+    (DIR/<task>_weights.npz) and the records it trained on per epoch (DIR/<task>_seen.json),
+    so that a test can compare the workers. Nothing happens without the variable."""
+    folder = os.environ.get("GBMPCNSL_WORKER_DUMP")
+    if not folder:
+        return
+    resolver = strategy.cluster_resolver
+    task = f"{resolver.task_type}_{resolver.task_id}"
+    np.savez(Path(folder) / f"{task}_weights.npz", *model.get_weights())
+    write_json(Path(folder) / f"{task}_seen.json", {str(epoch): indices for epoch, indices in seen.items()})
 
 
 def finish_run(run: RunFolder, info: dict, early_stopping) -> dict:
@@ -1180,8 +1542,14 @@ def train_split(
     open the run folder, fit, finish. Returns the model as it is after the last epoch."""
     model = build_compiled_model(args, cohort.size, distribution)
     run, info, first_epoch = open_run_folder(args, run, cohort, is_val, distribution)
-    early_stopping = fit(args, model, run, cohort, is_val, distribution, first_epoch, callbacks)
-    finish_run(run, info, early_stopping)
+    if distribution.name == "MultiWorkerMirroredStrategy":  # Keras's fit fails there
+        early_stopping = fit_across_workers(
+            args, model, run, cohort, is_val, distribution, first_epoch, callbacks
+        )
+    else:
+        early_stopping = fit(args, model, run, cohort, is_val, distribution, first_epoch, callbacks)
+    if distribution.is_chief:
+        finish_run(run, info, early_stopping)
     if distribution.is_chief:
         write_val_predictions(run.path, cohort, is_val, info.get("best_checkpoint"))
     return model

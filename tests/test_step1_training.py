@@ -1,6 +1,6 @@
 """step1 trainings that need a process of their own: --resume after a SIGKILL,
 reproducibility with --deterministic, and the distribution strategies (two logical CPUs for
-MirroredStrategy; a one-worker TF_CONFIG for MultiWorkerMirroredStrategy)."""
+MirroredStrategy; MultiWorkerMirroredStrategy is tested in test_multiworker.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,6 @@ import pytest
 from test_step1 import write_h5
 
 import step1_train_model as step1
-from gbmpcnsl_common import load_model_for_inference
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
@@ -133,39 +131,3 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["replicas"] == 2 and run["global_batch_size"] == 8 and run["strategy"] == "MirroredStrategy"
     assert len(history_rows(run_dir)) == 1 and list(run_dir.glob("ckpt_001_*.keras"))
-
-
-def test_multiworker_strategy_with_one_worker_and_mixed_precision(tmp_path):
-    h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
-    run_dir = tmp_path / "run"
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    tf_config = {"cluster": {"worker": [f"localhost:{port}"]}, "task": {"type": "worker", "index": 0}}
-    argv = [
-        "--augmentation",
-        "none",
-        "--epochs",
-        "1",
-        *TINY,
-        "--distribute",
-        "multiworker",
-        "--mixed-precision",
-    ]
-    result = run_python(
-        f"""
-        import sys
-        import step1_train_model as step1
-        sys.exit(step1.main({argv!r} + [{str(h5_path)!r}, {str(run_dir)!r}]))
-        """,
-        tmp_path,
-        env={"TF_CONFIG": json.dumps(tf_config)},
-    )
-    assert "x 1 replica(s) = global batch 8 (MultiWorkerMirroredStrategy)" in result.stderr
-    assert len(history_rows(run_dir)) == 1
-    (checkpoint,) = run_dir.glob("ckpt_001_*.keras")
-    # mixed_float16 inside, float32 logit and probability (as gbmpcnsl_common.build_model sets).
-    model = load_model_for_inference(checkpoint)
-    assert model.get_layer("stem_conv").dtype_policy.name == "mixed_float16"
-    assert model.get_layer("predictions").dtype_policy.name == "float32"
-    assert model.output.dtype == "float32"
