@@ -36,14 +36,16 @@ run python step1_train_model.py --augmentation strong --epochs "$EPOCHS" --weigh
     "$OUT/train.h5" "$OUT/run"
 CHECKPOINT="$(ls "$OUT"/run/ckpt_*.keras | sort | tail -n 1)"
 
+# One line per slice, then (--per-patient) one mean probability per test patient.
 run python step2_predict.py --model-weights "$CHECKPOINT" --csv "$OUT/predictions_test.csv" \
-    "$OUT/data_test/gbm" "$OUT/data_test/pcnsl" > "$OUT/predictions_test.txt"
+    --per-patient "$OUT/patients_test.csv" "$OUT/data_test/gbm" "$OUT/data_test/pcnsl" \
+    > "$OUT/predictions_test.txt"
 
 run papermill --log-level WARNING step3_plot_training_metrics.ipynb "$OUT/step3_plot_training_metrics.ipynb" \
     -p run_dirs "[\"$OUT/run\"]" -p output_dir "$OUT/figures"
 run papermill --log-level WARNING step4_plot_roc.ipynb "$OUT/step4_plot_roc.ipynb" \
     -p predictions "{\"demo model\": \"$OUT/predictions_test.csv\"}" -p output_dir "$OUT/figures" \
-    -p n_bootstraps "$BOOTSTRAPS"
+    -p threshold_from "$OUT/run/val_predictions.csv" -p n_bootstraps "$BOOTSTRAPS"
 
 # Grad-CAM for the first slice of two test patients per class.
 mapfile -t GRADCAM_SLICES < <(ls "$OUT"/data_test/gbm/*/slice00.png | head -n 2

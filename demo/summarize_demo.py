@@ -17,8 +17,9 @@ import pandas as pd
 OUTPUTS = [
     ("demo cohort (train / test patients)", "data_train", "data_test"),
     ("step0 HDF5 file", "train.h5"),
-    ("step1 run folder (checkpoints, history.csv, run.json, split.csv)", "run"),
+    ("step1 run folder (checkpoints, history.csv, run.json, split.csv, val_predictions.csv)", "run"),
     ("step2 predictions on the test patients", "predictions_test.csv", "predictions_test.txt"),
+    ("step2 per-patient predictions (mean of the slices)", "patients_test.csv"),
     ("step3/step4 figures and metrics table", "figures"),
     ("step3/step4 executed notebooks", "step3_plot_training_metrics.ipynb", "step4_plot_roc.ipynb"),
     ("step5 Grad-CAM overlays", "gradcam"),
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  {row.model}, {row.positive_class} positive: AUROC {row.auc:.3f} "
             f"(95% bootstrap CI {row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}; "
             f"DeLong {row.delong_ci_low:.3f}-{row.delong_ci_high:.3f}), "
-            f"{row.n_images} slices, sensitivity {row.sensitivity:.3f}, specificity {row.specificity:.3f}"
+            f"{row.n_images} slices, sensitivity {row.sensitivity:.3f}, specificity {row.specificity:.3f} "
+            f"at threshold {row.threshold:.3f} (chosen on validation), Brier {row.brier:.3f}"
         )
     return 0
 
