@@ -43,30 +43,28 @@ def main(argv: list[str] | None = None) -> int:
         row = roc_analysis.class_metrics(frame, "PCNSL", n_bootstraps=args.n_bootstraps)
         print(
             f"  {augmentation:<15} slices: AUROC {row['auc']:.3f} (DeLong 95% CI {row['delong_ci_low']:.3f}-"
-            f"{row['delong_ci_high']:.3f}; bootstrap {row['auc_ci_low']:.3f}-{row['auc_ci_high']:.3f}; "
+            f"{row['delong_ci_high']:.3f}; {row['bootstrap_unit']} bootstrap {row['auc_ci_low']:.3f}-"
+            f"{row['auc_ci_high']:.3f}; "
             f"{row['n_images']} slices)   patients: AUROC {row['patient_auc']:.3f} (bootstrap "
             f"{row['patient_auc_ci_low']:.3f}-{row['patient_auc_ci_high']:.3f}; {row['n_patients']} patients)"
         )
-    paired_test = getattr(roc_analysis, "delong_paired_test", None)
+    paired_test = roc_analysis.delong_paired_test
     last = "strong" if "strong" in frames else list(frames)[-1]
     others = [name for name in frames if name != last]
-    if paired_test is None:
-        print("(no paired DeLong test in this roc_analysis; compare the CIs above with care)")
-    else:
-        for other in others:
-            a, b = frames[last], frames[other]
-            if list(a["path"]) != list(b["path"]):
-                print(
-                    f"error: predictions_{last}.csv and predictions_{other}.csv list other slices",
-                    file=sys.stderr,
-                )
-                return 1
-            score = roc_analysis.class_score
-            result = paired_test(a["label"].to_numpy(), score(a, "PCNSL"), score(b, "PCNSL"))
+    for other in others:
+        a, b = frames[last], frames[other]
+        if list(a["path"]) != list(b["path"]):
             print(
-                f"  {last} - {other}: AUROC difference {result['difference']:+.3f} (95% CI "
-                f"{result['ci_low']:+.3f} to {result['ci_high']:+.3f}), DeLong paired test p = {result['p_value']:.2g}"
+                f"error: predictions_{last}.csv and predictions_{other}.csv list other slices",
+                file=sys.stderr,
             )
+            return 1
+        score = roc_analysis.class_score
+        result = paired_test(a["label"].to_numpy(), score(a, "PCNSL"), score(b, "PCNSL"))
+        print(
+            f"  {last} - {other}: AUROC difference {result['difference']:+.3f} (95% CI "
+            f"{result['ci_low']:+.3f} to {result['ci_high']:+.3f}), DeLong paired test p = {result['p_value']:.2g}"
+        )
     return 0
 
 
