@@ -102,6 +102,35 @@ def run_main(main_body, argv) -> int:
         return 130
 
 
+# ---------------------------------------------------------------------------- files
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (what `sha256sum` prints)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_csv(path: str | Path, header: list[str], rows) -> None:
+    """A CSV file with a header, floats at full precision (repr), written through a
+    temporary file and a rename: never half-written, never a stray temporary file."""
+    import csv
+
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows([repr(v) if isinstance(v, float) else v for v in row] for row in rows)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------- images
 def is_image_file(path: Path) -> bool:
     """True for a visible file with a supported image extension (any case)."""

@@ -57,7 +57,6 @@ import argparse
 import contextlib
 import csv
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -609,15 +608,6 @@ def make_dataset(
 
 
 # ---------------------------------------------------------------------------- helpers
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (what `sha256sum` prints)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_json(path: Path, data: dict) -> None:
     """Write JSON through a temporary file and a rename: never half-written."""
     temporary = path.with_name(path.name + ".tmp")
@@ -1158,7 +1148,7 @@ def open_run_folder(
     cut history.csv back to the backed-up epochs. Returns the folder this process writes to
     (other workers of a multi-worker run keep their files apart), run.json's content and
     the first epoch to train."""
-    hdf5_sha256 = file_sha256(cohort.hdf5)
+    hdf5_sha256 = common.file_sha256(cohort.hdf5)
     if run.previous is not None and hdf5_sha256 != run.previous["hdf5_sha256"]:
         raise UserError(f"{cohort.hdf5}: its content changed since the run started (SHA-256 differs)")
     if run.previous is None and args.overwrite and run.run_json.is_file() and distribution.is_chief:
@@ -1601,22 +1591,9 @@ def write_val_predictions(
         record, prob = cohort.records[index], float(prob)
         rows.append([record["path"], repr(1.0 - prob), repr(prob), record["label"], record["group"]])
     path = run_path / VAL_PREDICTIONS_CSV
-    write_csv_rows(path, list(PREDICTION_COLUMNS), rows)
+    common.write_csv(path, list(PREDICTION_COLUMNS), rows)
     log.info("wrote %s (%d validation slices, %s)", path, len(rows), checkpoint)
     return path
-
-
-def write_csv_rows(path: Path, header: list[str], rows: list[list]) -> None:
-    """A CSV file written through a temporary file and a rename: never half-written."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- cross-validation
@@ -1840,7 +1817,7 @@ def write_oof_predictions(run_dir: Path, cohort: Cohort, fold_of: np.ndarray) ->
         for index, row in zip(indices, fold_rows, strict=True):
             rows[index] = [*row, str(fold)]
     path = run_dir / OOF_PREDICTIONS_CSV
-    write_csv_rows(path, [*PREDICTION_COLUMNS, "fold"], rows)
+    common.write_csv(path, [*PREDICTION_COLUMNS, "fold"], rows)
     log.info("every fold is done: wrote %s (%d slices)", path, len(rows))
     return path
 

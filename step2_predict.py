@@ -52,7 +52,6 @@ format, after the slice lines.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import importlib
 import os
@@ -77,6 +76,7 @@ from gbmpcnsl_common import (
     run_main,
     setup_logging,
     split_model_arguments,
+    write_csv,
 )
 from gbmpcnsl_io import add_slice_arguments, find_slices, load_slice
 
@@ -365,33 +365,6 @@ def image_batches(paths: list[str], size: tuple[int, int], batch_size: int, erro
 
 
 # ---------------------------------------------------------------------------- output
-def write_table(csv_path: Path, header: list[str], rows: list[list]) -> None:
-    """A CSV with header and rows (floats at full precision, repr); temp file + rename."""
-    temporary = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(header)
-            writer.writerows([repr(v) if isinstance(v, float) else v for v in row] for row in rows)
-        os.replace(temporary, csv_path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_csv(csv_path: Path, rows: list[tuple[str, float]]) -> None:
-    """path,prob_gbm,prob_pcnsl with full float precision; temp file + rename."""
-    temporary = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["path", "prob_gbm", "prob_pcnsl"])
-            for path, prob_pcnsl in rows:
-                writer.writerow([path, repr(1.0 - prob_pcnsl), repr(prob_pcnsl)])
-        os.replace(temporary, csv_path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _main(argv) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -485,7 +458,9 @@ def _main(argv) -> int:
             progress.update(len(prob_pcnsl))
 
     if args.csv is not None and len(predicts) == 1 and not args.per_model:
-        write_csv(args.csv, rows)
+        write_csv(
+            args.csv, ["path", "prob_gbm", "prob_pcnsl"], [[path, 1.0 - prob, prob] for path, prob in rows]
+        )
         log.info(f"wrote {args.csv}")
     elif args.csv is not None:
         header = ["path", "prob_gbm", "prob_pcnsl", "prob_pcnsl_std"]
@@ -495,7 +470,7 @@ def _main(argv) -> int:
         for (path, prob), members in zip(rows, member_rows, strict=True):
             extra = [float(v) for v in members] if args.per_model else []
             table.append([path, 1.0 - prob, prob, float(np.std(members)), *extra])
-        write_table(args.csv, header, table)
+        write_csv(args.csv, header, table)
         log.info(f"wrote {args.csv}")
     if args.per_patient is not None:
         patients = aggregate_patients(rows, args.aggregate)
@@ -503,7 +478,7 @@ def _main(argv) -> int:
             for patient, _, prob in patients:
                 print(result_line(patient, prob))
         else:
-            write_table(
+            write_csv(
                 Path(args.per_patient),
                 ["patient_id", "n_slices", "prob_gbm", "prob_pcnsl"],
                 [[patient, n_slices, 1.0 - prob, prob] for patient, n_slices, prob in patients],

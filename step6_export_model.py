@@ -49,7 +49,6 @@ failed check.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -63,6 +62,7 @@ from gbmpcnsl_common import (
     CLASS_NAMES,
     UserError,
     __version__,
+    file_sha256,
     import_tensorflow,
     load_model_for_inference,
     log,
@@ -114,14 +114,6 @@ def output_files(out: Path, export_format: str) -> list[Path]:
     if export_format == "openvino":
         files.insert(1, out.with_suffix(".bin"))
     return files
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_images(size: tuple[int, int], count: int = CHECK_IMAGES) -> np.ndarray:
