@@ -374,11 +374,21 @@ IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("imagenet", "paper")
 
 
-def dense_kernel_initializer():
-    """The original's DENSE_KERNEL_INITIALIZER (that of keras.applications' EfficientNet
-    top): uniform in +-sqrt(1 / fan_out)."""
+HEAD_INITIALIZERS = ("original", "glorot")
+
+
+def dense_kernel_initializer(head_init: str = "original"):
+    """The logit layer's kernel initializer. "original": the original's
+    DENSE_KERNEL_INITIALIZER (that of keras.applications' EfficientNet top), uniform in
+    +-sqrt(1 / fan_out), i.e. +-1 for our one output. "glorot": Keras's default, about 15x
+    smaller for EfficientNetB0; from scratch, the original's large initial logits (a first
+    training loss near 6 instead of 0.85) kept the demo model from learning in 40 epochs."""
     import keras
 
+    if head_init not in HEAD_INITIALIZERS:
+        raise UserError(f"--head-init {head_init}: expected one of {', '.join(HEAD_INITIALIZERS)}")
+    if head_init == "glorot":
+        return keras.initializers.GlorotUniform()
     return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_out", distribution="uniform")
 
 
@@ -441,6 +451,7 @@ def build_model(
     input_shape: tuple[int, int, int] = (380, 380, 3),
     weights: str | None = "imagenet",
     normalization: str = "imagenet",
+    head_init: str = "original",
 ):
     """EfficientNet backbone -> GlobalAveragePooling2D("avg_pool") -> Dropout(0.5) ->
     Dense(1) logit ("logit") -> sigmoid in float32 ("predictions"), giving P(PCNSL).
@@ -475,7 +486,7 @@ def build_model(
     features = keras.layers.Dropout(0.5, name="top_dropout")(features)
     # Float32 head: with mixed_float16 the logit and the probability stay float32.
     logit = keras.layers.Dense(
-        1, dtype="float32", kernel_initializer=dense_kernel_initializer(), name=LOGIT_LAYER
+        1, dtype="float32", kernel_initializer=dense_kernel_initializer(head_init), name=LOGIT_LAYER
     )(features)
     prob_pcnsl = keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_LAYER)(logit)
     return keras.Model(inputs, prob_pcnsl, name=f"{backbone}_gbm_pcnsl")

@@ -195,6 +195,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default); paper, (x/255 - mean) / sqrt(std) as TF 2.5 gave the paper's models",
     )
     parser.add_argument(
+        "--head-init",
+        choices=common.HEAD_INITIALIZERS,
+        default="original",
+        help="kernel initializer of the logit layer: original, the paper's (default); glorot, "
+        "Keras's default, for training from scratch (the original's large initial logits stall it)",
+    )
+    parser.add_argument(
         "--backbone",
         choices=common.BACKBONES,
         default="efficientnetb4",
@@ -1113,7 +1120,7 @@ def build_compiled_model(args: argparse.Namespace, size: tuple[int, int], distri
         if args.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         with distribution.strategy.scope():
-            model = common.build_model(args.backbone, (*size, 3), weights, args.normalization)
+            model = common.build_model(args.backbone, (*size, 3), weights, args.normalization, args.head_init)
     finally:
         keras.mixed_precision.set_global_policy(policy)
     if getattr(args, "batchnorm_momentum", None) is not None:

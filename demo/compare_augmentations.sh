@@ -31,7 +31,7 @@ run python step0_convert_images_to_hdf5.py "$OUT/data_train" "$OUT/train.h5" --s
 for AUGMENTATION in $AUGMENTATIONS; do
     # Same seed: same split, same initial weights, same order of the slices.
     run python step1_train_model.py --augmentation "$AUGMENTATION" --epochs "$EPOCHS" --weights none \
-        --backbone "$BACKBONE" --learning-rate 1e-3 --batchnorm-momentum 0.9 --seed 0 \
+        --backbone "$BACKBONE" --learning-rate 1e-3 --batchnorm-momentum 0.9 --head-init glorot --seed 0 \
         "$OUT/train.h5" "$OUT/run_$AUGMENTATION"
     CHECKPOINT="$(ls "$OUT/run_$AUGMENTATION"/ckpt_*.keras | sort | tail -n 1)"  # the best one
     run python step2_predict.py --model-weights "$CHECKPOINT" --csv "$OUT/predictions_$AUGMENTATION.csv" \

@@ -73,6 +73,13 @@ def test_logit_kernel_initializer_is_the_originals():
     # fan_out of Dense(1) is 1: uniform in +-sqrt(3 * (1/3) / 1) = +-1.
     kernel = model.get_layer("logit").get_weights()[0]
     assert np.abs(kernel).max() <= 1.0 and np.abs(kernel).max() > 0.5
+    # --head-init glorot (for training from scratch): Keras's default, +-sqrt(6 / (1280 + 1)).
+    glorot = build_model("efficientnetb0", (32, 32, 3), weights=None, head_init="glorot")
+    assert isinstance(glorot.get_layer("logit").kernel_initializer, keras.initializers.GlorotUniform)
+    limit = np.sqrt(6 / (1280 + 1))
+    assert limit / 2 < np.abs(glorot.get_layer("logit").get_weights()[0]).max() <= limit
+    assert step1.parse_args(["d.h5", "run"]).head_init == "original"
+    assert step1.parse_args(["d.h5", "run", "--head-init", "glorot"]).head_init == "glorot"
 
 
 def test_imagenet_weights_match_keras_applications_own_graph(tmp_path, monkeypatch):
