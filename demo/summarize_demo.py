@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in metrics.itertuples():
         print(
             f"  {row.model}, {row.positive_class} positive: AUROC {row.auc:.3f} "
-            f"(95% bootstrap CI {row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}; "
+            f"(95% {row.bootstrap_unit} bootstrap CI {row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}; "
             f"DeLong {row.delong_ci_low:.3f}-{row.delong_ci_high:.3f}), "
             f"{row.n_images} slices, sensitivity {row.sensitivity:.3f}, specificity {row.specificity:.3f} "
             f"at threshold {row.threshold:.3f} (chosen on validation), Brier {row.brier:.3f}"
