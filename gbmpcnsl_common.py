@@ -131,6 +131,32 @@ def write_csv(path: str | Path, header: list[str], rows) -> None:
         temporary.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def interrupt_between_batches():
+    """Defer Ctrl-C to a batch boundary: inside, SIGINT is only recorded, and the yielded
+    check() raises KeyboardInterrupt where the caller calls it (between batches). A
+    KeyboardInterrupt raised in the middle of a TensorFlow call, with tf.data threads
+    running, crashed step2 in glibc (free(): invalid next size) instead of exiting 130."""
+    import signal
+
+    received = []
+
+    def check() -> None:
+        if received:
+            raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        yield check
+        return
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    check()
+
+
 # ---------------------------------------------------------------------------- images
 def is_image_file(path: Path) -> bool:
     """True for a visible file with a supported image extension (any case)."""

@@ -69,6 +69,7 @@ from gbmpcnsl_common import (
     UserError,
     ensemble_checkpoints,
     import_tensorflow,
+    interrupt_between_batches,
     load_model_for_inference,
     log,
     model_input_size,
@@ -443,8 +444,12 @@ def _main(argv) -> int:
     from tqdm import tqdm
 
     rows, member_rows = [], []  # (path, mean prob_pcnsl); each model's prob_pcnsl per row
-    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None, leave=False) as progress:
+    with (
+        interrupt_between_batches() as check_interrupt,
+        tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None, leave=False) as progress,
+    ):
         for indices, images, ok in batches:
+            check_interrupt()
             member_probs = np.stack([predict(images) for predict in predicts]).astype(np.float64)
             prob_pcnsl = member_probs.mean(axis=0)  # one model: its own float32 values
             for index, prob, readable, members in zip(indices, prob_pcnsl, ok, member_probs.T, strict=True):
