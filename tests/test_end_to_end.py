@@ -121,8 +121,9 @@ def test_summary_names_outputs_and_auroc(demo_run):
     predictions = pd.read_csv(out / "predictions_test.csv")
     auc = roc_auc_score(predictions.path.str.contains("/pcnsl/"), predictions.prob_pcnsl)
     assert f"AUROC {auc:.3f}" in result.stdout
-    assert "95% bootstrap CI" in result.stdout
-    for name in ("train.h5", "predictions_test.csv", "gradcam", "figures"):
+    assert "95% patient bootstrap CI" in result.stdout  # the demo's slices come in patient folders
+    assert "(chosen on validation)" in result.stdout
+    for name in ("train.h5", "predictions_test.csv", "patients_test.csv", "gradcam", "figures"):
         assert name in result.stdout
 
 
