@@ -369,8 +369,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="also list hidden files that were skipped")
     add_slice_arguments(parser)
     args = parser.parse_args(argv)
-    if args.min_lesion_pixels < 0:
-        parser.error("--min-lesion-pixels must be at least 0")
     if min(args.size) < 1:
         parser.error("--size: H and W must be positive")
     if args.workers is None:

@@ -127,8 +127,6 @@ def parse_args(argv):
     args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)
     if not args.images:
         parser.error("the following arguments are required: IMAGE_OR_FOLDER")
-    if args.min_lesion_pixels < 0:
-        parser.error("--min-lesion-pixels must be at least 0")
     return args
 
 

@@ -272,8 +272,6 @@ def _parse_args(argv):
     args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)
     if not args.images:
         parser.error("the following arguments are required: images")
-    if args.min_lesion_pixels < 0:
-        parser.error("--min-lesion-pixels must be at least 0")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     return args
