@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gbmpcnsl.runs import CV_JSON
+
 __version__ = "1.0.0"
 
 # ---------------------------------------------------------------------------- classes
@@ -100,35 +102,6 @@ def run_main(main_body, argv) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-# ---------------------------------------------------------------------------- files
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (what `sha256sum` prints)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_csv(path: str | Path, header: list[str], rows) -> None:
-    """A CSV file with a header, floats at full precision (repr), written through a
-    temporary file and a rename: never half-written, never a stray temporary file."""
-    import csv
-
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows([repr(v) if isinstance(v, float) else v for v in row] for row in rows)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -720,7 +693,6 @@ def _is_legacy_h5(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------- ensembles
-CV_FILE = "cv.json"
 
 
 def ensemble_checkpoints(items: list[str | Path]) -> list[tuple[str, Path]]:
@@ -739,10 +711,10 @@ def ensemble_checkpoints(items: list[str | Path]) -> list[tuple[str, Path]]:
         if not path.is_dir():
             checkpoints.append((None, path))
             continue
-        cv_json = path / CV_FILE
+        cv_json = path / CV_JSON
         if not cv_json.is_file():
             raise UserError(
-                f"--model-weights {path}: a folder, but not a cross-validation run (no {CV_FILE})"
+                f"--model-weights {path}: a folder, but not a cross-validation run (no {CV_JSON})"
             )
         try:
             cv = json.loads(cv_json.read_text())
@@ -780,6 +752,6 @@ def split_model_arguments(model_weights: list[str], inputs: list[str]) -> tuple[
     """
     models = list(model_weights[:1])
     rest = list(model_weights[1:])
-    while rest and (rest[0].lower().endswith(CHECKPOINT_SUFFIXES) or (Path(rest[0]) / CV_FILE).is_file()):
+    while rest and (rest[0].lower().endswith(CHECKPOINT_SUFFIXES) or (Path(rest[0]) / CV_JSON).is_file()):
         models.append(rest.pop(0))
     return models, [*rest, *inputs]

@@ -356,6 +356,16 @@ def _series_sort_key(member: tuple[str, _DicomHeader], normal: np.ndarray | None
     return (1, header.instance_number or 0, path_text)
 
 
+def slice_options(args: argparse.Namespace) -> dict:
+    """The slice-selection flags of add_slice_arguments, as find_slices' keyword arguments."""
+    return {
+        "selection": args.slices,
+        "lesion_masks": args.lesion_masks,
+        "min_lesion_pixels": args.min_lesion_pixels,
+        "any_orientation": args.any_orientation,
+    }
+
+
 def find_slices(
     inputs: list[str | Path],
     selection: SliceSelection = ALL_SLICES,

@@ -82,6 +82,7 @@ from gbmpcnsl_io import (
     find_slices,
     is_dicom,
     load_slice,
+    slice_options,
     source_slice_names,
 )
 
@@ -396,12 +397,7 @@ def _main(argv: list[str] | None) -> int:
         raise UserError(f"{output.parent}: no such folder for the output file")
     if output.exists() and key in existing_sizes(output) and not args.overwrite:
         raise UserError(f"{output}: already holds size {key} (use --overwrite to replace it)")
-    options = {
-        "selection": args.slices,
-        "lesion_masks": args.lesion_masks,
-        "min_lesion_pixels": args.min_lesion_pixels,
-        "any_orientation": args.any_orientation,
-    }
+    options = slice_options(args)
     scanned = {folder: scan_class_folder(data_dir, folder, options) for folder in CLASS_FOLDERS}
     skipped: dict[str, list[str]] = {"hidden": [], "not an image": [], "non-axial": [], "unreadable": []}
     for _, class_skipped in scanned.values():

@@ -71,6 +71,8 @@ from pathlib import Path
 import numpy as np
 
 import gbmpcnsl_common as common
+from gbmpcnsl.files import file_sha256, write_csv, write_json
+from gbmpcnsl.runs import CV_JSON, CV_LOCK, OOF_PREDICTIONS_CSV, PREDICTION_COLUMNS, VAL_PREDICTIONS_CSV
 from gbmpcnsl_common import CLASS_FOLDERS, CLASS_LABELS, UserError, log
 
 AUGMENTATIONS = ("none", "base", "base_and_noise", "strong")
@@ -615,13 +617,6 @@ def make_dataset(
 
 
 # ---------------------------------------------------------------------------- helpers
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename: never half-written."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
 
@@ -1155,7 +1150,7 @@ def open_run_folder(
     cut history.csv back to the backed-up epochs. Returns the folder this process writes to
     (other workers of a multi-worker run keep their files apart), run.json's content and
     the first epoch to train."""
-    hdf5_sha256 = common.file_sha256(cohort.hdf5)
+    hdf5_sha256 = file_sha256(cohort.hdf5)
     if run.previous is not None and hdf5_sha256 != run.previous["hdf5_sha256"]:
         raise UserError(f"{cohort.hdf5}: its content changed since the run started (SHA-256 differs)")
     if run.previous is None and args.overwrite and run.run_json.is_file() and distribution.is_chief:
@@ -1567,8 +1562,6 @@ def train(args: argparse.Namespace, callbacks: list | None = None):
 
 
 # ---------------------------------------------------------------------------- validation predictions
-VAL_PREDICTIONS_CSV = "val_predictions.csv"
-PREDICTION_COLUMNS = ("path", "prob_gbm", "prob_pcnsl", "label", "patient_id")
 
 
 def predict_hdf5(model, cohort: Cohort, indices: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -1598,7 +1591,7 @@ def write_val_predictions(
         record, prob = cohort.records[index], float(prob)
         rows.append([record["path"], repr(1.0 - prob), repr(prob), record["label"], record["group"]])
     path = run_path / VAL_PREDICTIONS_CSV
-    common.write_csv(path, list(PREDICTION_COLUMNS), rows)
+    write_csv(path, list(PREDICTION_COLUMNS), rows)
     log.info("wrote %s (%d validation slices, %s)", path, len(rows), checkpoint)
     return path
 
@@ -1607,9 +1600,6 @@ def write_val_predictions(
 # RUN/fold_<i>/ are ordinary run folders trained by train_split, one per fold; RUN/cv.json
 # is derived from them (status, best checkpoint) each time a process writes it, under a lock,
 # so that folds trained by separate jobs at the same time leave one consistent file.
-CV_JSON = "cv.json"
-OOF_PREDICTIONS_CSV = "oof_predictions.csv"
-CV_LOCK = ".cv.lock"
 
 
 def make_folds(records: list[dict], folds: int, seed: int) -> np.ndarray:
@@ -1824,7 +1814,7 @@ def write_oof_predictions(run_dir: Path, cohort: Cohort, fold_of: np.ndarray) ->
         for index, row in zip(indices, fold_rows, strict=True):
             rows[index] = [*row, str(fold)]
     path = run_dir / OOF_PREDICTIONS_CSV
-    common.write_csv(path, [*PREDICTION_COLUMNS, "fold"], rows)
+    write_csv(path, [*PREDICTION_COLUMNS, "fold"], rows)
     log.info("every fold is done: wrote %s (%d slices)", path, len(rows))
     return path
 

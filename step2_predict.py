@@ -64,6 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gbmpcnsl.files import write_csv
 from gbmpcnsl_common import (
     CLASS_NAMES,
     UserError,
@@ -77,9 +78,8 @@ from gbmpcnsl_common import (
     run_main,
     setup_logging,
     split_model_arguments,
-    write_csv,
 )
-from gbmpcnsl_io import add_slice_arguments, find_slices, load_slice
+from gbmpcnsl_io import add_slice_arguments, find_slices, load_slice, slice_options
 
 LINE_FORMAT = "{path:<40} {percent:.2f} % {name}"
 AGGREGATES = ("mean", "median", "max")
@@ -384,15 +384,7 @@ def _main(argv) -> int:
             raise UserError(f"--per-patient {per_patient}: exists (use --overwrite to replace it)")
         if not per_patient.parent.is_dir():
             raise UserError(f"--per-patient {per_patient}: folder {per_patient.parent} does not exist")
-    paths = expand_inputs(
-        args.images,
-        {
-            "selection": args.slices,
-            "lesion_masks": args.lesion_masks,
-            "min_lesion_pixels": args.min_lesion_pixels,
-            "any_orientation": args.any_orientation,
-        },
-    )
+    paths = expand_inputs(args.images, slice_options(args))
 
     # Load the model; its input size is the image size. An exported model (.onnx, .xml)
     # runs in its own runtime and never imports TensorFlow.

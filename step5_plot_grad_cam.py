@@ -57,7 +57,7 @@ from gbmpcnsl_common import (
     split_model_arguments,
     split_slice_name,
 )
-from gbmpcnsl_io import add_slice_arguments, find_slices, is_nifti, load_slice, nifti_stem
+from gbmpcnsl_io import add_slice_arguments, find_slices, is_nifti, load_slice, nifti_stem, slice_options
 
 ALPHA = 0.4  # heatmap opacity, as the original
 HEATMAPS_FILE = "heatmaps.npz"
@@ -294,13 +294,7 @@ def _main(argv) -> int:
     setup_logging(args.verbose)
 
     # Plan every output first: a clash or an existing file stops us before any work.
-    found = find_slices(
-        args.images,
-        selection=args.slices,
-        lesion_masks=args.lesion_masks,
-        min_lesion_pixels=args.min_lesion_pixels,
-        any_orientation=args.any_orientation,
-    )
+    found = find_slices(args.images, **slice_options(args))
     for line in found.skipped["non-axial"]:
         log.warning("warning: skipped %s", line)
     if not found.names:

@@ -58,11 +58,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gbmpcnsl.files import file_sha256
 from gbmpcnsl_common import (
     CLASS_NAMES,
     UserError,
     __version__,
-    file_sha256,
     import_tensorflow,
     load_model_for_inference,
     log,

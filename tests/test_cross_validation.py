@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from test_step1 import write_h5
 
-import gbmpcnsl_common as common
 import step1_train_model as step1
+from gbmpcnsl.files import write_csv
 from gbmpcnsl_common import UserError
 
 TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
@@ -132,7 +132,7 @@ def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path):
         )
         rows = [[r["path"], repr(0.25 + i / 100), repr(0.75 - i / 100), r["label"], r["group"]]
                 for i, r in enumerate(records) if fold_of[i] == fold]  # fmt: skip
-        common.write_csv(fold_dir / "val_predictions.csv", COLUMNS, rows)
+        write_csv(fold_dir / "val_predictions.csv", COLUMNS, rows)
     for i, r in enumerate(records):
         expected.append(
             [

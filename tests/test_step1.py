@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-import gbmpcnsl_common as common
 import step1_train_model as step1
+from gbmpcnsl.files import file_sha256
 from gbmpcnsl_common import UserError, load_model_for_inference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,7 +271,7 @@ def test_trained_run_folder(trained_run, demo_h5):
     assert run["arguments"]["augmentation"] == "base" and run["arguments"]["epochs"] == 2
     assert run["arguments"]["weights"] == "none" and run["split_seed"] == 0
     assert run["hdf5_size_key"] == "64_64" and run["class_labels"] == {"gbm": 0, "pcnsl": 1}
-    assert run["hdf5_sha256"] == common.file_sha256(demo_h5)
+    assert run["hdf5_sha256"] == file_sha256(demo_h5)
     assert run["status"] == "finished" and run["global_batch_size"] == 8
     assert {"tensorflow", "keras", "numpy", "h5py", "python"} <= set(run["versions"])
     assert run["start_time"] <= run["end_time"]
