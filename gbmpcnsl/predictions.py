@@ -1,14 +1,13 @@
 """Reading what step 4 evaluates: step2's predictions CSV joined with its ground truth (a CSV,
 the CSV's own label column, or the gbm/pcnsl folder in each path), with patient ids by the
-rule every step uses; the notebooks' list and mapping parameters; each model's threshold
-chosen on its validation predictions."""
+rule every step uses; each model's threshold chosen on its validation predictions."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -170,24 +169,7 @@ def _add_patient_ids(
             )
 
 
-# ---------------------------------------------------------------------------- notebook parameters
-
-
-def as_list(value) -> list:
-    """A notebook parameter given as a list, a JSON list string or one plain string."""
-    if isinstance(value, str):
-        value = json.loads(value) if value.strip().startswith("[") else [value]
-    return list(value)
-
-
-def as_mapping(value) -> dict[str, str]:
-    """Models to evaluate: a dict name -> CSV, a JSON object string, a list of CSVs or one
-    CSV path (named after the file)."""
-    if isinstance(value, str) and value.strip().startswith("{"):
-        value = json.loads(value)
-    if isinstance(value, Mapping):
-        return {str(name): str(path) for name, path in value.items()}
-    return {Path(path).stem: str(path) for path in as_list(value)}
+# ---------------------------------------------------------------------------- validation threshold
 
 
 def thresholds_from_validation(threshold_from, model_names: Sequence[str]) -> dict[str, tuple[float, str]]:

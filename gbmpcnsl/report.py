@@ -1,6 +1,7 @@
 """What the step 3 and step 4 notebooks show and save: the metrics of each model and class
 (class_metrics, metrics_table), the tables a paper reports (summary, detail, Markdown),
-patient-level rows, and a run's training history and run.json for the step 3 curves.
+patient-level rows, the notebooks' list and mapping parameters, and a run's training history
+and run.json for the step 3 curves.
 
 Numbers come from gbmpcnsl.stats, thresholds and calibration; the frames from
 gbmpcnsl.predictions.read_predictions. Everything returns DataFrames or dicts; plotting and
@@ -306,6 +307,26 @@ def markdown_table(frame: pd.DataFrame) -> str:
     ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- notebook parameters
+
+
+def as_list(value) -> list:
+    """A notebook parameter given as a list, a JSON list string or one plain string."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else [value]
+    return list(value)
+
+
+def as_mapping(value) -> dict[str, str]:
+    """Models to evaluate: a dict name -> CSV, a JSON object string, a list of CSVs or one
+    CSV path (named after the file)."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        value = json.loads(value)
+    if isinstance(value, Mapping):
+        return {str(name): str(path) for name, path in value.items()}
+    return {Path(path).stem: str(path) for path in as_list(value)}
 
 
 # ---------------------------------------------------------------------------- training history (step 3)
