@@ -1,4 +1,4 @@
-"""Bootstrap CI of the AUC: roc_analysis.bootstrap_auc against the original step4 notebook's
+"""Bootstrap CI of the AUC: gbmpcnsl.stats.bootstrap_auc against the original step4 notebook's
 loop (one sklearn roc_auc_score call per resample, RandomState.randint indices), in one
 process on the same predictions.
 
@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import roc_analysis  # noqa: E402
+from gbmpcnsl import stats  # noqa: E402
 
 
 def original_bootstrap(y_true: np.ndarray, y_pred: np.ndarray, n_bootstraps: int, seed: int) -> np.ndarray:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     prob_pcnsl = 1 / (1 + np.exp(-(2.5 * (y_true - 0.5) + rng.normal(0, 1, args.n_predictions))))
 
     start = time.perf_counter()
-    ours = roc_analysis.bootstrap_auc(y_true, prob_pcnsl, n_bootstraps=args.n_bootstraps, seed=args.seed)
+    ours = stats.bootstrap_auc(y_true, prob_pcnsl, n_bootstraps=args.n_bootstraps, seed=args.seed)
     ours_s = time.perf_counter() - start
     start = time.perf_counter()
     original = original_bootstrap(y_true, prob_pcnsl, args.n_bootstraps, args.seed)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
     print(f"{args.n_bootstraps} resamples of {args.n_predictions} predictions, seed {args.seed}")
-    print(f"AUC of the data:       {roc_analysis.auc_score(y_true, prob_pcnsl):.4f}")
+    print(f"AUC of the data:       {stats.auc_score(y_true, prob_pcnsl):.4f}")
     print(
         f"ours (vectorised):     {ours_s:8.3f} s  95% CI {ours.ci()[0]:.4f}-{ours.ci()[1]:.4f}  skipped {ours.n_skipped}"
     )

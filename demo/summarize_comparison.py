@@ -5,9 +5,9 @@
 Reads OUT/predictions_<augmentation>.csv (step2's CSV on the demo's test patients) for each
 augmentation named, and prints one line per model: the slice-level AUROC (PCNSL positive)
 with its DeLong and bootstrap 95% CIs, and the patient-level AUROC (mean probability per
-patient) with its bootstrap 95% CI. When roc_analysis offers DeLong's paired test, the
+patient) with its bootstrap 95% CI. When the package offers DeLong's paired test, the
 `strong` model (or the last one named) is compared with each of the others on the same
-slices (slices of one patient are not independent: read the p-values as a guide). Uses roc_analysis's
+slices (slices of one patient are not independent: read the p-values as a guide). Uses gbmpcnsl's
 functions, as step4's notebook does.
 """
 
@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as demo/...: find roc_analysis
-import roc_analysis  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as demo/...: find gbmpcnsl
+from gbmpcnsl import predictions, report, stats  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         if not csv_path.is_file():
             print(f"error: {csv_path}: no such file", file=sys.stderr)
             return 1
-        frames[augmentation] = roc_analysis.read_predictions(csv_path)
+        frames[augmentation] = predictions.read_predictions(csv_path)
     print("\nTest AUROC (PCNSL positive) on the demo's unseen test patients, by training augmentation:")
     for augmentation, frame in frames.items():
-        row = roc_analysis.class_metrics(frame, "PCNSL", n_bootstraps=args.n_bootstraps)
+        row = report.class_metrics(frame, "PCNSL", n_bootstraps=args.n_bootstraps)
         print(
             f"  {augmentation:<15} slices: AUROC {row['auc']:.3f} (DeLong 95% CI {row['delong_ci_low']:.3f}-"
             f"{row['delong_ci_high']:.3f}; {row['bootstrap_unit']} bootstrap {row['auc_ci_low']:.3f}-"
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['n_images']} slices)   patients: AUROC {row['patient_auc']:.3f} (bootstrap "
             f"{row['patient_auc_ci_low']:.3f}-{row['patient_auc_ci_high']:.3f}; {row['n_patients']} patients)"
         )
-    paired_test = roc_analysis.delong_paired_test
+    paired_test = stats.delong_paired_test
     last = "strong" if "strong" in frames else list(frames)[-1]
     others = [name for name in frames if name != last]
     for other in others:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        score = roc_analysis.class_score
+        score = report.class_score
         result = paired_test(a["label"].to_numpy(), score(a, "PCNSL"), score(b, "PCNSL"))
         print(
             f"  {last} - {other}: AUROC difference {result['difference']:+.3f} (95% CI "

@@ -1,5 +1,6 @@
-"""roc_analysis's estimates beyond the AUC: cluster (patient) bootstrap, paired DeLong test
-and paired bootstrap, calibration, Wilson intervals, Youden's threshold, per-fold AUCs.
+"""The estimates beyond the AUC (gbmpcnsl.stats, calibration, thresholds, comparison):
+cluster (patient) bootstrap, paired DeLong test and paired bootstrap, calibration, Wilson
+intervals, Youden's threshold, per-fold AUCs.
 
 Every number is checked against an independent computation: sklearn (roc_auc_score with
 sample weights, brier_score_loss, calibration_curve), scipy's optimiser on the likelihood,
@@ -17,7 +18,7 @@ from scipy.stats import norm
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-import roc_analysis as ra
+from gbmpcnsl import calibration, comparison, predictions, report, stats, thresholds
 
 
 def correlated_slices(n_patients: int = 30, n_slices: int = 8, seed: int = 0, noise: float = 0.05):
@@ -37,7 +38,7 @@ def test_weighted_aucs_equal_sklearn_with_sample_weights():
     y_true = rng.integers(0, 2, 40)
     y_score = np.round(rng.random(40), 1)  # ties
     weights = rng.integers(0, 4, size=(5, 40))
-    got = ra.weighted_aucs(y_true, y_score, weights)
+    got = stats.weighted_aucs(y_true, y_score, weights)
     for row, auc in zip(weights, got, strict=True):
         assert auc == pytest.approx(roc_auc_score(y_true, y_score, sample_weight=row), abs=1e-12)
 
@@ -47,13 +48,13 @@ def test_cluster_bootstrap_equals_slice_bootstrap_with_one_slice_per_patient():
     y_true = rng.integers(0, 2, 50)
     y_score = rng.random(50) + 0.3 * y_true
     patients = [f"gbm/p{i:03d}" for i in rng.permutation(50)]  # distinct ids, any order
-    slice_bootstrap = ra.bootstrap_auc(y_true, y_score, n_bootstraps=300, seed=5, max_chunk_elements=1000)
-    cluster = ra.cluster_bootstrap_auc(
+    slice_bootstrap = stats.bootstrap_auc(y_true, y_score, n_bootstraps=300, seed=5, max_chunk_elements=1000)
+    cluster = stats.cluster_bootstrap_auc(
         y_true, y_score, patients, n_bootstraps=300, seed=5, max_chunk_elements=1000
     )
     np.testing.assert_allclose(cluster.aucs, slice_bootstrap.aucs, rtol=0, atol=1e-12)
     assert cluster.ci() == pytest.approx(slice_bootstrap.ci(), abs=1e-12)
-    no_groups = ra.cluster_bootstrap_auc(
+    no_groups = stats.cluster_bootstrap_auc(
         y_true, y_score, None, n_bootstraps=300, seed=5, max_chunk_elements=1000
     )
     np.testing.assert_allclose(no_groups.aucs, slice_bootstrap.aucs, rtol=0, atol=1e-12)
@@ -61,13 +62,13 @@ def test_cluster_bootstrap_equals_slice_bootstrap_with_one_slice_per_patient():
 
 def test_cluster_bootstrap_resamples_whole_patients():
     y_true, y_score, groups = correlated_slices(n_patients=10, n_slices=3)
-    weights = next(ra.resample_weights(groups, len(y_true), 4, seed=0))
+    weights = next(stats.resample_weights(groups, len(y_true), 4, seed=0))
     for row in weights:
         per_patient = pd.Series(row).groupby(groups).agg(["min", "max"])
         assert (per_patient["min"] == per_patient["max"]).all()  # a patient's slices come together
         assert row.sum() == len(y_true)  # 10 patients drawn, 3 slices each
     # Each resample's AUC is the AUC of the expanded resample.
-    result = ra.cluster_bootstrap_auc(y_true, y_score, groups, n_bootstraps=4, seed=0)
+    result = stats.cluster_bootstrap_auc(y_true, y_score, groups, n_bootstraps=4, seed=0)
     for row, auc in zip(weights, result.aucs, strict=True):
         index = np.repeat(np.arange(len(y_true)), row)
         assert auc == pytest.approx(roc_auc_score(y_true[index], y_score[index]), abs=1e-12)
@@ -75,26 +76,26 @@ def test_cluster_bootstrap_resamples_whole_patients():
 
 def test_cluster_bootstrap_is_wider_when_slices_of_a_patient_agree():
     y_true, y_score, groups = correlated_slices(n_patients=30, n_slices=8)
-    slice_low, slice_high = ra.bootstrap_auc(y_true, y_score, n_bootstraps=2000, seed=0).ci()
-    cluster_low, cluster_high = ra.cluster_bootstrap_auc(
+    slice_low, slice_high = stats.bootstrap_auc(y_true, y_score, n_bootstraps=2000, seed=0).ci()
+    cluster_low, cluster_high = stats.cluster_bootstrap_auc(
         y_true, y_score, groups, n_bootstraps=2000, seed=0
     ).ci()
     # 8 near-copies of each patient: the slice bootstrap counts 240 images where there is
     # the information of 30 patients, about sqrt(8) too narrow.
     assert (cluster_high - cluster_low) > 2 * (slice_high - slice_low)
-    assert cluster_low < ra.auc_score(y_true, y_score) < cluster_high
+    assert cluster_low < stats.auc_score(y_true, y_score) < cluster_high
 
 
 def test_paired_bootstrap_difference():
     y_true, y_score, groups = correlated_slices(n_patients=20, n_slices=3, seed=3)
     other = y_score + np.random.default_rng(0).normal(0, 1.0, len(y_score))
-    result = ra.paired_bootstrap_auc_difference(y_true, y_score, other, groups, n_bootstraps=50, seed=1)
-    weights = np.concatenate(list(ra.resample_weights(groups, len(y_true), 50, seed=1)))
+    result = stats.paired_bootstrap_auc_difference(y_true, y_score, other, groups, n_bootstraps=50, seed=1)
+    weights = np.concatenate(list(stats.resample_weights(groups, len(y_true), 50, seed=1)))
     for row, difference in zip(weights, result.differences, strict=True):
         a = roc_auc_score(y_true, y_score, sample_weight=row)
         b = roc_auc_score(y_true, other, sample_weight=row)
         assert difference == pytest.approx(a - b, abs=1e-12)
-    same = ra.paired_bootstrap_auc_difference(y_true, y_score, y_score, groups, n_bootstraps=50)
+    same = stats.paired_bootstrap_auc_difference(y_true, y_score, y_score, groups, n_bootstraps=50)
     assert (same.differences == 0).all() and same.p_value() == 1.0 and same.ci() == (0.0, 0.0)
 
 
@@ -125,7 +126,7 @@ def test_paired_delong_hand_computed_example():
     y_true = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     score_a = np.array([0.9, 0.8, 0.7, 0.4, 0.5, 0.3, 0.2, 0.1])
     score_b = np.array([0.9, 0.6, 0.3, 0.7, 0.5, 0.8, 0.2, 0.1])
-    result = ra.delong_paired_test(y_true, score_a, score_b)
+    result = stats.delong_paired_test(y_true, score_a, score_b)
     assert result["auc_a"] == 15 / 16 and result["auc_b"] == 12 / 16  # counted by hand
     # By hand, V10 per positive (share of negatives below it) and V01 per negative (share of
     # positives above it): V10_a = (1, 1, 1, 3/4), V01_a = (3/4, 1, 1, 1);
@@ -147,14 +148,14 @@ def test_paired_delong_equals_definition_on_random_tied_data():
     score_a = np.round(rng.random(60) + 0.4 * y_true, 1)
     score_b = np.round(score_a + rng.normal(0, 0.3, 60), 1)
     auc_a, auc_b, variance = delong_by_definition(y_true, score_a, score_b)
-    result = ra.delong_paired_test(y_true, score_a, score_b)
+    result = stats.delong_paired_test(y_true, score_a, score_b)
     assert (result["auc_a"], result["auc_b"]) == pytest.approx((auc_a, auc_b), abs=1e-12)
     assert result["variance"] == pytest.approx(variance, abs=1e-12)
     # One model's own variance is delong_variance's; identical models have no difference.
-    assert ra.delong_variance(y_true, score_a)[1] == pytest.approx(
-        ra.delong_paired_test(y_true, score_a, np.zeros(60))["variance"]
+    assert stats.delong_variance(y_true, score_a)[1] == pytest.approx(
+        stats.delong_paired_test(y_true, score_a, np.zeros(60))["variance"]
     )
-    same = ra.delong_paired_test(y_true, score_a, score_a)
+    same = stats.delong_paired_test(y_true, score_a, score_a)
     assert same["difference"] == 0 and same["p_value"] == 1.0
 
 
@@ -164,13 +165,13 @@ def test_brier_ece_and_calibration_table_equal_sklearn(strategy):
     rng = np.random.default_rng(3)
     y_prob = rng.beta(0.7, 0.7, 500)
     y_true = (rng.random(500) < y_prob**1.3).astype(int)
-    table = ra.calibration_table(y_true, y_prob, n_bins=8, strategy=strategy)
+    table = calibration.calibration_table(y_true, y_prob, n_bins=8, strategy=strategy)
     prob_true, prob_pred = calibration_curve(y_true, y_prob, n_bins=8, strategy=strategy)
     np.testing.assert_allclose(table["observed"], prob_true, rtol=0, atol=1e-12)
     np.testing.assert_allclose(table["mean_predicted"], prob_pred, rtol=0, atol=1e-12)
     assert table["n"].sum() == 500
 
-    metrics = ra.calibration_metrics(y_true, y_prob, n_bins=8, strategy=strategy)
+    metrics = calibration.calibration_metrics(y_true, y_prob, n_bins=8, strategy=strategy)
     assert metrics["brier"] == pytest.approx(brier_score_loss(y_true, y_prob), abs=1e-15)
     counts = table["n"].to_numpy()
     assert metrics["ece"] == pytest.approx(np.sum(counts / 500 * np.abs(prob_true - prob_pred)), abs=1e-12)
@@ -181,7 +182,7 @@ def test_calibration_intercept_and_slope_by_maximum_likelihood():
     true_logit = rng.normal(0, 1.5, 4000)
     y_true = (rng.random(4000) < expit(true_logit)).astype(int)
     overconfident = expit(2 * true_logit - 0.5)  # too extreme and shifted
-    metrics = ra.calibration_metrics(y_true, overconfident)
+    metrics = calibration.calibration_metrics(y_true, overconfident)
     x = logit(overconfident)
 
     def nll(params, offset_slope=None):
@@ -194,9 +195,9 @@ def test_calibration_intercept_and_slope_by_maximum_likelihood():
     assert metrics["calibration_intercept"] == pytest.approx(a_fixed, abs=1e-5)
     assert metrics["calibration_slope"] == pytest.approx(b, abs=1e-5)
     assert metrics["calibration_slope"] == pytest.approx(0.5, abs=0.05)  # 1 / 2, the exaggeration
-    well = ra.calibration_metrics(y_true, expit(true_logit))
+    well = calibration.calibration_metrics(y_true, expit(true_logit))
     assert abs(well["calibration_intercept"]) < 0.1 and well["calibration_slope"] == pytest.approx(1, abs=0.1)
-    assert np.isnan(ra.calibration_metrics([1, 1], [0.3, 0.9])["calibration_slope"])
+    assert np.isnan(calibration.calibration_metrics([1, 1], [0.3, 0.9])["calibration_slope"])
 
 
 # ---------------------------------------------------------------------------- intervals and thresholds
@@ -206,12 +207,12 @@ def test_wilson_interval_by_formula():
         p = successes / total
         centre = (p + z * z / (2 * total)) / (1 + z * z / total)
         half = z / (1 + z * z / total) * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-        assert ra.wilson_interval(successes, total) == pytest.approx(
+        assert stats.wilson_interval(successes, total) == pytest.approx(
             (centre - half, centre + half), abs=1e-12
         )
-    assert ra.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook example
-    assert ra.wilson_interval(0, 12)[0] == pytest.approx(0, abs=1e-15)
-    assert all(np.isnan(ra.wilson_interval(0, 0)))
+    assert stats.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook example
+    assert stats.wilson_interval(0, 12)[0] == pytest.approx(0, abs=1e-15)
+    assert all(np.isnan(stats.wilson_interval(0, 0)))
 
 
 def test_youden_threshold_maximises_j_and_is_chosen_on_validation():
@@ -220,7 +221,7 @@ def test_youden_threshold_maximises_j_and_is_chosen_on_validation():
     val_prob = expit(rng.normal(0, 1, 80) + 2.0 * val_labels - 1.5)  # shifted low
     test_labels = np.repeat([0, 1], 40)
     test_prob = expit(rng.normal(0, 1, 80) + 2.0 * test_labels)
-    threshold = ra.youden_threshold(val_labels, val_prob)
+    threshold = thresholds.youden_threshold(val_labels, val_prob)
 
     def youden_j(labels, prob, t):
         called = prob > t
@@ -230,9 +231,9 @@ def test_youden_threshold_maximises_j_and_is_chosen_on_validation():
     assert youden_j(val_labels, val_prob, threshold) == pytest.approx(
         max(youden_j(val_labels, val_prob, t) for t in grid)
     )
-    test_threshold = ra.youden_threshold(test_labels, test_prob)
+    test_threshold = thresholds.youden_threshold(test_labels, test_prob)
     assert threshold < 0.4 < test_threshold  # validation's choice, not the test set's
-    metrics = ra.threshold_metrics(test_labels, ra.predict_labels(test_prob, threshold))
+    metrics = thresholds.threshold_metrics(test_labels, thresholds.predict_labels(test_prob, threshold))
     assert metrics["sensitivity"] == ((test_prob > threshold) & (test_labels == 1)).sum() / 40
 
 
@@ -251,10 +252,10 @@ def test_fold_aucs_and_cv_metrics():
             "fold": folds,
         }
     )
-    per_fold = ra.fold_aucs(frame, "PCNSL")
+    per_fold = report.fold_aucs(frame, "PCNSL")
     expected = [roc_auc_score(labels[folds == k], prob_pcnsl[folds == k]) for k in range(3)]
     np.testing.assert_allclose(per_fold["auc"], expected, rtol=0, atol=1e-12)
-    row = ra.class_metrics(frame, "PCNSL", n_bootstraps=100)
+    row = report.class_metrics(frame, "PCNSL", n_bootstraps=100)
     assert row["n_folds"] == 3 and row["auc_fold_2"] == pytest.approx(expected[2])
     assert row["fold_auc_mean"] == pytest.approx(np.mean(expected)) and row["fold_auc_sd"] == pytest.approx(
         np.std(expected, ddof=1)
@@ -264,7 +265,7 @@ def test_fold_aucs_and_cv_metrics():
     called = prob_pcnsl > 0.5
     tp, fn = (called & (labels == 1)).sum(), (~called & (labels == 1)).sum()
     assert (row["sensitivity_ci_low"], row["sensitivity_ci_high"]) == pytest.approx(
-        ra.wilson_interval(tp, tp + fn)
+        stats.wilson_interval(tp, tp + fn)
     )
     assert row["brier"] == pytest.approx(brier_score_loss(labels, prob_pcnsl))
 
@@ -281,7 +282,7 @@ def test_read_predictions_takes_labels_patients_and_folds_from_oof_csv(tmp_path)
             "fold": [0, 0, 1, 1],
         }
     ).to_csv(csv_path, index=False)
-    frame = ra.read_predictions(csv_path)
+    frame = predictions.read_predictions(csv_path)
     assert frame["label"].tolist() == [0, 0, 1, 1]
     assert frame["patient_id"].tolist() == ["gbm/a", "gbm/a", "pcnsl/b", "pcnsl/b"]
     assert frame["fold"].tolist() == [0, 0, 1, 1]
@@ -312,16 +313,16 @@ def test_compare_models_pairs_scored_on_the_same_images():
         "b": frame(other, np.random.default_rng(2).permutation(n)),  # same images, other order
         "c": frame(score, np.arange(n - 1)),  # one image fewer: not comparable
     }
-    comparison = ra.compare_models(frames, n_bootstraps=200, seed=0)
-    assert comparison[["model_a", "model_b"]].values.tolist() == [["a", "b"]]
-    row = comparison.iloc[0]
-    delong = ra.delong_paired_test(y_true, score, other)
+    compared = comparison.compare_models(frames, n_bootstraps=200, seed=0)
+    assert compared[["model_a", "model_b"]].values.tolist() == [["a", "b"]]
+    row = compared.iloc[0]
+    delong = stats.delong_paired_test(y_true, score, other)
     assert row["auc_difference"] == pytest.approx(delong["difference"], abs=1e-12)
     assert row["delong_p"] == pytest.approx(delong["p_value"], abs=1e-12)
     assert row["bootstrap_unit"] == "patient" and row["n_patients"] == 20
-    paired = ra.paired_bootstrap_auc_difference(y_true, score, other, groups, n_bootstraps=200, seed=0)
+    paired = stats.paired_bootstrap_auc_difference(y_true, score, other, groups, n_bootstraps=200, seed=0)
     assert (row["bootstrap_ci_low"], row["bootstrap_ci_high"]) == pytest.approx(paired.ci(), abs=1e-12)
-    markdown = ra.markdown_table(ra.comparison_summary(comparison))
+    markdown = report.markdown_table(comparison.comparison_summary(compared))
     assert (
         markdown.splitlines()[0].startswith("| Model A | Model B | Images |") and "| a | b | 60 |" in markdown
     )

@@ -1,0 +1,120 @@
+"""Comparing models scored on the same images: the pairing of their predictions, DeLong's
+paired test and the paired bootstrap of the AUC difference per pair, and the table a
+paper reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from gbmpcnsl.predictions import normalise_path
+from gbmpcnsl.report import format_number
+from gbmpcnsl.stats import delong_paired_test, paired_bootstrap_auc_difference
+
+
+def paired_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame) -> pd.DataFrame | None:
+    """Two models' predictions on the same images, row by row (path, label, patient_id if
+    known, prob_pcnsl_a, prob_pcnsl_b), or None when the image sets or labels differ."""
+    paths_a, paths_b = frame_a["path"].map(normalise_path), frame_b["path"].map(normalise_path)
+    if len(frame_a) != len(frame_b) or set(paths_a) != set(paths_b) or paths_a.duplicated().any():
+        return None
+    merged = frame_a.assign(key=paths_a).merge(
+        frame_b.assign(key=paths_b)[["key", "label", "prob_pcnsl"]], on="key", suffixes=("_a", "_b")
+    )
+    if (merged["label_a"] != merged["label_b"]).any():
+        return None
+    columns = {"path": merged["path"], "label": merged["label_a"]}
+    if "patient_id" in merged:
+        columns["patient_id"] = merged["patient_id"]
+    columns["prob_pcnsl_a"], columns["prob_pcnsl_b"] = merged["prob_pcnsl_a"], merged["prob_pcnsl_b"]
+    return pd.DataFrame(columns)
+
+
+def compare_models(
+    predictions: Mapping[str, pd.DataFrame],
+    n_bootstraps: int = 10_000,
+    seed: int | None = 0,
+    confidence: float = 0.95,
+    bootstrap_unit: str = "patient",
+) -> pd.DataFrame:
+    """Every pair of models scored on the same images: AUC(a) - AUC(b) with DeLong's
+    paired test (difference, CI, z, p) and, when patient ids are known and bootstrap_unit
+    is "patient", the paired bootstrap over patients (CI and p of the difference; with
+    "slice", images are resampled instead). One row per pair, in the models' order; pairs
+    whose images differ are left out.
+
+    The AUCs are PCNSL's; with one sigmoid output GBM's are the same numbers.
+    """
+    rows = []
+    names = list(predictions)
+    for i, name_a in enumerate(names):
+        for name_b in names[i + 1 :]:
+            pair = paired_frames(predictions[name_a], predictions[name_b])
+            if pair is None:
+                continue
+            is_pcnsl = pair["label"].to_numpy()
+            delong = delong_paired_test(is_pcnsl, pair["prob_pcnsl_a"], pair["prob_pcnsl_b"], confidence)
+            groups = pair["patient_id"] if bootstrap_unit == "patient" and "patient_id" in pair else None
+            bootstrap = paired_bootstrap_auc_difference(
+                is_pcnsl, pair["prob_pcnsl_a"], pair["prob_pcnsl_b"], groups, n_bootstraps, seed
+            )
+            rows.append(
+                {
+                    "model_a": name_a,
+                    "model_b": name_b,
+                    "n_images": len(pair),
+                    "n_patients": pair["patient_id"].nunique() if "patient_id" in pair else np.nan,
+                    "auc_a": delong["auc_a"],
+                    "auc_b": delong["auc_b"],
+                    "auc_difference": delong["difference"],
+                    "delong_ci_low": delong["ci_low"],
+                    "delong_ci_high": delong["ci_high"],
+                    "delong_z": delong["z"],
+                    "delong_p": delong["p_value"],
+                    "bootstrap_unit": "patient" if groups is not None else "slice",
+                    "bootstrap_ci_low": bootstrap.ci(confidence)[0],
+                    "bootstrap_ci_high": bootstrap.ci(confidence)[1],
+                    "bootstrap_p": bootstrap.p_value(),
+                    "n_bootstraps": n_bootstraps,
+                    "n_skipped": bootstrap.n_skipped,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def comparison_summary(comparison: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """The comparison table as a paper reports it: text cells."""
+
+    def number(value) -> str:
+        return format_number(value, digits)
+
+    def p_text(value) -> str:
+        return "n/a" if pd.isna(value) else ("<0.001" if value < 0.001 else f"{value:.3f}")
+
+    return pd.DataFrame(
+        {
+            "Model A": comparison["model_a"],
+            "Model B": comparison["model_b"],
+            "Images": comparison["n_images"],
+            "AUROC A": comparison["auc_a"].map(number),
+            "AUROC B": comparison["auc_b"].map(number),
+            "Difference": comparison["auc_difference"].map(number),
+            "95% CI (DeLong)": [
+                f"{number(lo)} to {number(hi)}"
+                for lo, hi in zip(comparison["delong_ci_low"], comparison["delong_ci_high"], strict=True)
+            ],
+            "p (DeLong)": comparison["delong_p"].map(p_text),
+            "95% CI (bootstrap)": [
+                f"{number(lo)} to {number(hi)} ({unit}s)"
+                for lo, hi, unit in zip(
+                    comparison["bootstrap_ci_low"],
+                    comparison["bootstrap_ci_high"],
+                    comparison["bootstrap_unit"],
+                    strict=True,
+                )
+            ],
+            "p (bootstrap)": comparison["bootstrap_p"].map(p_text),
+        }
+    )
