@@ -1,5 +1,5 @@
 """The one patient rule (gbmpcnsl_common.patient_id) that step0, step1, step2 and
-roc_analysis share: class-qualified ids, series and volumes as one patient."""
+the statistics share: class-qualified ids, series and volumes as one patient."""
 
 from __future__ import annotations
 
