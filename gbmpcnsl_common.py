@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__version__ = "1.0.0"
+from gbmpcnsl import __version__ as __version__  # one version: the package's
 
 # ---------------------------------------------------------------------------- classes
 # The model outputs P(PCNSL): GBM is label 0, PCNSL is label 1.

@@ -235,7 +235,7 @@ def encode_source(
     names: list[str], size: tuple[int, int], compression: str
 ) -> list[tuple[object, str | None]]:
     """encode_image for every slice of one source, in one worker: a volume is decoded once
-    (gbmpcnsl_io keeps it while its slices are read)."""
+    (gbmpcnsl.pixels keeps it while its slices are read)."""
     return [encode_image(name, size, compression) for name in names]
 
 
@@ -254,7 +254,7 @@ def worker_pool(workers: int):
         context = multiprocessing.get_context("fork")
     elif "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["gbmpcnsl_common", "gbmpcnsl_io", "h5py"])
+        context.set_forkserver_preload(["gbmpcnsl_common", "gbmpcnsl.convert", "h5py"])
     else:
         context = multiprocessing.get_context("spawn")
     executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)

@@ -27,7 +27,7 @@ NON_AXIAL_HINT = "use --any-orientation to read it anyway"
 
 # ---------------------------------------------------------------------------- kinds
 def is_slice_source(path: Path) -> bool:
-    """A file this module can read: a 2-D image, a DICOM file or a NIfTI volume."""
+    """A file gbmpcnsl.pixels can read: a 2-D image, a DICOM file or a NIfTI volume."""
     return path.suffix.lower() in IMAGE_EXTENSIONS or is_nifti(path) or is_dicom(path)
 
 
