@@ -54,12 +54,15 @@ from gbmpcnsl_common import DEFAULT_SIZE, run_main, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; --workers defaults to the cores this process may use."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("data_dir", type=Path, metavar="DATA", help="folder holding gbm/ and pcnsl/")
     parser.add_argument("output", type=Path, metavar="OUT.h5", help="HDF5 file to write or add a size to")
     output = parser.add_argument_group("output")
+    run = parser.add_argument_group("run")
+    # Added in the original order, so that the usage line reads as it always did.
     output.add_argument(
         "--size",
         type=int,
@@ -68,13 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar=("H", "W"),
         help="image size (default: 380 380)",
     )
+    run.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     output.add_argument(
         "--compression", choices=("gzip", "lzf", "none"), default="gzip", help="default: gzip"
     )
-    output.add_argument("--overwrite", action="store_true", help="replace this size if OUT.h5 already has it")
-    run = parser.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     run.add_argument("--strict", action="store_true", help="stop at the first unreadable or non-image file")
+    output.add_argument("--overwrite", action="store_true", help="replace this size if OUT.h5 already has it")
     run.add_argument("--verbose", action="store_true", help="also list hidden files that were skipped")
     add_slice_arguments(parser)
     args = parser.parse_args(argv)
@@ -91,6 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _main(argv: list[str] | None) -> int:
+    """Parse, convert, return 0; expected failures raise UserError (run_main reports them)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
     settings = ConvertSettings(
@@ -108,6 +111,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Step 0's entry point: the exit code (0, 2 for an expected failure, 130 on Ctrl-C)."""
     return run_main(_main, argv)
 
 
