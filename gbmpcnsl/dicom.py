@@ -134,6 +134,8 @@ def read_dicom_header(path: Path) -> DicomHeader | None:
 
 
 def series_sort_key(member: tuple[str, DicomHeader], normal: np.ndarray | None) -> tuple:
+    """Order of a series member: its position along the slice normal, else its
+    InstanceNumber; then its name."""
     path_text, header = member
     if normal is not None and header.position is not None:
         return (0, float(header.position @ normal), path_text)
