@@ -5,7 +5,7 @@
 
 Converts the same folder of demo JPEGs (630x630, from demo/make_demo_data.py) twice,
 with N and with 4N images:
-- ours: step0_convert_images_to_hdf5.main (worker pool, streamed to disk, gzip per chunk);
+- ours: step0_convert_images_to_hdf5.py, run as a user runs it (worker pool, streamed to disk, gzip per chunk);
 - original: a faithful re-implementation of the original step0 (single process, every
   image read with PIL convert("RGB") + LANCZOS resize into one preallocated uint8 array
   per class, then written with h5py create_dataset(data=..., compression="gzip")).
@@ -65,12 +65,6 @@ with h5py.File(output, mode="a") as f:
     f.create_dataset(f"/gbm/{s}/labels", data=y0, compression="gzip")
     f.create_dataset(f"/pcnsl/{s}/features", data=x1, compression="gzip")
     f.create_dataset(f"/pcnsl/{s}/labels", data=y1, compression="gzip")
-"""
-
-OURS = """
-import sys
-import step0_convert_images_to_hdf5 as step0
-sys.exit(step0.main(sys.argv[1:]))
 """
 
 
@@ -161,7 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     height, width = args.size
     commands = {
         "original": [sys.executable, "-c", ORIGINAL, "{data}", "{output}", str(height), str(width)],
-        "ours": [sys.executable, "-c", OURS, "{data}", "{output}", "--size", str(height), str(width)],
+        "ours": [
+            sys.executable,
+            str(ROOT / "step0_convert_images_to_hdf5.py"),
+            "{data}",
+            "{output}",
+            "--size",
+            str(height),
+            str(width),
+        ],
     }
     if args.images == 0:  # the DICOM row only
         print(

@@ -82,7 +82,7 @@ def main() -> int:
     import tensorflow as tf
 
     import step5_plot_grad_cam as step5
-    from gbmpcnsl_common import build_model
+    from gbmpcnsl.model import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model("efficientnetb4", (args.size, args.size, 3), weights=None)

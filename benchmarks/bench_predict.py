@@ -85,7 +85,8 @@ MODEL_ONLY = """
 import sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from gbmpcnsl_common import load_model_for_inference, model_input_size, setup_logging
+from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
+from gbmpcnsl_common import setup_logging
 from step2_predict import predict_function
 setup_logging()
 model = load_model_for_inference(sys.argv[2])

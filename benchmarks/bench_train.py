@@ -7,7 +7,7 @@
     python benchmarks/bench_train.py --backbone efficientnetb4 --size 380 --batch-size 32 \\
         --images 800 --mixed-precision --xla
 
-The same model (step1's: gbmpcnsl_common.build_model, weights=None, Adam, binary
+The same model (step1's: gbmpcnsl.model.build_model, weights=None, Adam, binary
 cross-entropy, accuracy and AUC) is trained with `base` augmentation from a synthetic HDF5
 file in step0's layout (gzip, one image per chunk) holding N and 4N images (--scales):
 - original: the original step1's data path, re-implemented: every image read into memory
@@ -116,11 +116,11 @@ def ours_train_dataset(h5_path: Path, size: int, batch_size: int, epochs: int):
     """step1's training stream (same split and pipeline as step1_train_model.train)."""
     import h5py
 
-    import gbmpcnsl_common as common
     import step1_train_model as step1
+    from gbmpcnsl.hdf5 import read_hdf5_index
 
     with h5py.File(h5_path, "r") as h5file:
-        records, _ = common.read_hdf5_index(h5file, (size, size))
+        records, _ = read_hdf5_index(h5file, (size, size))
     is_val = step1.split_by_group(records, 0.15, seed=0)
     labels = np.array([r["label"] for r in records], np.float32)
     train = np.flatnonzero(~is_val)
@@ -134,11 +134,11 @@ def run_child(args: argparse.Namespace) -> None:
     import psutil
     import tensorflow as tf
 
-    import gbmpcnsl_common as common
+    from gbmpcnsl.model import build_model
 
     if args.child_variant == "ours-mixed":
         keras.mixed_precision.set_global_policy("mixed_float16")
-    model = common.build_model(args.backbone, (args.size, args.size, 3), weights=None)
+    model = build_model(args.backbone, (args.size, args.size, 3), weights=None)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-4),
         loss=keras.losses.BinaryCrossentropy(),

@@ -22,7 +22,8 @@ import pytest
 
 import step2_predict as step2
 import step5_plot_grad_cam as step5
-from gbmpcnsl_common import patient_id, split_model_arguments
+from gbmpcnsl.checkpoints import split_model_arguments
+from gbmpcnsl_common import patient_id
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -40,7 +40,8 @@ def checkpoint(demo_data, tmp_path_factory) -> Path:
     """
     import keras
 
-    from gbmpcnsl_common import build_model, load_image
+    from gbmpcnsl.model import build_model
+    from gbmpcnsl_common import load_image
 
     keras.utils.set_random_seed(0)
     model = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)

@@ -27,7 +27,10 @@ import step0_convert_images_to_hdf5 as step0
 import step1_train_model as step1
 import step2_predict as step2
 import step5_plot_grad_cam as step5
-from gbmpcnsl_common import IMAGENET_STDDEV_RGB, build_model, setup_logging, single_slice_groups_warning
+from gbmpcnsl import hdf5
+from gbmpcnsl.hdf5 import single_slice_groups_warning
+from gbmpcnsl.model import IMAGENET_STDDEV_RGB, build_model
+from gbmpcnsl_common import setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
@@ -488,7 +491,7 @@ def test_step0_failure_and_interrupt_leave_nothing_new(tmp_path, monkeypatch, ca
     def ctrl_c(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(step0, "write_image", ctrl_c)
+    monkeypatch.setattr(hdf5, "write_image", ctrl_c)
     assert step0.main(argv) == 130  # Ctrl-C while writing
     assert list(out_dir.iterdir()) == []
     assert last_line(capsys.readouterr().err) == "interrupted"
@@ -586,7 +589,7 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, capfd):
     assert capfd.readouterr().out == ""
     first = json.loads((run_dir / "run.json").read_text())
     assert first["arguments"]["weights"] == str(notop) and first["arguments"]["normalization"] == "paper"
-    from gbmpcnsl_common import load_model_for_inference
+    from gbmpcnsl.checkpoints import load_model_for_inference
 
     loaded = load_model_for_inference(run_dir / first["best_checkpoint"])
     start = keras.applications.EfficientNetB0(include_top=False, weights=str(notop), input_shape=(32, 32, 3))

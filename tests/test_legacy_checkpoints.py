@@ -63,7 +63,8 @@ def test_tf29_imagenet_graph_scaling_is_folded(images, tmp_path, capsys):
     input size (96x96 here) too."""
     import keras
 
-    from gbmpcnsl_common import build_model, load_image
+    from gbmpcnsl.model import build_model
+    from gbmpcnsl_common import load_image
 
     expected = write_original_checkpoint(tmp_path / "tf26", images, "--size", "96", "96", "--imagenet-graph")
     checkpoint = tmp_path / "tf26" / "model.hdf5"
@@ -80,7 +81,8 @@ def test_tf29_imagenet_graph_scaling_is_folded(images, tmp_path, capsys):
 
 def test_keras3_h5_full_model_of_another_backbone(demo_data, tmp_path, capsys):
     """A Keras 3 model.save("x.h5") (legacy HDF5 layout): backbone and size come from the file."""
-    from gbmpcnsl_common import build_model, load_model_for_inference, model_input_size
+    from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
+    from gbmpcnsl.model import build_model
 
     model = build_model("efficientnetb0", (48, 48, 3), weights=None)
     model.get_layer("logit").set_weights([np.full((1280, 1), 0.01, np.float32), np.array([0.2], np.float32)])
@@ -101,13 +103,9 @@ def test_tf29_imagenet_graph_weights_only_file_is_folded_too(tf_keras_b0_checkpo
     tf-keras's own numbers; the full model.hdf5 does too."""
     import keras
 
-    from gbmpcnsl_common import (
-        IMAGENET_STDDEV_RGB,
-        _legacy_model_info,
-        build_model,
-        load_image,
-        load_model_for_inference,
-    )
+    from gbmpcnsl.checkpoints import _legacy_model_info, load_model_for_inference
+    from gbmpcnsl.model import IMAGENET_STDDEV_RGB, build_model
+    from gbmpcnsl_common import load_image
 
     out_dir, images, expected = tf_keras_b0_checkpoint
     assert expected.max() - expected.min() > 0.1
@@ -138,7 +136,8 @@ def test_find_scale_parses_the_saved_op(tf_keras_b0_checkpoint):
 
     import h5py
 
-    from gbmpcnsl_common import IMAGENET_STDDEV_RGB, _find_scale
+    from gbmpcnsl.checkpoints import _find_scale
+    from gbmpcnsl.model import IMAGENET_STDDEV_RGB
 
     with h5py.File(tf_keras_b0_checkpoint[0] / "model.hdf5", "r") as h5file:
         layers = json.loads(h5file.attrs["model_config"])["config"]["layers"]

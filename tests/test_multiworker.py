@@ -262,7 +262,7 @@ def test_one_slurm_task_trains_with_mixed_precision(tmp_path, cohort_h5):
     assert "x 1 replica(s) = global batch 8 (MultiWorkerMirroredStrategy)" in result.stderr
     assert [row["epoch"] for row in history(run_dir)] == ["0"]
     (checkpoint,) = run_dir.glob("ckpt_001_*.keras")
-    from gbmpcnsl_common import load_model_for_inference
+    from gbmpcnsl.checkpoints import load_model_for_inference
 
     model = load_model_for_inference(checkpoint)
     assert model.get_layer("stem_conv").dtype_policy.name == "mixed_float16"
@@ -336,7 +336,7 @@ def test_two_workers_train_one_model_and_the_chief_writes_the_run(tmp_path, coho
     import keras
     from sklearn.metrics import roc_auc_score
 
-    from gbmpcnsl_common import build_model
+    from gbmpcnsl.model import build_model
 
     model = build_model("efficientnetb0", (32, 32, 3), None)
     model.set_weights(weights[0])

@@ -20,7 +20,9 @@ import pytest
 from PIL import Image
 
 import step0_convert_images_to_hdf5 as step0
-from gbmpcnsl_common import hdf5_root_attributes, load_image, read_hdf5_index
+from gbmpcnsl import hdf5
+from gbmpcnsl.hdf5 import hdf5_root_attributes, read_hdf5_index
+from gbmpcnsl_common import load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,7 +258,7 @@ def test_failure_mid_way_leaves_the_old_file_untouched(data_dir, tmp_path, monke
     output = tmp_path / "out.h5"
     assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 0
     snapshot = output.read_bytes()
-    real_write_image = step0.write_image
+    real_write_image = hdf5.write_image
     written = []
 
     def failing_write_image(features, row, payload):
@@ -265,7 +267,7 @@ def test_failure_mid_way_leaves_the_old_file_untouched(data_dir, tmp_path, monke
         written.append(row)
         real_write_image(features, row, payload)
 
-    monkeypatch.setattr(step0, "write_image", failing_write_image)
+    monkeypatch.setattr(hdf5, "write_image", failing_write_image)
     argv = [str(data_dir), str(output), "--size", "24", "32", "--workers", workers]
     if failure is KeyboardInterrupt:
         assert step0.main(argv) == 130

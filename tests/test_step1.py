@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 import step1_train_model as step1
+from gbmpcnsl.checkpoints import load_model_for_inference
 from gbmpcnsl.files import file_sha256
-from gbmpcnsl_common import UserError, load_model_for_inference
+from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -90,7 +90,7 @@ def read_event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 def test_strong_val_auc_tensorboard_and_batchnorm_momentum_run(demo_h5, tmp_path, caplog):
     import keras
 
-    from gbmpcnsl_common import load_model_for_inference
+    from gbmpcnsl.checkpoints import load_model_for_inference
 
     run_dir = tmp_path / "run"
     argv = ["--augmentation", "strong", "--rotation-degrees", "20", "--epochs", "2", "--weights", "none"]

@@ -28,7 +28,8 @@ SIZE = 64
 
 def reference_prob_pcnsl(model, paths, flips=((False, False),)) -> np.ndarray:
     """P(PCNSL) per image, one predict call per image (the original's way), averaged over flips."""
-    from gbmpcnsl_common import load_image, model_input_size
+    from gbmpcnsl.checkpoints import model_input_size
+    from gbmpcnsl_common import load_image
 
     probs = []
     for path in paths:
@@ -64,7 +65,8 @@ def tiny_run(demo_data, tmp_path_factory) -> Path:
     """
     import keras
 
-    from gbmpcnsl_common import build_model, load_image
+    from gbmpcnsl.model import build_model
+    from gbmpcnsl_common import load_image
 
     keras.utils.set_random_seed(0)
     model = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)

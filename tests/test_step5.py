@@ -59,7 +59,8 @@ def tiny_model_path(tmp_path_factory, image_dir) -> Path:
     one sign; the Dense head is rescaled so that the test images span logits of about +-2."""
     import keras
 
-    from gbmpcnsl_common import build_model, load_image
+    from gbmpcnsl.model import build_model
+    from gbmpcnsl_common import load_image
 
     keras.utils.set_random_seed(0)
     model = build_model("efficientnetb0", (MODEL_SIZE, MODEL_SIZE, 3), weights=None)
@@ -80,7 +81,7 @@ def tiny_model_path(tmp_path_factory, image_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_path):
-    from gbmpcnsl_common import load_model_for_inference
+    from gbmpcnsl.checkpoints import load_model_for_inference
 
     return load_model_for_inference(tiny_model_path)
 
@@ -187,7 +188,7 @@ def test_heatmap_shape_and_range(tiny_model, model_inputs):
 
 def test_all_zero_heatmap_stays_zero(tiny_model_path, model_inputs):
     """A head with a zero kernel has zero gradients: the map is 0 everywhere, not NaN."""
-    from gbmpcnsl_common import load_model_for_inference
+    from gbmpcnsl.checkpoints import load_model_for_inference
 
     model = load_model_for_inference(tiny_model_path)
     model.get_layer("logit").set_weights([np.zeros((1280, 1), np.float32), np.zeros(1, np.float32)])
@@ -433,7 +434,8 @@ def localisation_setup(tmp_path_factory):
     import keras
     import make_demo_data
 
-    from gbmpcnsl_common import find_images, load_image
+    from gbmpcnsl.sources import find_images
+    from gbmpcnsl_common import load_image
 
     root = tmp_path_factory.mktemp("localisation")
     size = LOCALISATION_SIZE

@@ -1,0 +1,394 @@
+"""Step 0's machinery: scanning the class folders, checking what was found, and converting
+every slice to an HDF5 row with a pool of worker processes.
+
+    convert(settings)   DATA/gbm + DATA/pcnsl -> OUT.h5 (one size group), summary on stderr
+
+Images are decoded and resized by the workers and streamed to disk, so memory stays flat
+however many images there are; OUT.h5 is written beside itself and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from gbmpcnsl.dicom import dicom_identities, is_dicom
+from gbmpcnsl.files import atomic_write
+from gbmpcnsl.hdf5 import (
+    GZIP_LEVEL,
+    SizeGroupWriter,
+    copy_other_content,
+    existing_sizes,
+    hdf5_root_attributes,
+    single_slice_groups_warning,
+)
+from gbmpcnsl.pixels import load_slice
+from gbmpcnsl.sources import ALL_SLICES, find_slices, source_slice_names
+from gbmpcnsl_common import (
+    CLASS_FOLDERS,
+    CLASS_LABELS,
+    IMAGE_EXTENSIONS,
+    UserError,
+    log,
+    patient_id,
+    size_key,
+    split_slice_name,
+)
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    """What step0 was asked to do (its parsed command line)."""
+
+    data_dir: Path
+    output: Path
+    size: tuple[int, int]
+    workers: int = 1
+    compression: str = "gzip"  # "gzip", "lzf" or "none"
+    strict: bool = False
+    overwrite: bool = False
+    slice_options: dict = field(default_factory=dict)  # find_slices keywords (--slices ...)
+
+
+def convert(settings: ConvertSettings) -> None:
+    """Step 0 from its settings: check cheaply, scan, warn, write OUT.h5, log the summary.
+    Raises UserError for an expected failure (nothing is then written)."""
+    start = time.perf_counter()
+    check_paths(settings)
+    scanned = {
+        folder: scan_class_folder(settings.data_dir, folder, settings.slice_options)
+        for folder in CLASS_FOLDERS
+    }
+    candidates = {folder: class_candidates for folder, (class_candidates, _) in scanned.items()}
+    skipped: dict[str, list[str]] = {"hidden": [], "not an image": [], "non-axial": [], "unreadable": []}
+    for _, class_skipped in scanned.values():
+        for reason, files in class_skipped.items():
+            skipped[reason].extend(files)
+    report_skipped(settings, skipped)
+    warn_about_patients(settings.data_dir, candidates)
+    counts, skipped["unreadable"] = write_output(settings, candidates)
+    log_summary(settings, counts, skipped, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------- scan
+def check_paths(settings: ConvertSettings) -> None:
+    """Everything that can fail cheaply, before a single image is decoded."""
+    data_dir, output, key = settings.data_dir, settings.output, size_key(settings.size)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: no such folder")
+    if not output.parent.is_dir():
+        raise UserError(f"{output.parent}: no such folder for the output file")
+    if output.exists() and key in existing_sizes(output) and not settings.overwrite:
+        raise UserError(f"{output}: already holds size {key} (use --overwrite to replace it)")
+
+
+def scan_class_folder(
+    data_dir: Path, folder: str, options: dict | None = None
+) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """Slices of one class as (name relative to DATA, group id), in path order (a series
+    in position order, a volume's slices "#k" in order), and the files skipped while
+    scanning: {"hidden": [...], "not an image": [...], "non-axial": ["path: why", ...]}.
+    `options`: find_slices keywords (--slices, --lesion-masks ...)."""
+    class_dir = data_dir / folder
+    if not class_dir.is_dir():
+        raise UserError(f"{class_dir}: no such folder (DATA must hold gbm/ and pcnsl/)")
+    options = options or {}
+    found = find_slices([class_dir], **options)
+    filtered = bool(found.skipped["non-axial"] or options.get("lesion_masks")) or (
+        options.get("selection", ALL_SLICES) != ALL_SLICES
+    )
+    candidates = []
+    for name in found.names:  # the one patient rule: gbm/<patient folder>, or gbm/<stem> for a flat source
+        source, index = split_slice_name(name)
+        relative = Path(source).relative_to(data_dir).as_posix() + (
+            f"#{index:03d}" if index is not None else ""
+        )
+        candidates.append((relative, patient_id(relative)))
+    skipped = {
+        "hidden": [Path(p).relative_to(data_dir).as_posix() for p in found.skipped["hidden"]],
+        "not an image": [Path(p).relative_to(data_dir).as_posix() for p in found.skipped["not an image"]],
+        "non-axial": found.skipped["non-axial"],
+    }
+    if not candidates:
+        raise UserError(
+            f"{class_dir}: no images ({' '.join(IMAGE_EXTENSIONS)}), DICOM files or NIfTI volumes "
+            "directly inside or in patient folders"
+            + (" left by --slices, --lesion-masks and orientation" if filtered else "")
+        )
+    return candidates, skipped
+
+
+def report_skipped(settings: ConvertSettings, skipped: dict[str, list[str]]) -> None:
+    """Warn about files that are not images and non-axial sources (--strict: refuse them);
+    list hidden files at --verbose."""
+    data_dir = settings.data_dir
+    for name in skipped["not an image"]:
+        if settings.strict:
+            raise UserError(
+                f"{data_dir / name}: not a supported image ({' '.join(IMAGE_EXTENSIONS)}); --strict: nothing written"
+            )
+        log.warning("warning: skipped %s: not a supported image file", data_dir / name)
+    for line in skipped["non-axial"]:
+        if settings.strict:
+            raise UserError(f"{line}; --strict: nothing written")
+        log.warning("warning: skipped %s", line)
+    for name in skipped["hidden"]:
+        log.debug("skipped hidden file %s", data_dir / name)
+
+
+def warn_about_patients(data_dir: Path, candidates: dict[str, list[tuple[str, str]]]) -> None:
+    """Warnings about the patient groups: one folder name under both classes, mostly
+    single-slice groups (a flat folder), and DICOM files of one person in two folders."""
+    # Patients are numbered per class in most exports: gbm/001 and pcnsl/001 stay two patients.
+    folder_names = [
+        {
+            group.split("/", 1)[1]
+            for name, group in class_candidates
+            if len(Path(split_slice_name(name)[0]).parts) > 2
+        }
+        for class_candidates in candidates.values()
+    ]
+    for name in sorted(set.intersection(*folder_names)):
+        log.warning(
+            "warning: patient folder %s is under both gbm/ and pcnsl/; kept as two patients "
+            "(gbm/%s, pcnsl/%s): rename one if they are the same person",
+            name,
+            name,
+            name,
+        )
+    single_slice = single_slice_groups_warning(
+        [g for class_candidates in candidates.values() for _, g in class_candidates]
+    )
+    if single_slice:
+        log.warning(single_slice)
+    # One person under two patient folders leaks across the split: say so, never the value.
+    all_candidates = [candidate for class_candidates in candidates.values() for candidate in class_candidates]
+    for keyword, first, second in shared_dicom_identities(data_dir, all_candidates):
+        log.warning(
+            "warning: patient folders %s and %s hold DICOM files with the same %s: "
+            "if they are one patient, put them in one folder",
+            first,
+            second,
+            keyword,
+        )
+
+
+def shared_dicom_identities(data_dir: Path, candidates: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(keyword, patient a, patient b) for patient folders whose DICOM files share a
+    PatientID or StudyInstanceUID (one file per folder is read; values stay in memory)."""
+    first_file: dict[tuple[str, str], Path] = {}
+    for name, group_id in candidates:
+        source = Path(split_slice_name(name)[0])
+        if is_dicom(data_dir / source):
+            first_file.setdefault((group_id, source.parent.as_posix()), data_dir / source)
+    owners: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
+    for (group_id, _), path in first_file.items():
+        for keyword, values in dicom_identities([path]).items():
+            for value in values:
+                owners[(keyword, value)].add(group_id)
+    shared = set()
+    for (keyword, _), groups in owners.items():
+        ordered = sorted(groups)
+        shared.update((keyword, a, b) for i, a in enumerate(ordered) for b in ordered[i + 1 :])
+    return sorted(shared)
+
+
+# ---------------------------------------------------------------------------- workers
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process, which cleans up and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def encode_image(path: str | Path, size: tuple[int, int], compression: str) -> tuple[object, str | None]:
+    """Load one slice and encode it as the HDF5 chunk it will become.
+
+    Returns (payload, None) or (None, error message). The payload is the gzip-compressed
+    (zlib) or raw chunk bytes, written as is with write_direct_chunk, so compression runs
+    in the workers; for lzf (no Python encoder) it is the uint8 array itself.
+    """
+    try:
+        pixels = load_slice(path, size)
+    except UserError as error:
+        return None, str(error)
+    if compression == "gzip":
+        return zlib.compress(pixels.tobytes(), GZIP_LEVEL), None
+    if compression == "none":
+        return pixels.tobytes(), None
+    return pixels, None
+
+
+def encode_source(
+    names: list[str], size: tuple[int, int], compression: str
+) -> list[tuple[object, str | None]]:
+    """encode_image for every slice of one source, in one worker: a volume is decoded once
+    (gbmpcnsl.pixels keeps it while its slices are read)."""
+    return [encode_image(name, size, compression) for name in names]
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int):
+    """A started process pool of `workers` processes, or None for 1 (work in this process).
+
+    Started before the output file is opened and before the progress bar's thread exists,
+    so that on Linux the workers can simply be forked; a caller that already runs threads
+    (TensorFlow in a notebook or test session) gets forkserver workers, which start clean.
+    """
+    if workers == 1:
+        yield None
+        return
+    if sys.platform == "linux" and threading.active_count() == 1:
+        context = multiprocessing.get_context("fork")
+    elif "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["gbmpcnsl_common", "gbmpcnsl.convert", "h5py"])
+    else:
+        context = multiprocessing.get_context("spawn")
+    executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+    try:
+        executor.submit(os.getpid).result()  # start the workers now
+        yield executor
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def encoded_images(
+    sources: list[list[str]], size: tuple[int, int], compression: str, executor, max_in_flight: int
+):
+    """Yield encode_source results (a list per source: its slices) in input order, with at
+    most `max_in_flight` sources submitted and not yet consumed, so that a slow disk never
+    lets results pile up in memory. executor None: load in this process."""
+    if executor is None:
+        for names in sources:
+            yield encode_source(names, size, compression)
+        return
+    in_flight: collections.deque = collections.deque()
+    pending = iter(sources)
+    try:
+        for names in pending:
+            in_flight.append(executor.submit(encode_source, names, size, compression))
+            if len(in_flight) >= max_in_flight:
+                break
+        while in_flight:
+            result = in_flight.popleft().result()
+            next_names = next(pending, None)
+            if next_names is not None:
+                in_flight.append(executor.submit(encode_source, next_names, size, compression))
+            yield result
+    finally:
+        for future in in_flight:  # on an error or Ctrl-C: drop the queued work
+            future.cancel()
+
+
+# ---------------------------------------------------------------------------- writing
+def write_output(
+    settings: ConvertSettings, candidates: dict[str, list[tuple[str, str]]]
+) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Write OUT.h5: the new size group, and every other size already in the file, to a
+    temporary file beside it, renamed over it at the end (an interrupted or failed run
+    leaves the previous OUT.h5 untouched). Returns convert_images' counts and unreadable files."""
+    output, key = settings.output, size_key(settings.size)
+    # The old file's mode, else 0666 less the umask (a plain open()'s), never mkstemp's 0600.
+    mode = output.stat().st_mode & 0o777 if output.exists() else None
+    with atomic_write(output, mode=mode) as temporary:
+        with worker_pool(settings.workers) as executor, h5py.File(temporary, "w") as h5file:
+            if output.exists():  # keep the other sizes (and anything else) already in the file
+                with h5py.File(output, "r") as previous:
+                    copy_other_content(previous, h5file, key)
+            h5file.attrs.update(hdf5_root_attributes())
+            counts, unreadable = convert_images(
+                h5file,
+                candidates,
+                settings.data_dir,
+                settings.size,
+                settings.compression,
+                settings.strict,
+                executor,
+                max_in_flight=4 * settings.workers,
+            )
+    return counts, unreadable
+
+
+def convert_images(
+    h5file: h5py.File,
+    candidates: dict[str, list[tuple[str, str]]],
+    data_dir: Path,
+    size: tuple[int, int],
+    compression: str,
+    strict: bool,
+    executor=None,
+    max_in_flight: int = 1,
+) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Write /<class>/<H>_<W>/{features,labels,paths,groups} for every class, loading the
+    images with `executor` (a process pool, or None: in this process). Returns
+    {class: (images, patients)} and the unreadable files as "path: reason". Candidates are
+    (slice name relative to DATA, group id)."""
+    writer = SizeGroupWriter(
+        h5file, size, {folder: len(candidates[folder]) for folder in CLASS_FOLDERS}, compression
+    )
+    jobs = [(folder, name, group_id) for folder in CLASS_FOLDERS for name, group_id in candidates[folder]]
+    unreadable: list[str] = []
+    sources = source_slice_names([name for _, name, _ in jobs])  # a volume's slices: one job
+    results = encoded_images(
+        [[str(data_dir / jobs[position][1]) for position in source] for source in sources],
+        size,
+        compression,
+        executor,
+        max_in_flight,
+    )
+    slice_results = (result for source_results in results for result in source_results)
+    progress = tqdm(total=len(jobs), desc="images", unit="img", file=sys.stderr, leave=False)
+    with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
+        try:
+            for (folder, name, group_id), (payload, error) in zip(jobs, slice_results, strict=True):
+                progress.update()
+                if error is not None:
+                    if strict:
+                        raise UserError(f"{error}; --strict: nothing written")
+                    log.warning("warning: skipped %s", error)
+                    unreadable.append(error)
+                    continue
+                writer.add(folder, name, group_id, payload)
+        finally:
+            progress.close()
+            results.close()
+    for folder in CLASS_FOLDERS:
+        if writer.rows(folder) == 0:
+            raise UserError(
+                f"{data_dir / folder}: none of its {len(candidates[folder])} images could be read"
+            )
+    return writer.finish(), unreadable
+
+
+def log_summary(
+    settings: ConvertSettings,
+    counts: dict[str, tuple[int, int]],
+    skipped: dict[str, list[str]],
+    elapsed: float,
+) -> None:
+    """The summary on stderr: images and patients per class, skipped files by reason."""
+    total = sum(written for written, _ in counts.values())
+    log.info(
+        f"wrote {settings.output} [{size_key(settings.size)}, {settings.compression}]: {total} images in {elapsed:.1f} s "
+        f"({total / elapsed:.1f} images/s, {settings.workers} workers)"
+    )
+    for folder, (written, patients) in counts.items():
+        log.info(f"  {folder:<5} (label {CLASS_LABELS[folder]}): {written:5d} images, {patients:4d} patients")
+    reasons = ", ".join(f"{len(files)} {reason}" for reason, files in skipped.items() if files)
+    log.info(
+        f"  skipped {sum(len(files) for files in skipped.values())} files"
+        + (f" ({reasons})" if reasons else "")
+    )

@@ -1,0 +1,97 @@
+"""NIfTI volumes: names, lesion masks, and decoding a volume to display slices.
+
+nibabel does the reading; the volume is made canonical (RAS+) once, right after reading.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gbmpcnsl_common import UserError, first_line, percentile_window, window_to_uint8
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: str | Path) -> bool:
+    """True for a .nii or .nii.gz file name (any case)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | Path) -> str:
+    """A volume's file name without .nii / .nii.gz ("t1c.nii.gz" -> "t1c")."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+
+
+# ---------------------------------------------------------------------------- lesion masks
+def lesion_mask_path(volume: Path, pattern: str) -> Path:
+    """The mask of a volume: `pattern` with {stem} replaced, resolved beside the volume."""
+    return volume.parent / pattern.replace("{stem}", nifti_stem(volume))
+
+
+def lesion_slices(volume: Path, pattern: str, min_lesion_pixels: int) -> list[int]:
+    """Axial slice indices (RAS+, inferior to superior) where the volume's lesion mask has
+    at least `min_lesion_pixels` labelled (non-zero) voxels. Raises UserError for a
+    missing mask or one on another voxel grid."""
+    import nibabel as nib
+
+    mask_path = lesion_mask_path(volume, pattern)
+    if not mask_path.is_file():
+        raise UserError(f"--lesion-masks {pattern}: no mask {mask_path} for {volume}")
+    try:
+        image, mask = nib.load(volume), nib.load(mask_path)
+    except Exception as error:
+        raise UserError(f"{mask_path}: cannot read lesion mask ({error})") from error
+    if image.shape[:3] != mask.shape[:3] or not np.allclose(image.affine, mask.affine, atol=1e-3):
+        raise UserError(
+            f"{mask_path}: lesion mask is on another voxel grid than {volume} "
+            f"(shape {mask.shape[:3]} vs {image.shape[:3]}, or a different affine)"
+        )
+    labelled = np.asanyarray(nib.as_closest_canonical(mask).dataobj)
+    labelled = labelled.reshape(labelled.shape[:3] + (-1,))[..., 0] != 0
+    per_slice = labelled.sum(axis=(0, 1))
+    return [int(k) for k in np.flatnonzero(per_slice >= min_lesion_pixels)]
+
+
+# ---------------------------------------------------------------------------- pixels
+def head_voxels(volume: np.ndarray) -> np.ndarray:
+    """The voxels of a volume that belong to the head: above 10% of its 2-98 percentile
+    range (FSL BET's rough foreground threshold), so that air does not set the window."""
+    finite = volume[np.isfinite(volume)]
+    if finite.size == 0:
+        return finite
+    low, high = np.percentile(finite, [2, 98])
+    head = finite[finite > low + 0.1 * (high - low)]
+    return head if head.size else finite
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
+    """A NIfTI volume -> uint8 axial slices (K, H, W), inferior to superior, shown as a
+    radiology viewer shows them, and the in-plane spacing (rows, columns) in mm.
+
+    Reoriented to the closest canonical orientation (RAS+) first, so every file reads the
+    same way whatever its affine; scl_slope/scl_inter applied (get_fdata); windowed by the
+    header's display range (cal_min/cal_max) when it has one, else by one 0.5-99.5
+    percentile window over the head voxels, so all slices of a patient share one scale.
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.as_closest_canonical(nib.load(path))
+        volume = image.get_fdata(dtype=np.float32)
+    except Exception as error:
+        raise UserError(f"{path}: cannot read NIfTI volume ({first_line(error)})") from error
+    if volume.ndim == 4 and volume.shape[3] == 1:
+        volume = volume[..., 0]
+    if volume.ndim != 3:
+        raise UserError(f"{path}: expected a 3-D volume, got shape {volume.shape}")
+    cal_min, cal_max = float(image.header["cal_min"]), float(image.header["cal_max"])
+    low, high = (cal_min, cal_max) if cal_max > cal_min else percentile_window(head_voxels(volume))
+    display = window_to_uint8(volume, low, high)
+    # RAS+ array (i: to the right, j: to the front, k: up) -> (k, rows, columns) with
+    # anterior at the top and the patient's right on the image's left (radiological view).
+    slices = np.ascontiguousarray(np.transpose(display, (2, 1, 0))[:, ::-1, ::-1])
+    zooms = image.header.get_zooms()
+    return slices, (float(zooms[1]), float(zooms[0]))

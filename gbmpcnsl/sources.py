@@ -1,0 +1,318 @@
+"""Sources and slices: from the files and folders a user names to slice names.
+
+A *source* is a 2-D image file, a DICOM file (single- or multi-frame), a folder holding a
+DICOM series, or a NIfTI volume (.nii, .nii.gz). A *slice* is the unit of every output,
+named by its path, or "<path>#<k>" for slice k (0-based, inferior to superior) of a volume.
+
+    find_slices(inputs, ...)  files and folders -> slice names (+ what was skipped, and why)
+
+Reading a slice's pixels is gbmpcnsl.pixels.load_slice; the format details are in
+gbmpcnsl.dicom and gbmpcnsl.nifti.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gbmpcnsl.dicom import DicomHeader, is_dicom, plane_name, read_dicom_header, series_sort_key
+from gbmpcnsl.nifti import is_nifti, lesion_mask_path, lesion_slices
+from gbmpcnsl_common import IMAGE_EXTENSIONS, UserError, split_slice_name
+
+NON_AXIAL_HINT = "use --any-orientation to read it anyway"
+
+
+# ---------------------------------------------------------------------------- kinds
+def is_slice_source(path: Path) -> bool:
+    """A file gbmpcnsl.pixels can read: a 2-D image, a DICOM file or a NIfTI volume."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS or is_nifti(path) or is_dicom(path)
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible file with a supported image extension (any case)."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+# ---------------------------------------------------------------------------- selection
+@dataclass(frozen=True)
+class SliceSelection:
+    """Which slices of a volume or series: all, the N middle ones, or indices A..B-1."""
+
+    kind: str = "all"  # "all", "middle" or "range"
+    first: int = 0
+    count: int = 0  # middle: N; range: B
+
+    def indices(self, total: int) -> list[int]:
+        """The selected positions among `total` slices (inferior to superior)."""
+        if self.kind == "middle":
+            start = max(0, (total - self.count) // 2)
+            return list(range(start, min(total, start + self.count)))
+        if self.kind == "range":
+            return list(range(min(self.first, total), min(self.count, total)))
+        return list(range(total))
+
+
+ALL_SLICES = SliceSelection()
+
+
+def parse_slice_selection(text: str) -> SliceSelection:
+    """--slices all | middle:N | A:B (0-based, B excluded), an argparse type."""
+    if text == "all":
+        return ALL_SLICES
+    head, colon, tail = text.partition(":")
+    try:
+        if colon and head == "middle" and int(tail) >= 1:
+            return SliceSelection("middle", 0, int(tail))
+        if colon and 0 <= int(head) < int(tail):
+            return SliceSelection("range", int(head), int(tail))
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected all, middle:N (N >= 1) or A:B (0 <= A < B)")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 0")
+    return value
+
+
+def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
+    """The source options step0, step2 and step5 share: --slices, --lesion-masks,
+    --min-lesion-pixels, --any-orientation."""
+    group = parser.add_argument_group("volumes and DICOM series")
+    group.add_argument(
+        "--slices",
+        type=parse_slice_selection,
+        default=ALL_SLICES,
+        metavar="all|middle:N|A:B",
+        help="slices of each volume or series, inferior to superior, 0-based, B excluded (default: all)",
+    )
+    group.add_argument(
+        "--lesion-masks",
+        metavar="PATTERN",
+        help="NIfTI only: a lesion mask beside each volume, e.g. '{stem}_seg.nii.gz' ({stem}: the "
+        "volume's name without .nii/.nii.gz); only slices with lesion voxels are used",
+    )
+    group.add_argument(
+        "--min-lesion-pixels",
+        type=_non_negative_int,
+        default=1,
+        metavar="N",
+        help="with --lesion-masks: labelled voxels a slice needs (default 1)",
+    )
+    group.add_argument(
+        "--any-orientation",
+        action="store_true",
+        help="also read sagittal and coronal DICOM series and volumes",
+    )
+
+
+def slice_options(args: argparse.Namespace) -> dict:
+    """The slice-selection flags of add_slice_arguments, as find_slices' keyword arguments."""
+    return {
+        "selection": args.slices,
+        "lesion_masks": args.lesion_masks,
+        "min_lesion_pixels": args.min_lesion_pixels,
+        "any_orientation": args.any_orientation,
+    }
+
+
+# ---------------------------------------------------------------------------- expansion
+@dataclass
+class FoundSlices:
+    """Slice names in input order, and the files left out by reason ("hidden", "not an
+    image", "non-axial"; the last as "path: why" lines)."""
+
+    names: list[str] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(
+        default_factory=lambda: {"hidden": [], "not an image": [], "non-axial": []}
+    )
+
+
+def _volume_names(path_text: str, count: int) -> list[str]:
+    return [f"{path_text}#{k:03d}" for k in range(count)]
+
+
+def _nifti_slices(path: Path, path_text: str, options: dict, found: FoundSlices) -> list[str]:
+    """Slice names of one NIfTI volume: its axial slices after reorientation to RAS+,
+    filtered by --lesion-masks and --slices. An unreadable header gives the bare path
+    (load_slice then names the problem)."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        axes = nib.orientations.io_orientation(image.affine)  # voxel axis -> (RAS axis, flip)
+        superior_axis = int(np.flatnonzero(axes[:, 0] == 2)[0])
+        count = int(image.shape[superior_axis])
+        zooms = np.asarray(image.header.get_zooms()[:3], float)
+    except Exception:
+        return [path_text]
+    in_plane = [zooms[axis] for axis in range(3) if axis != superior_axis]
+    if not options["any_orientation"] and max(in_plane) > 1.5 * zooms[superior_axis]:
+        # 2-D sagittal or coronal acquisitions: thick slices across the axial plane.
+        found.skipped["non-axial"].append(
+            f"{path_text}: acquired in another plane (voxel size {' x '.join(f'{z:g}' for z in zooms)} mm); {NON_AXIAL_HINT}"
+        )
+        return []
+    indices = list(range(count))
+    if options["lesion_masks"]:
+        indices = lesion_slices(path, options["lesion_masks"], options["min_lesion_pixels"])
+    chosen = [indices[i] for i in options["selection"].indices(len(indices))]
+    return [f"{path_text}#{k:03d}" for k in chosen]
+
+
+def _dicom_slices(files: list[tuple[Path, str]], options: dict, found: FoundSlices) -> list[str]:
+    """Slice names of DICOM files found together (one folder, or given one by one): each
+    multi-frame file is a volume ("path#k"), single-frame files are grouped into series by
+    folder and SeriesInstanceUID and ordered along the slice normal (ImagePositionPatient
+    on the ImageOrientationPatient normal; InstanceNumber, then the name, as fallbacks)."""
+    series: dict[tuple, list[tuple[str, DicomHeader | None]]] = {}
+    names: list[str] = []
+    # Only the few values of DicomHeader are kept, so memory stays flat in the number of files.
+    headers = options["header_map"](read_dicom_header, [path for path, _ in files])
+    for (path, path_text), header in zip(files, headers, strict=True):
+        if header is None:
+            series.setdefault(("unreadable", path_text), []).append((path_text, None))
+            continue
+        if header.frames > 1:
+            series.setdefault(("volume", path_text), []).append((path_text, header))
+            continue
+        series.setdefault(("series", str(path.parent), header.series_uid), []).append((path_text, header))
+    for key, members in series.items():
+        if key[0] == "unreadable":
+            names.append(key[1])  # load_slice reports why it cannot be read
+            continue
+        normal = members[0][1].normal
+        plane = plane_name(normal)
+        if plane != "axial" and not options["any_orientation"]:
+            where = key[1] if key[0] == "volume" else str(Path(members[0][0]).parent)
+            found.skipped["non-axial"].append(
+                f"{where}: {plane} DICOM ({len(members)} file(s)); {NON_AXIAL_HINT}"
+            )
+            continue
+        if key[0] == "volume":
+            count = members[0][1].frames
+            names.extend(_volume_names(key[1], count)[i] for i in options["selection"].indices(count))
+            continue
+        members.sort(key=lambda member: series_sort_key(member, normal))
+        chosen = options["selection"].indices(len(members))
+        names.extend(members[i][0] for i in chosen)
+    return names
+
+
+def find_slices(
+    inputs: list[str | Path],
+    selection: SliceSelection = ALL_SLICES,
+    lesion_masks: str | None = None,
+    min_lesion_pixels: int = 1,
+    any_orientation: bool = False,
+    header_map=map,
+) -> FoundSlices:
+    """Expand files and folders into slice names, in the order given.
+
+    A file stays the text given (a 2-D image or single-frame DICOM), or becomes its
+    slices "<file>#<k>" (NIfTI volume, multi-frame DICOM). A folder expands recursively,
+    sorted: 2-D images, volumes, and DICOM series (the single-frame DICOM files of one
+    folder and series, in position order). Hidden and unknown files are skipped and listed
+    in `.skipped`; so are non-axial DICOM and NIfTI sources unless any_orientation.
+    --slices (`selection`) picks slices within each volume and series; `lesion_masks`
+    (NIfTI) keeps only slices with lesion voxels. A missing path raises UserError.
+    `header_map(function, paths)` reads DICOM headers (a process pool's map, in step0).
+    """
+    options = {
+        "selection": selection,
+        "lesion_masks": lesion_masks,
+        "min_lesion_pixels": min_lesion_pixels,
+        "any_orientation": any_orientation,
+        "header_map": header_map,
+    }
+    found = FoundSlices()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = []
+            for candidate in sorted(path.rglob("*")):
+                if not candidate.is_file():
+                    continue
+                if any(part.startswith(".") for part in candidate.relative_to(path).parts):
+                    found.skipped["hidden"].append(str(candidate))
+                elif is_slice_source(candidate):
+                    files.append(candidate)
+                else:
+                    found.skipped["not an image"].append(str(candidate))
+            if not files:
+                raise UserError(
+                    f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), DICOM files or NIfTI volumes"
+                )
+            masks = (
+                {lesion_mask_path(p, lesion_masks) for p in files if is_nifti(p)} if lesion_masks else set()
+            )
+            found.names.extend(_expand_files([(p, str(p)) for p in files if p not in masks], options, found))
+        elif path.exists():
+            found.names.extend(_expand_files([(path, str(item))], options, found))
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return found
+
+
+def _expand_files(files: list[tuple[Path, str]], options: dict, found: FoundSlices) -> list[str]:
+    """Slice names of files (sorted, from one input): DICOM files are collected into
+    series, which take the place of their first file."""
+    names: list[str] = []
+    dicom_files = [(p, t) for p, t in files if is_dicom(p)]
+    dicom_done = False
+    for path, path_text in files:
+        if is_nifti(path):
+            names.extend(_nifti_slices(path, path_text, options, found))
+        elif is_dicom(path):
+            if not dicom_done:
+                names.extend(_dicom_slices(dicom_files, options, found))
+                dicom_done = True
+        else:
+            names.append(path_text)
+    return names
+
+
+def source_slice_names(names: list[str]) -> list[list[int]]:
+    """Positions of `names` grouped by the file they read, consecutive runs only: a
+    volume's slices form one group (decoded once), every other slice its own."""
+    groups: list[list[int]] = []
+    previous = None
+    for position, name in enumerate(names):
+        source, index = split_slice_name(name)
+        if index is not None and source == previous:
+            groups[-1].append(position)
+        else:
+            groups.append([position])
+        previous = source if index is not None else None
+    return groups
+
+
+def find_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand files and folders into image paths, in the order given.
+
+    A folder expands recursively to its supported image files, sorted; hidden files and
+    folders are skipped. A file is kept as given (a bad one fails later, when loaded).
+    A path that does not exist raises UserError.
+    """
+    images: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                raise UserError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            images.extend(found)
+        elif path.exists():
+            images.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return images
