@@ -103,8 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("hdf5", type=Path, help="HDF5 file written by step0")
     parser.add_argument("run_dir", type=Path, help="run folder to create (must not exist, unless --resume)")
+    _add_augmentation_arguments(parser.add_argument_group("augmentation"))
+    _add_model_arguments(parser.add_argument_group("model"))
+    _add_training_arguments(parser.add_argument_group("training"))
+    folds = parser.add_argument_group("cross-validation (docs/cross-validation.md)")
+    folds.add_argument(
+        "--folds",
+        type=_positive_int,
+        metavar="K",
+        help="K-fold cross-validation by patient into RUN_DIR/fold_<i>/ (K >= 2; default: one split)",
+    )
+    folds.add_argument(
+        "--fold",
+        type=int,
+        metavar="I",
+        help="with --folds: train fold I only (0 ... K-1), e.g. one job per fold",
+    )
+    _add_device_arguments(parser.add_argument_group("speed and devices"))
+    _add_run_folder_arguments(parser.add_argument_group("the run folder"))
+    parser.set_defaults(**DEFAULTS)
+    return parser
 
-    augment = parser.add_argument_group("augmentation")
+
+def _add_augmentation_arguments(augment) -> None:
     augment.add_argument(
         "--augmentation",
         choices=AUGMENTATIONS,
@@ -115,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(strong, flag[2:].replace("-", "_"))
         augment.add_argument(flag, type=check, metavar=metavar, help=f"{meaning} (default {default:g})")
 
-    model = parser.add_argument_group("model")
+
+def _add_model_arguments(model) -> None:
     model.add_argument(
         "--weights",
         help="imagenet (Keras downloads and caches it), none (random init), or the path to a "
@@ -154,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         "scratch (e.g. 0.9); default: Keras's 0.99, as in ImageNet fine-tuning",
     )
 
-    train = parser.add_argument_group("training")
+
+def _add_training_arguments(train) -> None:
     train.add_argument("--epochs", type=_positive_int, help="number of epochs (default 300)")
     train.add_argument("--batch-size", type=_positive_int, help="batch size per replica (default 8)")
     train.add_argument(
@@ -185,21 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run.json (default val_loss, as the original)",
     )
 
-    folds = parser.add_argument_group("cross-validation (docs/cross-validation.md)")
-    folds.add_argument(
-        "--folds",
-        type=_positive_int,
-        metavar="K",
-        help="K-fold cross-validation by patient into RUN_DIR/fold_<i>/ (K >= 2; default: one split)",
-    )
-    folds.add_argument(
-        "--fold",
-        type=int,
-        metavar="I",
-        help="with --folds: train fold I only (0 ... K-1), e.g. one job per fold",
-    )
 
-    speed = parser.add_argument_group("speed and devices")
+def _add_device_arguments(speed) -> None:
     speed.add_argument(
         "--mixed-precision", action="store_true", help="mixed_float16 (GPU); the output stays float32"
     )
@@ -214,10 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "none", "mirrored", "multiworker"),
         help="auto: MirroredStrategy when more than one GPU is visible; mirrored: all local GPUs "
         "(or all logical CPUs); multiworker: MultiWorkerMirroredStrategy over several machines, "
-        "cluster from TF_CONFIG or Slurm (see the README) (default auto)",
+        "cluster from TF_CONFIG or Slurm (see docs/several-machines.md) (default auto)",
     )
 
-    run = parser.add_argument_group("the run folder")
+
+def _add_run_folder_arguments(run) -> None:
     run.add_argument(
         "--tensorboard",
         action="store_true",
@@ -228,8 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="delete an existing run folder (with run.json) first"
     )
     run.add_argument("--verbose", action="store_true", help="show TensorFlow's own log messages")
-    parser.set_defaults(**DEFAULTS)
-    return parser
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
