@@ -14,7 +14,7 @@ file in step0's layout (gzip, one image per chunk) holding N and 4N images (--sc
   and cast to float32, a random 85/15 split by slice, tf.data.Dataset.from_tensor_slices,
   .map(augment) (tf.image.random_* per image, not parallel), .shuffle(1000), .batch(8),
   no prefetch;
-- ours: step1_train_model.make_dataset: uint8 images streamed from the HDF5 file, per-epoch
+- ours: gbmpcnsl.data.make_dataset (step1's): uint8 images streamed from the HDF5 file, per-epoch
   seeded shuffle of indices, parallel reads and augmentation of whole batches, prefetch;
 - ours, mixed_float16 (with --mixed-precision): the same, under the mixed_float16 policy.
 --xla compiles the training step with XLA for every row alike, so that the ratio measures
@@ -113,19 +113,19 @@ def original_train_dataset(h5_path: Path, size: int, batch_size: int):
 
 
 def ours_train_dataset(h5_path: Path, size: int, batch_size: int, epochs: int):
-    """step1's training stream (same split and pipeline as step1_train_model.train)."""
+    """step1's training stream (same split and pipeline as gbmpcnsl.training.train)."""
     import h5py
 
-    import step1_train_model as step1
+    from gbmpcnsl.data import HDF5Images, make_dataset, split_by_group
     from gbmpcnsl.hdf5 import read_hdf5_index
 
     with h5py.File(h5_path, "r") as h5file:
         records, _ = read_hdf5_index(h5file, (size, size))
-    is_val = step1.split_by_group(records, 0.15, seed=0)
+    is_val = split_by_group(records, 0.15, seed=0)
     labels = np.array([r["label"] for r in records], np.float32)
     train = np.flatnonzero(~is_val)
-    reader = step1.HDF5Images(h5_path, (size, size))
-    return step1.make_dataset(reader, train, labels, batch_size, "base", 0, (0, epochs)), len(train)
+    reader = HDF5Images(h5_path, (size, size))
+    return make_dataset(reader, train, labels, batch_size, "base", 0, (0, epochs)), len(train)
 
 
 def run_child(args: argparse.Namespace) -> None:

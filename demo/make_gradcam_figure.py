@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from gbmpcnsl_common import CLASS_FOLDERS, CLASS_NAMES, UserError, load_image, run_main  # noqa: E402
+from gbmpcnsl_common import CLASS_FOLDERS, CLASS_NAMES, UserError, load_image, run_main
 
 
 def find_under(folder: Path, image: Path, names) -> Path | None:

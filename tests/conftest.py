@@ -50,6 +50,26 @@ def trained_run(demo_h5, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture
+def step1_config(monkeypatch):
+    """step1's command line -> the TrainConfig that its main() trains with. Nothing is
+    trained: training.train and cross_validation.train_cross_validation only record it."""
+    import step1_train_model as step1
+    from gbmpcnsl import cross_validation, training
+
+    configs = []
+    monkeypatch.setattr(training, "train", lambda config, callbacks=None: configs.append(config))
+    monkeypatch.setattr(
+        cross_validation, "train_cross_validation", lambda config, callbacks=None: configs.append(config)
+    )
+
+    def parse(argv: list[str]):
+        assert step1.main(argv) == 0
+        return configs.pop()
+
+    return parse
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(trained_run) -> Path:
     """The best (last written) .keras checkpoint of the tiny run."""

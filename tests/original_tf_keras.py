@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gbmpcnsl_common import load_image  # noqa: E402
+from gbmpcnsl_common import load_image
 
 
 def build_original(

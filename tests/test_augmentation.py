@@ -12,23 +12,26 @@ import pytest
 from test_step1 import gray_batch, write_h5
 
 import step1_train_model as step1
+from gbmpcnsl.augment import StrongAugmentation, affine_transform, augment_image
+from gbmpcnsl.config import RESUME_MUST_MATCH
+from gbmpcnsl.data import HDF5Images, make_dataset
 
-NOTHING = step1.StrongAugmentation(
+NOTHING = StrongAugmentation(
     rotation_degrees=0, scale=0, shift=0, contrast=0, brightness=0, gamma=0, noise_std=0, noise_fraction=0
 )
 
 
-def only(**changes) -> step1.StrongAugmentation:
+def only(**changes) -> StrongAugmentation:
     """Strong augmentation with every step off except flips and `changes`."""
     return dataclasses.replace(NOTHING, **changes)
 
 
 def augment(images, params=None, seed=(5, 7), augmentation="strong", function=None):
-    """step1.augment_image (or `function`) on each image, image i with the seed
+    """augment_image (or `function`) on each image, image i with the seed
     fold_in(seed, i) (as the training stream does), in one tf.data pass."""
     import tensorflow as tf
 
-    function = function or step1.augment_image
+    function = function or augment_image
 
     base_seed = tf.constant(seed, tf.int64)
     dataset = tf.data.Dataset.from_tensor_slices(np.asarray(images, np.float32)).enumerate()
@@ -43,7 +46,7 @@ def augment(images, params=None, seed=(5, 7), augmentation="strong", function=No
 def transform(image, degrees=0.0, zoom=1.0, shift=(0.0, 0.0)):
     import tensorflow as tf
 
-    return step1.affine_transform(
+    return affine_transform(
         tf.constant(image, tf.float32),
         tf.constant(math.radians(degrees)),
         tf.constant(zoom),
@@ -167,14 +170,12 @@ def test_same_seed_same_images_other_seed_other_images():
 
 def test_training_stream_repeats_its_draws_and_a_resumed_epoch_sees_the_same(tmp_path):
     h5_path = write_h5(tmp_path / "d.h5", size=16, patients=(3, 3), slices=2)
-    reader = step1.HDF5Images(h5_path, (16, 16))
+    reader = HDF5Images(h5_path, (16, 16))
     labels = np.array([0] * 6 + [1] * 6, np.float32)
     train = np.arange(12)
 
     def stream(epochs, seed=1):
-        dataset = step1.make_dataset(
-            reader, train, labels, 4, "strong", seed, epochs, step1.StrongAugmentation()
-        )
+        dataset = make_dataset(reader, train, labels, 4, "strong", seed, epochs, StrongAugmentation())
         return np.concatenate([x.numpy() for x, _ in dataset])
 
     full = stream((0, 2))
@@ -210,20 +211,20 @@ def reference_augment(image, seed, augmentation, params=None):
 def test_existing_choices_unchanged_bit_for_bit(augmentation):
     rng = np.random.default_rng(3)
     images = rng.uniform(0, 255, (200, 8, 8, 3)).astype(np.float32)  # colour: hue matters
-    out = augment(images, step1.StrongAugmentation(rotation_degrees=40), augmentation=augmentation)
+    out = augment(images, StrongAugmentation(rotation_degrees=40), augmentation=augmentation)
     expected = augment(images, augmentation=augmentation, function=reference_augment)
     assert np.array_equal(out, expected)
 
 
 # ---------------------------------------------------------------------------- command line
-def test_strong_flags_parse_with_defaults_and_checks(capsys):
-    args = step1.parse_args(
+def test_strong_flags_parse_with_defaults_and_checks(capsys, step1_config):
+    config = step1_config(
         ["--augmentation", "strong", "--rotation-degrees", "25", "--noise-fraction", "0.5", "a", "b"]
     )
-    params = step1.StrongAugmentation.from_args(args)
-    assert params == dataclasses.replace(step1.StrongAugmentation(), rotation_degrees=25, noise_fraction=0.5)
+    params = config.strong
+    assert params == dataclasses.replace(StrongAugmentation(), rotation_degrees=25, noise_fraction=0.5)
     for name in ("rotation_degrees", "scale", "shift", "contrast", "gamma", "noise_std", "noise_fraction"):
-        assert name in step1.RESUME_MUST_MATCH
+        assert name in RESUME_MUST_MATCH
     for flag, value in (("--scale", "1"), ("--noise-fraction", "1.5"), ("--rotation-degrees", "-1")):
         with pytest.raises(SystemExit) as exit_info:
             step1.main(["--augmentation", "strong", flag, value, "a.h5", "run"])

@@ -15,6 +15,9 @@ import pytest
 from test_step1 import write_h5
 
 import step1_train_model as step1
+from gbmpcnsl.config import TrainConfig
+from gbmpcnsl.cross_validation import cv_settings, make_folds, train_cross_validation, update_cv_json
+from gbmpcnsl.data import Cohort
 from gbmpcnsl.files import write_csv
 from gbmpcnsl_common import UserError
 
@@ -66,7 +69,7 @@ def cohort_records(patients: dict[str, int], slices: int) -> list[dict]:
 @pytest.mark.parametrize("patients, folds", [({"gbm": 7, "pcnsl": 5}, 3), ({"gbm": 10, "pcnsl": 6}, 5)])
 def test_folds_are_patient_disjoint_stratified_and_seeded(patients, folds):
     records = cohort_records(patients, slices=3)
-    fold_of = step1.make_folds(records, folds, seed=0)
+    fold_of = make_folds(records, folds, seed=0)
     assert fold_of.shape == (len(records),) and set(fold_of.tolist()) == set(range(folds))
 
     # Every patient in exactly one fold (all its slices there).
@@ -85,32 +88,32 @@ def test_folds_are_patient_disjoint_stratified_and_seeded(patients, folds):
 
     # Seeded: the same seed gives the same folds whatever the record order; another seed differs.
     order = np.random.default_rng(1).permutation(len(records))
-    shuffled = step1.make_folds([records[i] for i in order], folds, seed=0)
+    shuffled = make_folds([records[i] for i in order], folds, seed=0)
     assert {records[i]["group"]: int(f) for i, f in zip(order, shuffled, strict=True)} == {
         r["group"]: int(f) for r, f in zip(records, fold_of, strict=True)
     }
-    assert any(not np.array_equal(step1.make_folds(records, folds, seed), fold_of) for seed in (1, 2, 3))
+    assert any(not np.array_equal(make_folds(records, folds, seed), fold_of) for seed in (1, 2, 3))
 
 
 def test_folds_need_enough_patients_per_class_and_valid_options(capsys):
     records = cohort_records({"gbm": 5, "pcnsl": 2}, slices=2)
     with pytest.raises(UserError, match=r"PCNSL: 2 patient group\(s\); --folds 3 needs at least 3"):
-        step1.make_folds(records, 3, seed=0)
+        make_folds(records, 3, seed=0)
     for argv, message in (
         (["--folds", "1"], "--folds 1: cross-validation needs at least 2 folds"),
         (["--fold", "0"], "--fold needs --folds K"),
         (["--folds", "3", "--fold", "3"], "--fold 3: expected 0 ... 2"),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            step1.parse_args([*argv, "d.h5", "run"])
+            step1.main([*argv, "d.h5", "run"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- cv.json from several jobs
 def _update_cv_json_repeatedly(run_dir: str, settings: dict, records: list[dict], fold_of: list[int]) -> None:
-    cohort = step1.Cohort(Path("d.h5"), (32, 32), records, True)
+    cohort = Cohort(Path("d.h5"), (32, 32), records, True)
     for _ in range(25):
-        step1.update_cv_json(Path(run_dir), settings, cohort, np.array(fold_of))
+        update_cv_json(Path(run_dir), settings, cohort, np.array(fold_of))
 
 
 def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path):
@@ -119,10 +122,10 @@ def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path):
     import multiprocessing
 
     records = cohort_records({"gbm": 4, "pcnsl": 4}, slices=2)
-    fold_of = step1.make_folds(records, 2, seed=0)
-    args = step1.parse_args(["--folds", "2", "d.h5", str(tmp_path)])
-    cohort = step1.Cohort(Path("d.h5"), (32, 32), records, True)
-    settings = step1.cv_settings(args, cohort, fold_of)
+    fold_of = make_folds(records, 2, seed=0)
+    config = TrainConfig(Path("d.h5"), tmp_path, folds=2)
+    cohort = Cohort(Path("d.h5"), (32, 32), records, True)
+    settings = cv_settings(config, cohort, fold_of)
     expected = []
     for fold in range(2):
         fold_dir = tmp_path / f"fold_{fold}"
@@ -211,9 +214,10 @@ def cv_run(tmp_path_factory):
         "cv": json.loads((run_dir / "cv.json").read_text()),
         "fold_1_files": {p.name: p.stat().st_mtime_ns for p in (run_dir / "fold_1").iterdir()},
     }
-    args = step1.parse_args([*common, "--epochs", "2", "--fold", "0", str(h5_path), str(run_dir)])
+    tiny = {"backbone": "efficientnetb0", "weights": "none", "augmentation": "base"}
+    config = TrainConfig(h5_path, run_dir, **tiny, folds=2, seed=3, epochs=2, fold=0)  # `common`, then these
     with pytest.raises(Interrupted):
-        step1.train(args, callbacks=[stop_after_first_epoch()])
+        train_cross_validation(config, callbacks=[stop_after_first_epoch()])
     stages["interrupted"] = {"cv": json.loads((run_dir / "cv.json").read_text())}
     assert step1.main([*common, "--epochs", "2", "--resume", str(h5_path), str(run_dir)]) == 0
     return h5_path, run_dir, stages

@@ -27,7 +27,9 @@ import step0_convert_images_to_hdf5 as step0
 import step1_train_model as step1
 import step2_predict as step2
 import step5_plot_grad_cam as step5
-from gbmpcnsl import hdf5
+from gbmpcnsl import hdf5, training
+from gbmpcnsl.config import RESUME_MUST_MATCH, TrainConfig
+from gbmpcnsl.data import read_cohort
 from gbmpcnsl.hdf5 import single_slice_groups_warning
 from gbmpcnsl.model import IMAGENET_STDDEV_RGB, build_model
 from gbmpcnsl_common import setup_logging
@@ -64,7 +66,7 @@ def imagenet_like_notop_weights(path: Path, input_shape=(32, 32, 3)) -> Path:
     return path
 
 
-def test_logit_kernel_initializer_is_the_originals():
+def test_logit_kernel_initializer_is_the_originals(step1_config):
     import keras
 
     model = build_model("efficientnetb0", (32, 32, 3), weights=None)
@@ -81,8 +83,8 @@ def test_logit_kernel_initializer_is_the_originals():
     assert isinstance(glorot.get_layer("logit").kernel_initializer, keras.initializers.GlorotUniform)
     limit = np.sqrt(6 / (1280 + 1))
     assert limit / 2 < np.abs(glorot.get_layer("logit").get_weights()[0]).max() <= limit
-    assert step1.parse_args(["d.h5", "run"]).head_init == "original"
-    assert step1.parse_args(["d.h5", "run", "--head-init", "glorot"]).head_init == "glorot"
+    assert step1_config(["d.h5", "run"]).head_init == "original"
+    assert step1_config(["d.h5", "run", "--head-init", "glorot"]).head_init == "glorot"
 
 
 def test_imagenet_weights_match_keras_applications_own_graph(tmp_path, monkeypatch):
@@ -117,7 +119,7 @@ def test_imagenet_weights_match_keras_applications_own_graph(tmp_path, monkeypat
     assert np.abs(features("paper") - expected).max() > 1e-3 * scale
 
 
-def test_normalization_paper_is_the_tf25_scaling(tmp_path):
+def test_normalization_paper_is_the_tf25_scaling(tmp_path, step1_config):
     """paper: (x/255 - mean) / sqrt(std) -- the Normalization variance is the file's
     variance; imagenet: variance * stddev, i.e. (x/255 - mean) / std."""
     import keras
@@ -137,10 +139,10 @@ def test_normalization_paper_is_the_tf25_scaling(tmp_path):
     np.testing.assert_array_equal(
         none, normalization_variance(build_model("efficientnetb0", (32, 32, 3), None))
     )
-    assert "normalization" in step1.RESUME_MUST_MATCH
-    assert step1.parse_args(["--normalization", "paper", "a.h5", "run"]).normalization == "paper"
+    assert "normalization" in RESUME_MUST_MATCH
+    assert step1_config(["--normalization", "paper", "a.h5", "run"]).normalization == "paper"
     with pytest.raises(SystemExit):
-        step1.parse_args(["--normalization", "tf25", "a.h5", "run"])
+        step1.main(["--normalization", "tf25", "a.h5", "run"])
 
 
 # ---------------------------------------------------------------------------- patient layout (point 3)
@@ -168,7 +170,7 @@ def test_flat_class_folders_warn_in_step0_and_step1(tmp_path, capsys):
     assert warnings[0].startswith("warning: 8 of 8 patient groups hold a single slice")
     assert "DATA/gbm/<patient>/<slice>.png" in warnings[0]
     setup_logging()  # step1's logging, to the captured stderr
-    step1.read_cohort(step1.parse_args([*TINY, str(tmp_path / "flat.h5"), str(tmp_path / "run")]))
+    read_cohort(tmp_path / "flat.h5")
     warnings = [line for line in capsys.readouterr().err.splitlines() if "single slice" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: 8 of 8 patient groups hold a single slice")
 
@@ -181,7 +183,7 @@ def test_flat_class_folders_warn_in_step0_and_step1(tmp_path, capsys):
     assert step0.main([str(nested), str(tmp_path / "nested.h5"), "--size", "16", "16", "--workers", "1"]) == 0
     assert "single slice" not in capsys.readouterr().err
     setup_logging()
-    step1.read_cohort(step1.parse_args([*TINY, str(tmp_path / "nested.h5"), str(tmp_path / "run")]))
+    read_cohort(tmp_path / "nested.h5")
     assert "single slice" not in capsys.readouterr().err
 
 
@@ -509,17 +511,19 @@ def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatc
     history.csv are the schedule's (decay from epoch 1 here), and stdout stays empty."""
     import keras
 
-    monkeypatch.setattr(step1, "LR_CONSTANT_EPOCHS", 1)  # the decay, within 3 epochs
+    monkeypatch.setattr(training, "LR_CONSTANT_EPOCHS", 1)  # the decay, within 3 epochs
     h5_path = write_h5(tmp_path / "d.h5", patients=(3, 3), slices=2)
     run_dir = tmp_path / "run"
-    argv = [*TINY, "--epochs", "2", "--learning-rate", "1e-3", str(h5_path), str(run_dir)]
 
     class CtrlCAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             raise KeyboardInterrupt
 
+    config = TrainConfig(
+        h5_path, run_dir, backbone="efficientnetb0", weights="none", epochs=2, learning_rate=1e-3
+    )
     with pytest.raises(KeyboardInterrupt):
-        step1.train(step1.parse_args(argv), callbacks=[CtrlCAfterFirstEpoch()])
+        training.train(config, callbacks=[CtrlCAfterFirstEpoch()])
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
     assert len(history(run_dir)) == 1 and (run_dir / "backup").is_dir()
     snapshot = folder_snapshot(run_dir)
@@ -568,7 +572,9 @@ def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatc
     rows = history(run_dir)
     assert [row["epoch"] for row in rows] == ["0", "1", "2"]
     for row in rows:
-        assert float(row["learning_rate"]) == pytest.approx(step1.learning_rate_at(int(row["epoch"]), 1e-3))
+        assert float(row["learning_rate"]) == pytest.approx(
+            training.learning_rate_at(int(row["epoch"]), 1e-3)
+        )
     assert float(rows[2]["learning_rate"]) < float(rows[1]["learning_rate"])  # decayed after epoch 1
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["epochs_done"] == 3 and run["arguments"]["epochs"] == 3

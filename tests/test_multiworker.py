@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 from test_step1 import write_h5
 
-import step1_train_model as step1
+from gbmpcnsl.data import HDF5Images, make_dataset, make_shard_dataset, shard_layout
+from gbmpcnsl.distributed import SLURM_PORT_BASE, is_other_worker, slurm_cluster_resolver, slurm_task
+from gbmpcnsl.runs import backup_epoch
+from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
@@ -41,7 +44,9 @@ def free_ports(count: int) -> tuple[list[int], list[socket.socket]]:
 
 
 class Cluster:
-    """Two (or more) step1 worker processes with a TF_CONFIG each, their stderr in files."""
+    """Two (or more) step1 worker processes with a TF_CONFIG each, their stderr in files.
+    With `dump`, each runs through tests/multiworker_worker.py, which writes its final
+    weights and the records it trained on into `dump`."""
 
     def __init__(self, tmp_path: Path, argv: list[str], workers: int = 2, dump: Path | None = None):
         self.tmp_path, self.argv, self.workers, self.dump = tmp_path, argv, workers, dump
@@ -59,12 +64,10 @@ class Cluster:
             for index in range(self.workers):
                 tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
                 env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "3"}
-                if self.dump is not None:
-                    env["GBMPCNSL_WORKER_DUMP"] = str(self.dump)
                 with open(self.stderr_path(index), "w") as stderr:
                     self.processes.append(
                         subprocess.Popen(
-                            [sys.executable, "step1_train_model.py", *self.argv],
+                            self.command(),
                             cwd=ROOT,
                             env=env,
                             stdout=subprocess.DEVNULL,
@@ -77,6 +80,11 @@ class Cluster:
                 continue
             return self
         raise AssertionError(f"no free ports after 3 tries: {self.stderr(0)}")
+
+    def command(self) -> list[str]:
+        if self.dump is None:
+            return [sys.executable, "step1_train_model.py", *self.argv]
+        return [sys.executable, "tests/multiworker_worker.py", str(self.dump), *self.argv]
 
     def stderr_path(self, index: int) -> Path:
         return self.tmp_path / f"worker_{index}.{self.launches}.stderr"
@@ -152,7 +160,7 @@ def cohort_h5(tmp_path_factory) -> Path:
     ("count", "replicas", "batch_size"), [(18, 2, 8), (17, 2, 8), (16, 2, 8), (7, 3, 2), (5, 2, 1)]
 )
 def test_shard_layout_gives_every_position_once_and_no_replica_an_empty_batch(count, replicas, batch_size):
-    layout = step1.shard_layout(count, replicas, batch_size)
+    layout = shard_layout(count, replicas, batch_size)
     pieces = [range(layout[s, r], layout[s, r + 1]) for s in range(len(layout)) for r in range(replicas)]
     positions = [p for piece in pieces for p in piece]
     assert positions == list(range(count))  # step by step, replica by replica: the epoch's order
@@ -162,24 +170,24 @@ def test_shard_layout_gives_every_position_once_and_no_replica_an_empty_batch(co
     assert global_sizes.max() - global_sizes.min() <= 1
     if batch_size > 1:
         assert max(len(piece) for piece in pieces) <= batch_size
-    with pytest.raises(step1.UserError, match="2 slice"):
-        step1.shard_layout(2, 3, 8)
+    with pytest.raises(UserError, match="2 slice"):
+        shard_layout(2, 3, 8)
 
 
 def test_worker_shards_are_the_single_machine_epoch_cut_in_pieces(tmp_path):
     """Each replica's stream holds its positions of make_dataset's epoch, with the same
     images (augmentation draws included); together the replicas cover the epoch once."""
     h5_path = write_h5(tmp_path / "d.h5", size=16, patients=(5, 5), slices=3)
-    reader = step1.HDF5Images(h5_path, (16, 16))
+    reader = HDF5Images(h5_path, (16, 16))
     labels = np.array([0] * 15 + [1] * 15, np.float32)
     train = np.array([i for i in range(30) if i % 5], np.int64)  # 24 records
-    layout = step1.shard_layout(len(train), 3, 4)  # 2 steps of 12: pieces of 4
-    single = step1.make_dataset(reader, train, labels, 24, "base", seed=1, epochs=(1, 3))
+    layout = shard_layout(len(train), 3, 4)  # 2 steps of 12: pieces of 4
+    single = make_dataset(reader, train, labels, 24, "base", seed=1, epochs=(1, 3))
     single_images = [x.numpy() for x, _ in single]  # one batch per epoch
     shards = [
         [
             tuple(t.numpy() for t in element)
-            for element in step1.make_shard_dataset(reader, train, labels, layout, [r], "base", 1, (1, 3))
+            for element in make_shard_dataset(reader, train, labels, layout, [r], "base", 1, (1, 3))
         ]
         for r in range(3)
     ]
@@ -193,7 +201,7 @@ def test_worker_shards_are_the_single_machine_epoch_cut_in_pieces(tmp_path):
                 indices.extend(index)
         np.testing.assert_array_equal(np.concatenate(images), single_images[epoch])
         assert sorted(indices) == sorted(train.tolist()) and len(set(indices)) == len(train)
-    ordered = step1.make_shard_dataset(reader, train, labels, layout, [0, 1, 2])
+    ordered = make_shard_dataset(reader, train, labels, layout, [0, 1, 2])
     assert np.concatenate([index.numpy() for _, _, index, _ in ordered]).tolist() == train.tolist()
 
 
@@ -201,25 +209,25 @@ def test_worker_shards_are_the_single_machine_epoch_cut_in_pieces(tmp_path):
 def test_slurm_variables_give_the_cluster_and_the_chief(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert not step1.is_other_worker() and step1.slurm_task() is None
+    assert not is_other_worker() and slurm_task() is None
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[07-08]")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "1(x2)")
     monkeypatch.setenv("SLURM_PROCID", "1")
-    assert step1.slurm_task() == 1 and step1.is_other_worker()
-    port = step1.SLURM_PORT_BASE + 123456 % 20000
-    resolver = step1.slurm_cluster_resolver()
+    assert slurm_task() == 1 and is_other_worker()
+    port = SLURM_PORT_BASE + 123456 % 20000
+    resolver = slurm_cluster_resolver()
     assert resolver.cluster_spec().as_dict() == {"worker": [f"gpu07:{port}", f"gpu08:{port}"]}
     assert resolver.get_task_info() == ("worker", 1)
     monkeypatch.setenv("SLURM_PROCID", "0")
-    assert not step1.is_other_worker()
+    assert not is_other_worker()
     # A TF_CONFIG wins over Slurm's variables.
     monkeypatch.setenv(
         "TF_CONFIG",
         json.dumps({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}),
     )
-    assert step1.is_other_worker()
+    assert is_other_worker()
 
 
 @pytest.mark.slow
@@ -227,7 +235,7 @@ def test_one_slurm_task_trains_with_mixed_precision(tmp_path, cohort_h5):
     """srun's variables, no TF_CONFIG: --distribute multiworker builds its one-worker cluster
     from Slurm (port SLURM_PORT_BASE + job id % 20000), under mixed_float16."""
     for _ in range(3):  # a port taken between the check and the worker's bind: try another
-        job_id = next(j for j in random.sample(range(20000), 500) if _port_is_free(step1.SLURM_PORT_BASE + j))
+        job_id = next(j for j in random.sample(range(20000), 500) if _port_is_free(SLURM_PORT_BASE + j))
         env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
         env.update(
             SLURM_JOB_ID=str(job_id),
@@ -381,7 +389,7 @@ def test_sigkill_of_a_worker_then_resume_continues_from_the_backup(tmp_path, coh
     assert backed_up, cluster.stderr(0)[-3000:]
     cluster.kill(1)  # the other worker dies mid-training...
     cluster.kill(0)  # ...and the job with it (the chief would wait for it in vain)
-    finished = step1.backup_epoch(run_dir / "backup")
+    finished = backup_epoch(run_dir / "backup")
     assert 1 <= finished < 3 and json.loads((run_dir / "run.json").read_text())["status"] == "running"
 
     resumed = Cluster(tmp_path, [*argv, "--resume"], dump=dump)

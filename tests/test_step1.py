@@ -17,8 +17,13 @@ import numpy as np
 import pytest
 
 import step1_train_model as step1
+from gbmpcnsl import training
+from gbmpcnsl.augment import augment_image
 from gbmpcnsl.checkpoints import load_model_for_inference
+from gbmpcnsl.config import TrainConfig
+from gbmpcnsl.data import HDF5Images, make_dataset, split_by_group
 from gbmpcnsl.files import file_sha256
+from gbmpcnsl.runs import backup_epoch
 from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,10 +124,10 @@ def test_expected_failures_are_one_line(tmp_path):
 
 
 def test_learning_rate_schedule():
-    assert step1.learning_rate_at(0) == step1.learning_rate_at(49) == 1e-4
-    assert step1.learning_rate_at(50) == pytest.approx(1e-4)
-    assert step1.learning_rate_at(150) == pytest.approx(1e-4 * math.exp(-1.5))
-    assert step1.learning_rate_at(60, initial=3e-4) == pytest.approx(3e-4 * math.exp(-0.15))
+    assert training.learning_rate_at(0) == training.learning_rate_at(49) == 1e-4
+    assert training.learning_rate_at(50) == pytest.approx(1e-4)
+    assert training.learning_rate_at(150) == pytest.approx(1e-4 * math.exp(-1.5))
+    assert training.learning_rate_at(60, initial=3e-4) == pytest.approx(3e-4 * math.exp(-0.15))
 
 
 # ---------------------------------------------------------------------------- split
@@ -142,26 +147,26 @@ def test_split_by_patient_is_disjoint_stratified_and_seeded():
     rng = np.random.default_rng(1)
     records = records_for({0: list(rng.integers(1, 12, 60)), 1: list(rng.integers(1, 12, 40))})
     labels = np.array([r["label"] for r in records])
-    is_val = step1.split_by_group(records, 0.15, seed=3)
+    is_val = split_by_group(records, 0.15, seed=3)
     train_groups = {r["group"] for r, v in zip(records, is_val, strict=True) if not v}
     val_groups = {r["group"] for r, v in zip(records, is_val, strict=True) if v}
     assert train_groups and val_groups and not train_groups & val_groups
     for label in (0, 1):  # stratified: each class holds out ~15% of its own slices
         fraction = is_val[labels == label].mean()
         assert 0.10 < fraction < 0.20, fraction
-    assert np.array_equal(is_val, step1.split_by_group(records, 0.15, seed=3))
-    assert not np.array_equal(is_val, step1.split_by_group(records, 0.15, seed=4))
+    assert np.array_equal(is_val, split_by_group(records, 0.15, seed=3))
+    assert not np.array_equal(is_val, split_by_group(records, 0.15, seed=4))
     # The order of the records does not matter, only the seed.
     reordered = records[::-1]
-    assert np.array_equal(is_val[::-1], step1.split_by_group(reordered, 0.15, seed=3))
+    assert np.array_equal(is_val[::-1], split_by_group(reordered, 0.15, seed=3))
 
 
 def test_split_keeps_a_group_on_each_side_and_refuses_single_group_classes():
-    is_val = step1.split_by_group(records_for({0: [5, 5], 1: [1, 9]}), 0.9, seed=0)
+    is_val = split_by_group(records_for({0: [5, 5], 1: [1, 9]}), 0.9, seed=0)
     assert is_val[:5].sum() + is_val[5:10].sum() == 5  # one of the two GBM groups
     assert 0 < is_val[10:].sum() < 10
     with pytest.raises(UserError, match="PCNSL: 1 patient group"):
-        step1.split_by_group(records_for({0: [3, 3], 1: [6]}), 0.15, seed=0)
+        split_by_group(records_for({0: [3, 3], 1: [6]}), 0.15, seed=0)
 
 
 # ---------------------------------------------------------------------------- augmentation
@@ -172,14 +177,14 @@ def gray_batch(count: int, size: int = 16, low: int = 20, high: int = 235, seed:
 
 
 def augment(images, augmentation, seed=(5, 7)):
-    """step1.augment_image on each image, image i with the seed fold_in(seed, i) (as the
+    """augment_image on each image, image i with the seed fold_in(seed, i) (as the
     training stream does), in one tf.data pass."""
     import tensorflow as tf
 
     base_seed = tf.constant(seed, tf.int64)
     dataset = tf.data.Dataset.from_tensor_slices(images).enumerate()
     dataset = dataset.map(
-        lambda i, image: step1.augment_image(
+        lambda i, image: augment_image(
             image, tf.random.experimental.stateless_fold_in(base_seed, i), augmentation
         )
     )
@@ -244,10 +249,10 @@ def test_noise_appears_in_about_ten_percent_of_images():
 # ---------------------------------------------------------------------------- pipeline
 def test_training_stream_reshuffles_every_epoch_and_visits_each_image_once(tmp_path):
     h5_path = write_h5(tmp_path / "d.h5", size=16, patients=(5, 5), slices=3)
-    reader = step1.HDF5Images(h5_path, (16, 16))
+    reader = HDF5Images(h5_path, (16, 16))
     labels = np.array([0] * 15 + [1] * 15, np.float32)
     train = np.array([i for i in range(30) if i % 5], np.int64)  # 24 records
-    dataset = step1.make_dataset(reader, train, labels, 5, "none", seed=1, epochs=(0, 3))
+    dataset = make_dataset(reader, train, labels, 5, "none", seed=1, epochs=(0, 3))
     batches = [(x.numpy(), y.numpy()) for x, y in dataset]
     assert [len(x) for x, _ in batches] == [5, 5, 5, 5, 4] * 3  # per epoch: ceil(24 / 5)
     assert batches[0][0].dtype == np.float32 and batches[0][1].shape == (5, 1)
@@ -259,9 +264,9 @@ def test_training_stream_reshuffles_every_epoch_and_visits_each_image_once(tmp_p
     assert not np.array_equal(orders[0], orders[1])
     assert np.array_equal(seen_labels, labels[seen])
     # The same seed gives the same stream; epoch 2 alone equals epoch 2 of the full stream.
-    resumed = step1.make_dataset(reader, train, labels, 5, "none", seed=1, epochs=(2, 3))
+    resumed = make_dataset(reader, train, labels, 5, "none", seed=1, epochs=(2, 3))
     assert np.array_equal(np.concatenate([x[:, 0, 0, 0] for x, _ in resumed]).astype(int), orders[2])
-    ordered = step1.make_dataset(reader, train, labels, 7)
+    ordered = make_dataset(reader, train, labels, 7)
     assert np.concatenate([x[:, 0, 0, 0] for x, _ in ordered]).astype(int).tolist() == train.tolist()
 
 
@@ -337,12 +342,12 @@ def test_checkpoints_reload_with_the_in_memory_predictions_imagenet_weights(tmp_
         def on_epoch_end(self, epoch, logs=None):
             predictions[epoch + 1] = self.model.predict(probe, verbose=0)
 
-    args = step1.parse_args(
-        ["--augmentation", "base", "--epochs", "2", "--backbone", "efficientnetb0", "--weights", "imagenet",
-         "--learning-rate", "1e-3", str(h5_path), str(tmp_path / "run")]
+    config = TrainConfig(
+        h5_path, tmp_path / "run", augmentation="base", epochs=2, backbone="efficientnetb0",
+        weights="imagenet", learning_rate=1e-3,
     )  # fmt: skip
     with caplog.at_level("INFO", logger="gbmpcnsl"):
-        step1.train(args, callbacks=[RecordPredictions()])
+        training.train(config, callbacks=[RecordPredictions()])
     assert "has no patient groups (original layout)" in caplog.text
     with open(tmp_path / "run" / "split.csv", newline="") as handle:
         split = list(csv.DictReader(handle))
@@ -387,12 +392,12 @@ def test_backup_epoch_falls_back_when_the_newest_backup_is_broken(tmp_path):
     (backup / "latest.weights.h5").write_bytes(good[: len(good) // 2])  # killed mid-write
     (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
     (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": 0}')
-    assert step1.backup_epoch(backup) == 2
+    assert backup_epoch(backup) == 2
     assert (backup / "latest.weights.h5").read_bytes() == good
     assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
-    assert step1.backup_epoch(backup) == 2  # now intact: unchanged
+    assert backup_epoch(backup) == 2  # now intact: unchanged
     # A first backup killed before its metadata was written: nothing to resume from.
     (backup / "training_metadata.json").unlink()
     (backup / "training_metadata.json.bkp").unlink()
-    assert step1.backup_epoch(backup) == 0 and not backup.exists()
-    assert step1.backup_epoch(backup) == 0
+    assert backup_epoch(backup) == 0 and not backup.exists()
+    assert backup_epoch(backup) == 0

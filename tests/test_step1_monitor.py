@@ -12,13 +12,18 @@ from pathlib import Path
 import pytest
 
 import step1_train_model as step1
+from gbmpcnsl.augment import StrongAugmentation
+from gbmpcnsl.config import RESUME_DEFAULTS, RESUME_MUST_MATCH, TrainConfig, jsonable
+from gbmpcnsl.runs import RunFolder, check_run_folder
+from gbmpcnsl.training import finish_run
+from gbmpcnsl_common import UserError
 
 HEADER = ["epoch", "accuracy", "auc", "learning_rate", "loss", "val_accuracy", "val_auc", "val_loss"]
 
 
-def fake_run(tmp_path: Path, val_losses, val_aucs, monitor: str) -> tuple[step1.RunFolder, dict]:
+def fake_run(tmp_path: Path, val_losses, val_aucs, monitor: str) -> tuple[RunFolder, dict]:
     """A run folder with a history.csv of these validation values and one checkpoint per epoch."""
-    run = step1.RunFolder(tmp_path / "run")
+    run = RunFolder(tmp_path / "run")
     run.path.mkdir()
     with open(run.history_csv, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -39,7 +44,7 @@ def test_finish_run_picks_the_best_epoch_by_the_monitored_metric(tmp_path, monit
     val_aucs = [0.50, 0.70, 0.80, 0.90, 0.90]
     run, info = fake_run(tmp_path, val_losses, val_aucs, monitor)
     with caplog.at_level("INFO", logger="gbmpcnsl"):
-        step1.finish_run(run, info, None)
+        finish_run(run, info, None)
     saved = json.loads(run.run_json.read_text())
     assert saved["monitor"] == monitor and saved["best_epoch"] == best_epoch
     assert saved["best_val_loss"] == val_losses[best_epoch - 1]
@@ -58,19 +63,19 @@ def test_finish_run_picks_the_best_epoch_by_the_monitored_metric(tmp_path, monit
 def test_a_run_that_did_not_learn_gets_a_one_line_warning(tmp_path, val_losses, val_aucs, reason, caplog):
     run, info = fake_run(tmp_path, val_losses, val_aucs, "val_loss")
     with caplog.at_level("INFO", logger="gbmpcnsl"):
-        step1.finish_run(run, info, None)
+        finish_run(run, info, None)
     warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warning")]
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert reason in warnings[0] and "--augmentation strong" in warnings[0]
     assert "--learning-rate" in warnings[0] and "more data" in warnings[0]
 
 
-def test_monitor_flag_choices(capsys):
-    assert step1.parse_args(["a", "b"]).monitor == "val_loss"  # as the original
+def test_monitor_flag_choices(capsys, step1_config):
+    assert step1_config(["a", "b"]).monitor == "val_loss"  # as the original
     with pytest.raises(SystemExit):
-        step1.parse_args(["--monitor", "loss", "a", "b"])
+        step1.main(["--monitor", "loss", "a", "b"])
     assert "invalid choice: 'loss'" in capsys.readouterr().err
-    assert {"monitor", "batchnorm_momentum"} <= set(step1.RESUME_MUST_MATCH)
+    assert {"monitor", "batchnorm_momentum"} <= set(RESUME_MUST_MATCH)
 
 
 def read_event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -103,7 +108,7 @@ def test_strong_val_auc_tensorboard_and_batchnorm_momentum_run(demo_h5, tmp_path
     assert len(history) == 2
     run = json.loads((run_dir / "run.json").read_text())
     assert run["arguments"]["augmentation"] == "strong" and run["arguments"]["rotation_degrees"] == 20
-    assert run["arguments"]["scale"] == step1.StrongAugmentation().scale
+    assert run["arguments"]["scale"] == StrongAugmentation().scale
     assert run["monitor"] == "val_auc" and run["arguments"]["batchnorm_momentum"] == 0.9
     val_aucs = [float(row["val_auc"]) for row in history]
     assert run["best_val_auc"] == max(val_aucs)
@@ -138,14 +143,12 @@ def test_strong_val_auc_tensorboard_and_batchnorm_momentum_run(demo_h5, tmp_path
 def test_a_run_from_before_the_new_settings_can_be_resumed(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    args = step1.parse_args(["--augmentation", "base", "--resume", "data.h5", str(run_dir)])
-    old_arguments = {name: step1._jsonable(getattr(args, name)) for name in step1.RESUME_MUST_MATCH}
-    for name in step1.RESUME_DEFAULTS:  # run.json written before these flags existed
+    config = TrainConfig(Path("data.h5"), run_dir, augmentation="base", resume=True)
+    old_arguments = {name: jsonable(getattr(config, name)) for name in RESUME_MUST_MATCH}
+    for name in RESUME_DEFAULTS:  # run.json written before these flags existed
         del old_arguments[name]
     (run_dir / "run.json").write_text(json.dumps({"status": "running", "arguments": old_arguments}))
-    assert step1.check_run_folder(args, run_dir).previous["arguments"] == old_arguments
-    changed = step1.parse_args(
-        ["--augmentation", "base", "--monitor", "val_auc", "--resume", "d.h5", str(run_dir)]
-    )
-    with pytest.raises(step1.UserError, match="--resume needs the run's own settings: --monitor"):
-        step1.check_run_folder(changed, run_dir)
+    assert check_run_folder(config, run_dir).previous["arguments"] == old_arguments
+    changed = TrainConfig(Path("d.h5"), run_dir, augmentation="base", monitor="val_auc", resume=True)
+    with pytest.raises(UserError, match="--resume needs the run's own settings: --monitor"):
+        check_run_folder(changed, run_dir)

@@ -18,6 +18,7 @@ import pytest
 from test_step1 import write_h5
 
 import step1_train_model as step1
+from gbmpcnsl.runs import backup_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
@@ -65,7 +66,7 @@ def test_resume_after_sigkill_lists_each_epoch_once(tmp_path):
         assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
         process.send_signal(signal.SIGKILL)  # mid-training: at least one epoch recorded
         process.wait()
-    finished = step1.backup_epoch(run_dir / "backup")
+    finished = backup_epoch(run_dir / "backup")
     rows = history_rows(run_dir)
     assert 1 <= len(rows) < 8 and json.loads((run_dir / "run.json").read_text())["status"] == "running"
     assert len(rows) in (finished, finished + 1)
