@@ -80,6 +80,7 @@ from gbmpcnsl_io import add_slice_arguments, slice_options
 
 
 def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -87,6 +88,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """step2's command line, its options in groups."""
     parser = argparse.ArgumentParser(
         prog="step2_predict.py",
         description=__doc__,
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; checkpoints given before the images are told apart from them."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)

@@ -66,6 +66,7 @@ from gbmpcnsl_io import add_slice_arguments, slice_options
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """step5's command line, its options in groups."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; checkpoints given before the images are told apart from them."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)

@@ -67,6 +67,7 @@ from gbmpcnsl_common import (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """step6's command line, its options in groups."""
     parser = argparse.ArgumentParser(
         prog="step6_export_model.py",
         description=__doc__,

@@ -285,6 +285,7 @@ class GradCamRun:
         self.results = GradCamResults()
 
     def run(self, images: list[str], outputs: list[Path], batch_size: int) -> GradCamResults:
+        """Overlays for `images` at `outputs` (plan_outputs' paths), `batch_size` at a time."""
         from tqdm import tqdm
 
         with tqdm(total=len(images), desc="Grad-CAM", unit="img", file=sys.stderr) as progress:
