@@ -44,296 +44,52 @@ Example, then prediction without TensorFlow (step2 reads .onnx and .xml exports)
 
 Exit codes: 0 exported, 2 bad arguments, an unreadable checkpoint, an existing output or a
 failed check.
+
+Docs: docs/deployment.md
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from gbmpcnsl.files import file_sha256
-from gbmpcnsl_common import (
-    CLASS_NAMES,
-    UserError,
-    __version__,
-    import_tensorflow,
-    load_model_for_inference,
-    log,
-    model_input_size,
-    run_main,
-    setup_logging,
-)
-
-FORMATS = ("saved_model", "onnx", "openvino")
-TOLERANCE = 1e-5  # largest |P(PCNSL) export - P(PCNSL) Keras| an export may show
-CHECK_IMAGES = 4
-ONNX_OPSET = 17
-METADATA_NAME = "gbmpcnsl_model.json"  # inside a SavedModel folder
-INPUT_NAME, OUTPUT_NAME = "images", "prob_pcnsl"
-PREPROCESSING = (
-    "RGB values 0-255 as float32, shape (N, H, W, 3), no scaling (the network normalizes "
-    "itself); images read as in training by gbmpcnsl_common.load_image: "
-    'Image.convert("RGB") then resize((W, H), Image.LANCZOS), 16-bit and float images '
-    "first windowed to 0-255 at their 0.5-99.5 percentiles"
-)
+from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
+from gbmpcnsl.export import CHECK_IMAGES, FORMATS, check_destination, export_model
+from gbmpcnsl_common import import_tensorflow, log, run_main, setup_logging
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
+    """step6's command line, its options in groups."""
     parser = argparse.ArgumentParser(
         prog="step6_export_model.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("out", type=Path, metavar="OUT", help="SavedModel folder, .onnx or .xml file")
-    parser.add_argument(
+    export = parser.add_argument_group("export")
+    export.add_argument(
         "--model-weights", required=True, type=Path, metavar="CKPT", help="checkpoint to export"
     )
-    parser.add_argument("--format", required=True, choices=FORMATS, help="export format")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    export.add_argument("--format", required=True, choices=FORMATS, help="export format")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export")
     parser.add_argument("--verbose", action="store_true", help="debug logging and TensorFlow's own messages")
-    return parser.parse_args(argv)
+    return parser
 
 
-def output_files(out: Path, export_format: str) -> list[Path]:
-    """Every path an export writes (the first is OUT itself), checked before any work."""
-    if export_format == "saved_model":
-        if out.suffix.lower() in (".onnx", ".xml", ".keras", ".h5"):
-            raise UserError(f"{out}: a SavedModel is a folder; give a folder name (e.g. exported/gbm_pcnsl)")
-        return [out]
-    suffix = {"onnx": ".onnx", "openvino": ".xml"}[export_format]
-    if out.suffix.lower() != suffix:
-        raise UserError(f"{out}: --format {export_format} writes a {suffix} file; name OUT *{suffix}")
-    files = [out, out.with_name(out.name + ".json")]
-    if export_format == "openvino":
-        files.insert(1, out.with_suffix(".bin"))
-    return files
-
-
-def check_images(size: tuple[int, int], count: int = CHECK_IMAGES) -> np.ndarray:
-    """Fixed test images for the check (float32 0-255): noise, flat grey, and gradients."""
-    height, width = size
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (height, width, 3)), np.full((height, width, 3), 128)]
-    ramp = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
-    images += [ramp, ramp[:, ::-1] * rng.uniform(0.5, 1, 3)]
-    return np.stack(images[:count]).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------- export
-def inference_function(model):
-    """tf.function: float32 images (N, H, W, 3), 0-255 -> {"prob_pcnsl": (N,)}."""
-    import tensorflow as tf
-
-    height, width = model_input_size(model)
-
-    @tf.function(input_signature=[tf.TensorSpec((None, height, width, 3), tf.float32, name=INPUT_NAME)])
-    def infer(images):
-        return {OUTPUT_NAME: model(images, training=False)[:, 0]}
-
-    return infer
-
-
-def frozen_inference_function(model):
-    """inference_function with every weight and constant folded into the graph.
-
-    tf2onnx and OpenVINO would otherwise turn captured tensors (the Normalization layer's
-    mean and variance) into extra model inputs.
-    """
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    frozen = convert_variables_to_constants_v2(inference_function(model).get_concrete_function())
-    height, width = model_input_size(model)
-
-    @tf.function(input_signature=[tf.TensorSpec((None, height, width, 3), tf.float32, name=INPUT_NAME)])
-    def infer(images):
-        return {OUTPUT_NAME: tf.identity(frozen(images)[0], name=OUTPUT_NAME)}
-
-    return infer
-
-
-def write_saved_model(model, folder: Path) -> None:
-    """Keras's own SavedModel export with float32 (default) and uint8 serving signatures."""
-    import keras
-    import tensorflow as tf
-
-    height, width = model_input_size(model)
-
-    def serve_float(images):
-        return {OUTPUT_NAME: model(images, training=False)[:, 0]}
-
-    def serve_uint8(images):
-        return {OUTPUT_NAME: model(tf.cast(images, tf.float32), training=False)[:, 0]}
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    for name, function, dtype in (("serve", serve_float, tf.float32), ("serve_uint8", serve_uint8, tf.uint8)):
-        spec = tf.TensorSpec((None, height, width, 3), dtype, name=INPUT_NAME)
-        archive.add_endpoint(name, function, input_signature=[spec])
-    archive.write_out(str(folder), verbose=False)  # "serve" is also "serving_default"
-
-
-def write_onnx(model, path: Path) -> None:
-    import logging
-
-    import tf2onnx
-
-    if not log.isEnabledFor(logging.DEBUG):  # tf2onnx logs each conversion phase at INFO
-        logging.getLogger("tf2onnx").setLevel(logging.WARNING)
-
-    infer = frozen_inference_function(model)
-    tf2onnx.convert.from_function(
-        infer, input_signature=infer.input_signature, opset=ONNX_OPSET, output_path=str(path)
-    )
-
-
-def write_openvino(model, path: Path) -> None:
-    """OpenVINO IR (.xml + .bin), float32 weights (save_model would halve them to fp16)."""
-    import openvino
-
-    ov_model = openvino.convert_model(frozen_inference_function(model))
-    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
-    ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-    openvino.save_model(ov_model, str(path), compress_to_fp16=False)
-
-
-def run_export(path: Path, export_format: str, images: np.ndarray) -> dict[str, np.ndarray]:
-    """P(PCNSL) of the written export, loaded back in its own runtime, per signature."""
-    if export_format == "saved_model":
-        import tensorflow as tf
-
-        signatures = tf.saved_model.load(str(path)).signatures
-        return {
-            "serving_default": signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})[
-                OUTPUT_NAME
-            ],
-            "serve_uint8": signatures["serve_uint8"](**{INPUT_NAME: tf.constant(images.astype(np.uint8))})[
-                OUTPUT_NAME
-            ],
-        }
-    from step2_predict import load_exported_model  # the very engine step2 runs it with
-
-    predict, _, _ = load_exported_model(path)
-    return {export_format: predict(images)}
-
-
-def check_export(model, path: Path, export_format: str) -> float:
-    """Largest difference between the export and the Keras model on the check images;
-    UserError when it exceeds TOLERANCE."""
-    images = check_images(model_input_size(model))
-    expected = model.predict(images, verbose=0)[:, 0]
-    difference = 0.0
-    for name, prob_pcnsl in run_export(path, export_format, images).items():
-        prob_pcnsl = np.asarray(prob_pcnsl, dtype=np.float64).reshape(-1)
-        if prob_pcnsl.shape != expected.shape:
-            raise UserError(
-                f"export check failed: {name} returned shape {prob_pcnsl.shape}, expected {expected.shape}"
-            )
-        difference = max(difference, float(np.max(np.abs(prob_pcnsl - expected))))
-        if not difference <= TOLERANCE:  # also catches NaN
-            raise UserError(
-                f"export check failed: {name} differs from the Keras model by {difference:.3g} "
-                f"(more than {TOLERANCE:g}) on {len(images)} test images; nothing written"
-            )
-    return difference
-
-
-def export_metadata(
-    model, checkpoint: Path, export_format: str, files: list[Path], difference: float
-) -> dict:
-    """What a deployment needs to know besides the graph."""
-    import keras
-    import tensorflow as tf
-
-    height, width = model_input_size(model)
-    versions = {"gbm-pcnsl": __version__, "tensorflow": tf.__version__, "keras": keras.__version__}
-    if export_format == "onnx":
-        import onnx
-        import tf2onnx
-
-        versions |= {"tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnx_opset": ONNX_OPSET}
-    elif export_format == "openvino":
-        import openvino
-
-        versions["openvino"] = openvino.__version__
-    return {
-        "format": export_format,
-        "files": [file.name for file in files],
-        "model_name": model.name,
-        "classes": {name: label for label, name in enumerate(CLASS_NAMES)},
-        "output": {"name": OUTPUT_NAME, "shape": [None], "meaning": f"P({CLASS_NAMES[1]}) per image"},
-        "input": {"name": INPUT_NAME, "shape": [None, height, width, 3], "dtype": "float32"},
-        "input_size": [height, width],
-        "preprocessing": PREPROCESSING,
-        "signatures": ["serving_default (float32)", "serve_uint8 (uint8)"]
-        if export_format == "saved_model"
-        else None,
-        "source_checkpoint": {"name": checkpoint.name, "sha256": file_sha256(checkpoint)},
-        "check": {"images": CHECK_IMAGES, "max_abs_difference": difference, "tolerance": TOLERANCE},
-        "tool": f"step6_export_model.py (gbm-pcnsl {__version__})",
-        "versions": versions,
-    }
-
-
-def move_into_place(staging: Path, files: list[Path]) -> None:
-    """Move the checked export from the staging folder onto its final paths."""
-    for final in files:
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)  # an older SavedModel (--overwrite); os.replace cannot replace a folder
-        os.replace(staging / final.name, final)
-
-
-def _main(argv) -> int:
-    args = parse_args(argv)
+def _export(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-
     # Everything that can be checked without TensorFlow, before any work.
-    checkpoint, out = args.model_weights, args.out
-    if checkpoint.is_dir():  # a run or CV folder: one graph per export, so one checkpoint
-        raise UserError(f"--model-weights {checkpoint}: a folder; export one checkpoint file (.keras, .h5)")
-    if not checkpoint.is_file():
-        raise UserError(f"--model-weights {checkpoint}: no such file")
-    files = output_files(out, args.format)
-    if not out.parent.is_dir():
-        raise UserError(f"{out}: folder {out.parent} does not exist")
-    for file in files:
-        if file.exists() and not args.overwrite:
-            raise UserError(f"{file}: exists (use --overwrite to replace it)")
+    files = check_destination(args.model_weights, args.out, args.format, args.overwrite)
 
     started = time.perf_counter()
     import_tensorflow(args.verbose)
-    model = load_model_for_inference(checkpoint)
+    model = load_model_for_inference(args.model_weights)
     height, width = model_input_size(model)
-    log.info(f"{checkpoint}: {model.name}, {height}x{width} input; exporting as {args.format}")
-
-    # Write into a staging folder beside OUT; check; then move into place.
-    staging = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        target = staging / out.name
-        try:
-            {"saved_model": write_saved_model, "onnx": write_onnx, "openvino": write_openvino}[args.format](
-                model, target
-            )
-        except Exception as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"{out}: {args.format} export failed ({first_line})") from error
-        difference = check_export(model, target, args.format)
-        metadata = export_metadata(model, checkpoint, args.format, files, difference)
-        metadata_path = target / METADATA_NAME if args.format == "saved_model" else staging / files[-1].name
-        metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
-        move_into_place(staging, files)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
+    log.info(f"{args.model_weights}: {model.name}, {height}x{width} input; exporting as {args.format}")
+    difference = export_model(model, args.model_weights, args.out, args.format, files)
     log.info(
         f"wrote {', '.join(str(file) for file in files)} in {time.perf_counter() - started:.1f} s "
         f"(checked: at most {difference:.2g} from the Keras model on {CHECK_IMAGES} images)"
@@ -342,7 +98,8 @@ def _main(argv) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_main, argv)
+    """Command-line entry: see the module docstring. Returns the exit code."""
+    return run_main(_export, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ heatmaps only (image decoding and the overlay are the same cheap code on both si
 - original: the original step5 (after the keras-io recipe): for every image, build a new
   two-output gradient model, run it eagerly on one image under a GradientTape, pool the
   gradients and weight the channels; it explains "1 - output" when the output < 0.5.
-- ours: step5_plot_grad_cam.grad_cam: the gradient model built once, batches of
+- ours: gbmpcnsl.gradcam.grad_cam: the gradient model built once, batches of
   --batch-size through one tf.function (its tracing is counted in the time).
 - ours, eager: the same batched function without tf.function (shows where the gain is).
 
@@ -81,7 +81,7 @@ def main() -> int:
     import keras
     import tensorflow as tf
 
-    import step5_plot_grad_cam as step5
+    from gbmpcnsl.gradcam import grad_cam, make_grad_model
     from gbmpcnsl.model import build_model
 
     keras.utils.set_random_seed(0)
@@ -95,10 +95,10 @@ def main() -> int:
     )
 
     def run_ours(compiled: bool) -> np.ndarray:
-        grad_model = step5.make_grad_model(model)
+        grad_model = make_grad_model(model)
 
         def compute(batch):
-            return step5.grad_cam(grad_model, batch, "gbm")
+            return grad_cam(grad_model, batch, "gbm")
 
         if compiled:
             compute = tf.function(compute, reduce_retracing=True)

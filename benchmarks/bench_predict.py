@@ -86,14 +86,14 @@ import sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
+from gbmpcnsl.predictors import predict_function
 from gbmpcnsl_common import setup_logging
-from step2_predict import predict_function
 setup_logging()
 model = load_model_for_inference(sys.argv[2])
 count, batch_size = int(sys.argv[3]), int(sys.argv[4])
 height, width = model_input_size(model)
 images = np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
-predict = predict_function(model, tta=False)
+predict = predict_function(model)
 predict(images).numpy()
 started = time.perf_counter()
 for _ in range(count // batch_size):
@@ -106,7 +106,7 @@ MODEL_ONLY_EXPORTED = """
 import sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from step2_predict import load_exported_model
+from gbmpcnsl.predictors import load_exported_model
 count, batch_size = int(sys.argv[3]), int(sys.argv[4])
 started = time.perf_counter()
 predict, (height, width), _ = load_exported_model(sys.argv[2])

@@ -22,6 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
+from gbmpcnsl.gradcam import overlay_names  # noqa: E402
 from gbmpcnsl_common import CLASS_FOLDERS, CLASS_NAMES, UserError, load_image, run_main
 
 
@@ -38,8 +39,8 @@ def find_under(folder: Path, image: Path, names) -> Path | None:
     return None
 
 
-def overlay_names(filename: str) -> list[str]:
-    return [str(Path(filename).with_suffix(".png")), filename + ".png"]
+def overlay_file_names(filename: str) -> list[str]:
+    return list(overlay_names(filename))  # step5's naming rule
 
 
 def mask_names(filename: str) -> list[str]:
@@ -71,7 +72,7 @@ def _main(argv) -> int:
 
     columns = []
     for index, image_path in enumerate(args.images):
-        overlay_path = find_under(args.overlays, image_path, overlay_names)
+        overlay_path = find_under(args.overlays, image_path, overlay_file_names)
         if overlay_path is None:
             raise UserError(f"{image_path}: no overlay for it under {args.overlays}")
         with Image.open(overlay_path) as overlay_file:

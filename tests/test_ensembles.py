@@ -23,6 +23,8 @@ import pytest
 import step2_predict as step2
 import step5_plot_grad_cam as step5
 from gbmpcnsl.checkpoints import split_model_arguments
+from gbmpcnsl.gradcam import HEATMAPS_FILE
+from gbmpcnsl.patients import aggregate_patients
 from gbmpcnsl_common import patient_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,16 +202,16 @@ def test_aggregate_patients_by_hand():
         ("d/pcnsl/vol.nii.gz#004", 0.8),
         ("d/gbm/flat.png", 0.3),
     ]
-    assert step2.aggregate_patients(rows, "mean") == [
+    assert aggregate_patients(rows, "mean") == [
         ("gbm/p1", 3, pytest.approx((0.2 + 0.45 + 0.9) / 3, abs=1e-15)),
         ("pcnsl/p2", 2, pytest.approx(0.35, abs=1e-15)),
         ("pcnsl/vol", 2, pytest.approx(0.75, abs=1e-15)),
         ("gbm/flat", 1, 0.3),
     ]
-    assert [p[2] for p in step2.aggregate_patients(rows, "median")] == [0.45, pytest.approx(0.35), 0.75, 0.3]
+    assert [p[2] for p in aggregate_patients(rows, "median")] == [0.45, pytest.approx(0.35), 0.75, 0.3]
     # max: the slice farthest from 0.5, whichever side (0.9 beats 0.2; 0.1 beats 0.6)
-    assert [p[2] for p in step2.aggregate_patients(rows, "max")] == [0.9, 0.1, 0.8, 0.3]
-    assert [p[0] for p in step2.aggregate_patients(rows)] == [
+    assert [p[2] for p in aggregate_patients(rows, "max")] == [0.9, 0.1, 0.8, 0.3]
+    assert [p[0] for p in aggregate_patients(rows)] == [
         patient_id(path) for path in ("d/gbm/p1/a", "d/pcnsl/p2/a", "d/pcnsl/vol.nii.gz#1", "d/gbm/flat.png")
     ]
 
@@ -269,7 +271,7 @@ def test_step5_ensemble_heatmap_is_the_mean_of_the_members(members, slices, tmp_
         output_dir = tmp_path / name
         argv = ["--model-weights", *map(str, weights), "--output-dir", str(output_dir), "--class", "pcnsl"]
         assert step5.main([*argv, "--save-heatmaps", *images]) == 0
-        with np.load(output_dir / step5.HEATMAPS_FILE) as saved:
+        with np.load(output_dir / HEATMAPS_FILE) as saved:
             heatmaps.append({key: saved[key] for key in saved.files})
         assert len(list(output_dir.rglob("*.png"))) == len(images)
     first, second, both = heatmaps

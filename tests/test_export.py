@@ -23,6 +23,7 @@ import pytest
 
 import step2_predict as step2
 import step6_export_model as step6
+from gbmpcnsl import export
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -210,13 +211,13 @@ def test_existing_export_is_kept_unless_overwrite(exports, checkpoint, capsys):
 @pytest.mark.slow
 def test_failed_check_leaves_nothing_behind(exports, checkpoint, tmp_path, monkeypatch, capsys):
     """An export that disagrees with Keras is refused in one line, and no file remains."""
-    monkeypatch.setattr(step6, "write_onnx", lambda model, path: shutil.copy(exports["onnx"], path))
-    real_run_export = step6.run_export
+    monkeypatch.setattr(export, "write_onnx", lambda model, path: shutil.copy(exports["onnx"], path))
+    real_run_export = export.run_export
 
     def off_by_a_little(path, export_format, images):
         return {name: prob + 2e-5 for name, prob in real_run_export(path, export_format, images).items()}
 
-    monkeypatch.setattr(step6, "run_export", off_by_a_little)
+    monkeypatch.setattr(export, "run_export", off_by_a_little)
     out = tmp_path / "bad.onnx"
     assert step6.main(["--model-weights", str(checkpoint), "--format", "onnx", str(out)]) == 2
     error = capsys.readouterr().err.splitlines()[-1]

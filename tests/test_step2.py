@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 import step2_predict as step2
+from gbmpcnsl.predictors import result_line
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -160,11 +161,11 @@ def test_stdout_lines_and_csv_match_per_image_predict(checkpoint, model, slices,
 
 
 def test_result_line_format():
-    assert step2.result_line("a.png", 0.75) == "a.png" + " " * 35 + " 75.00 % PCNSL"
-    assert step2.result_line("b.png", 0.25) == "b.png" + " " * 35 + " 75.00 % GBM"
-    assert step2.result_line("tie.png", 0.5) == "tie.png" + " " * 33 + " 50.00 % GBM"  # as the original
+    assert result_line("a.png", 0.75) == "a.png" + " " * 35 + " 75.00 % PCNSL"
+    assert result_line("b.png", 0.25) == "b.png" + " " * 35 + " 75.00 % GBM"
+    assert result_line("tie.png", 0.5) == "tie.png" + " " * 33 + " 50.00 % GBM"  # as the original
     long_path = "x" * 45 + ".png"
-    assert step2.result_line(long_path, 0.999949) == long_path + " 99.99 % PCNSL"
+    assert result_line(long_path, 0.999949) == long_path + " 99.99 % PCNSL"
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 32])

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import step5_plot_grad_cam as step5
+from gbmpcnsl.gradcam import grad_cam, make_grad_model, output_paths, overlay_heatmap
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SIZE = 64
@@ -176,7 +177,7 @@ def test_missing_checkpoint_and_unknown_layer_are_one_line_errors(
 def test_heatmap_shape_and_range(tiny_model, model_inputs):
     for layer, side in (("top_activation", MODEL_SIZE // 32), ("block4a_expand_activation", MODEL_SIZE // 8)):
         heatmaps, logits, class_index = (
-            t.numpy() for t in step5.grad_cam(step5.make_grad_model(tiny_model, layer), model_inputs)
+            t.numpy() for t in grad_cam(make_grad_model(tiny_model, layer), model_inputs)
         )
         assert heatmaps.shape == (len(TEST_IMAGES), side, side) and heatmaps.dtype == np.float32
         assert np.isfinite(heatmaps).all() and heatmaps.min() >= 0.0
@@ -192,7 +193,7 @@ def test_all_zero_heatmap_stays_zero(tiny_model_path, model_inputs):
 
     model = load_model_for_inference(tiny_model_path)
     model.get_layer("logit").set_weights([np.zeros((1280, 1), np.float32), np.zeros(1, np.float32)])
-    heatmaps = step5.grad_cam(step5.make_grad_model(model), model_inputs[:2])[0].numpy()
+    heatmaps = grad_cam(make_grad_model(model), model_inputs[:2])[0].numpy()
     np.testing.assert_array_equal(heatmaps, 0.0)
 
 
@@ -200,12 +201,10 @@ def test_batched_equals_per_image(tiny_model, model_inputs):
     """The compiled batch (as main runs it) equals one image at a time, within 1e-5."""
     import tensorflow as tf
 
-    grad_model = step5.make_grad_model(tiny_model, "block4a_expand_activation")  # 8x8 maps
-    compiled = tf.function(lambda batch: step5.grad_cam(grad_model, batch), reduce_retracing=True)
+    grad_model = make_grad_model(tiny_model, "block4a_expand_activation")  # 8x8 maps
+    compiled = tf.function(lambda batch: grad_cam(grad_model, batch), reduce_retracing=True)
     batched = compiled(tf.constant(model_inputs))[0].numpy()
-    single = np.concatenate(
-        [step5.grad_cam(grad_model, image[np.newaxis])[0].numpy() for image in model_inputs]
-    )
+    single = np.concatenate([grad_cam(grad_model, image[np.newaxis])[0].numpy() for image in model_inputs])
     np.testing.assert_allclose(batched, single, atol=1e-5, rtol=0)
 
 
@@ -219,9 +218,9 @@ def test_class_sign_convention(tmp_path, tiny_model, tiny_model_path, image_dir,
     }
     # The two signs really give different maps (else this test would prove nothing).
     assert max(np.abs(g - p).max() for g, p in zip(reference["gbm"], reference["pcnsl"], strict=True)) > 0.5
-    grad_model = step5.make_grad_model(tiny_model)
-    logits = step5.grad_cam(grad_model, model_inputs)[1].numpy()
-    pcnsl = step5.grad_cam(grad_model, model_inputs, "pcnsl")[0].numpy()
+    grad_model = make_grad_model(tiny_model)
+    logits = grad_cam(grad_model, model_inputs)[1].numpy()
+    pcnsl = grad_cam(grad_model, model_inputs, "pcnsl")[0].numpy()
     np.testing.assert_allclose(pcnsl, np.stack(reference["pcnsl"]), atol=1e-5)
 
     out = tmp_path / "gbm"
@@ -299,11 +298,11 @@ def test_output_paths_unit(tmp_path):
 
     base = tmp_path / "d"
     images = [base / "a/x.png", base / "b/x.png", base / "a/y.jpg", base / "a/y.PNG"]
-    outs = step5.output_paths(images, Path("o"))
+    outs = output_paths(images, Path("o"))
     assert outs == [Path("o/a/x.png"), Path("o/b/x.png"), Path("o/a/y.jpg.png"), Path("o/a/y.PNG.png")]
-    assert step5.output_paths([base / "a/x.png"], Path("o")) == [Path("o/x.png")]  # a lone file: its name
+    assert output_paths([base / "a/x.png"], Path("o")) == [Path("o/x.png")]  # a lone file: its name
     with pytest.raises(UserError, match="would both be written to"):
-        step5.output_paths([base / "y.jpg", base / "y.png", base / "y.jpg.png"], Path("o"))
+        output_paths([base / "y.jpg", base / "y.png", base / "y.jpg.png"], Path("o"))
 
 
 def _keras_io_overlay(image_path: Path, heatmap: np.ndarray) -> np.ndarray:
@@ -362,13 +361,13 @@ def test_overlay_of_all_zero_heatmap_is_defined():
     of the coloured heatmap turns into (0, 0, 255): on a flat image the overlay is pure
     blue; on any image it is the image plus 0.4 * (0, 0, 255), min-max scaled."""
     image = np.full((10, 12, 3), 100, np.uint8)
-    overlay = step5.overlay_heatmap(image, np.zeros((2, 2), np.float32))
+    overlay = overlay_heatmap(image, np.zeros((2, 2), np.float32))
     assert overlay.shape == (10, 12, 3) and overlay.dtype == np.uint8
     assert (overlay == [0, 0, 255]).all()
     textured = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
     expected = textured.astype(np.float32) + np.array([0.0, 0.0, 0.4 * 255], np.float32)
     expected = ((expected - expected.min()) / (expected.max() - expected.min()) * 255).astype(np.uint8)
-    np.testing.assert_array_equal(step5.overlay_heatmap(textured, np.zeros((3, 3), np.float32)), expected)
+    np.testing.assert_array_equal(overlay_heatmap(textured, np.zeros((3, 3), np.float32)), expected)
 
 
 # ---------------------------------------------------------------------------- README figure
