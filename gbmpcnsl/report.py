@@ -1,7 +1,6 @@
 """What the step 3 and step 4 notebooks show and save: the metrics of each model and class
 (class_metrics, metrics_table), the tables a paper reports (summary, detail, Markdown),
-patient-level rows, the notebooks' list and mapping parameters, and a run's training history
-and run.json for the step 3 curves.
+patient-level rows, and the notebooks' list and mapping parameters.
 
 Numbers come from gbmpcnsl.stats, thresholds and calibration; the frames from
 gbmpcnsl.predictions.read_predictions. Everything returns DataFrames or dicts; plotting and
@@ -11,10 +10,6 @@ file writing stay in the notebooks. Labels follow gbmpcnsl_common: GBM = 0, PCNS
 from __future__ import annotations
 
 import json
-import os
-import pickle
-import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,25 +17,20 @@ import numpy as np
 import pandas as pd
 
 from gbmpcnsl.calibration import calibration_metrics
-from gbmpcnsl.runs import HISTORY_CSV, RUN_JSON
+from gbmpcnsl.patients import aggregate_by_patient
 from gbmpcnsl.stats import auc_score, bootstrap_auc, cluster_bootstrap_auc, delong_ci, wilson_interval
 from gbmpcnsl.thresholds import predict_labels, threshold_metrics
 from gbmpcnsl_common import CLASS_NAMES
 
 
 def patient_level(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient: patient_id, label, n_images and the mean prob_pcnsl of its
-    images (prob_gbm = 1 - that)."""
-    grouped = frame.groupby("patient_id", sort=True)
-    prob_pcnsl = grouped["prob_pcnsl"].mean()
-    return pd.DataFrame(
-        {
-            "label": grouped["label"].first(),
-            "n_images": grouped.size(),
-            "prob_gbm": 1.0 - prob_pcnsl,
-            "prob_pcnsl": prob_pcnsl,
-        }
-    ).reset_index()
+    """One row per patient, sorted by patient_id: label, n_images and the mean prob_pcnsl of
+    its images (gbmpcnsl.patients, the aggregation step2 --per-patient uses), prob_gbm = 1 - that."""
+    rows = aggregate_by_patient(frame["patient_id"], frame["prob_pcnsl"], "mean")
+    table = pd.DataFrame(rows, columns=["patient_id", "n_images", "prob_pcnsl"]).sort_values("patient_id")
+    table.insert(1, "label", table["patient_id"].map(frame.groupby("patient_id")["label"].first()))
+    table.insert(3, "prob_gbm", 1.0 - table["prob_pcnsl"])
+    return table.reset_index(drop=True)
 
 
 def class_score(frame: pd.DataFrame, positive_class: str) -> np.ndarray:
@@ -330,73 +320,3 @@ def as_mapping(value) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- training history (step 3)
-
-HISTORY_METRICS = {  # canonical name -> training column pattern (Keras names vary by version)
-    "loss": r"loss",
-    "accuracy": r"(?:binary_)?acc(?:uracy)?(?:_\d+)?",
-    "auc": r"auc(?:_\d+)?",
-}
-
-
-def read_history(run: str | os.PathLike, allow_pickle: bool = False) -> pd.DataFrame:
-    """A training history as a DataFrame with a 1-based `epoch` column (as in the checkpoint
-    names; Keras's CSVLogger writes 0-based epochs).
-
-    run: a run folder (its history.csv, or its history.pkl when allow_pickle) or the file
-    itself. history.pkl is the original's pickled Keras History.history (a dict of lists);
-    unpickling runs code from the file, so it is read only with allow_pickle=True, and
-    with a warning. An epoch listed twice (a resumed run) keeps its last row.
-    """
-    run = Path(run)
-    csv_path = run if run.suffix == ".csv" else run / HISTORY_CSV
-    pickle_path = run if run.suffix in (".pkl", ".pickle") else run / "history.pkl"
-    if csv_path.is_file():
-        history = pd.read_csv(csv_path)
-        if "epoch" in history:
-            history = history.drop_duplicates("epoch", keep="last").sort_values("epoch")
-            history["epoch"] = history["epoch"].astype(int) + 1
-    elif pickle_path.is_file():
-        if not allow_pickle:
-            raise ValueError(
-                f"{pickle_path}: a pickled history; unpickling runs code from the file, so it is read "
-                "only with allow_pickle = True (for files you trust)"
-            )
-        warnings.warn(
-            f"{pickle_path}: unpickling runs any code the file holds; do this only for files you trust",
-            stacklevel=2,
-        )
-        with open(pickle_path, "rb") as file:
-            loaded = pickle.load(file)  # opt-in only, warned above
-        history = pd.DataFrame(getattr(loaded, "history", loaded))
-        history.insert(0, "epoch", np.arange(1, len(history) + 1))
-    else:
-        raise ValueError(f"{run}: no history.csv" + (" or history.pkl" if run.is_dir() else ""))
-    if "loss" not in history:
-        raise ValueError(f"{run}: the history has no loss column (columns: {', '.join(history.columns)})")
-    return history.reset_index(drop=True)
-
-
-def history_columns(history: pd.DataFrame) -> dict[str, tuple[str | None, str | None]]:
-    """canonical metric (loss, accuracy, auc) -> (training column, validation column),
-    None where absent; tolerant of Keras naming (binary_accuracy, acc, auc_1...)."""
-    columns: dict[str, tuple[str | None, str | None]] = {}
-    for metric, pattern in HISTORY_METRICS.items():
-        train = next((c for c in history.columns if re.fullmatch(pattern, c)), None)
-        val = f"val_{train}" if train and f"val_{train}" in history else None
-        if val is None:
-            val = next((c for c in history.columns if re.fullmatch(f"val_{pattern}", c)), None)
-        columns[metric] = (train, val)
-    return columns
-
-
-def best_epoch(history: pd.DataFrame) -> int | None:
-    """The 1-based epoch with the lowest val_loss (the epoch ModelCheckpoint kept), or None."""
-    if "val_loss" not in history or history["val_loss"].isna().all():
-        return None
-    return int(history.loc[history["val_loss"].idxmin(), "epoch"])
-
-
-def read_run_info(run: str | os.PathLike) -> dict:
-    """The run.json of a run folder ({} when there is none)."""
-    path = Path(run) / RUN_JSON
-    return json.loads(path.read_text()) if path.is_file() else {}
