@@ -22,7 +22,7 @@ SCRIPT_LINES = 200
 FUNCTION_LINES = 60
 # Exceptions, each with its reason (the closing note of issue 18 repeats them).
 LONGER_SCRIPTS = {
-    "step1_train_model.py": 320,  # 50 flags in seven argument groups, each with its help text
+    "step1_train_model.py": 300,  # 50 flags in seven argument groups, each with its help text
 }
 LONGER_FUNCTIONS: dict[str, int] = {}
 
