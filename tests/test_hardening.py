@@ -20,8 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import TINY, fake_notop_weights, folder_snapshot, last_line, save_png, write_h5
 from PIL import Image
-from test_step1 import fake_notop_weights, write_h5
 
 import step0_convert_images_to_hdf5 as step0
 import step1_train_model as step1
@@ -35,17 +35,6 @@ from gbmpcnsl.model import IMAGENET_STDDEV_RGB, build_model
 from gbmpcnsl_common import setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
-
-
-def last_line(err: str) -> str:
-    return err.strip().replace("\r", "\n").splitlines()[-1]
-
-
-def folder_snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 # ---------------------------------------------------------------------------- model (points 1, 5, 10)
@@ -150,13 +139,6 @@ def test_single_slice_group_warning_rule():
     assert single_slice_groups_warning(["gbm/a", "gbm/a", "gbm/b", "gbm/b", "pcnsl/c"]) is None
     assert single_slice_groups_warning(["gbm/a", "gbm/b", "gbm/c", "pcnsl/d", "pcnsl/d"]) is not None
     assert single_slice_groups_warning([]) is None
-
-
-def save_png(path: Path, value: int, size: int = 20) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.full((size, size), value, np.uint8)
-    pixels[: size // 2] = 255 - value
-    Image.fromarray(pixels).save(path)
 
 
 def test_flat_class_folders_warn_in_step0_and_step1(tmp_path, capsys):

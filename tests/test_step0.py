@@ -17,6 +17,7 @@ import h5py
 import make_demo_data
 import numpy as np
 import pytest
+from helpers import last_line
 from PIL import Image
 
 import step0_convert_images_to_hdf5 as step0
@@ -73,11 +74,6 @@ def read_class(output: Path, folder: str, key: str = "24_32") -> dict:
             "compression": group["features"].compression,
             "dtypes": (group["features"].dtype, group["labels"].dtype),
         }
-
-
-def last_line(err: str) -> str:
-    """The last message on stderr, after the progress bar's carriage returns."""
-    return err.strip().replace("\r", "\n").splitlines()[-1]
 
 
 def files_in(folder: Path) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import fake_notop_weights, gray_batch, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl import training
@@ -27,38 +28,6 @@ from gbmpcnsl.runs import backup_epoch
 from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_h5(
-    path: Path,
-    size: int = 32,
-    patients: tuple[int, int] = (4, 4),
-    slices: int = 3,
-    groups: bool = True,
-    seed: int = 0,
-) -> Path:
-    """A small HDF5 file in step0's layout. Image of record i (GBM rows first) is gray with
-    value i in its top-left pixel, so a pipeline test can tell which record it holds."""
-    rng = np.random.default_rng(seed)
-    record = 0
-    with h5py.File(path, "w") as h5file:
-        for label, folder in enumerate(("gbm", "pcnsl")):
-            count = patients[label] * slices
-            gray = rng.integers(40 + 60 * label, 120 + 60 * label, (count, size, size, 1), dtype=np.uint8)
-            features = np.repeat(gray, 3, axis=-1)
-            features[:, 0, 0, :] = (np.arange(count) + record)[:, None]
-            record += count
-            group = h5file.create_group(f"{folder}/{size}_{size}")
-            group.create_dataset("features", data=features, chunks=(1, size, size, 3), compression="gzip")
-            group.create_dataset("labels", data=np.full(count, label, np.uint8))
-            if groups:
-                names = [f"{folder}_p{p}" for p in range(patients[label]) for _ in range(slices)]
-                paths = [
-                    f"{folder}/{folder}_p{p}/s{s}.png" for p in range(patients[label]) for s in range(slices)
-                ]
-                group.create_dataset("paths", data=paths, dtype=h5py.string_dtype())
-                group.create_dataset("groups", data=names, dtype=h5py.string_dtype())
-    return path
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
@@ -170,10 +139,6 @@ def test_split_keeps_a_group_on_each_side_and_refuses_single_group_classes():
 
 
 # ---------------------------------------------------------------------------- augmentation
-def gray_batch(count: int, size: int = 16, low: int = 20, high: int = 235, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    gray = rng.integers(low, high, (count, size, size, 1)).astype(np.float32)
-    return np.repeat(gray, 3, axis=-1)
 
 
 def augment(images, augmentation, seed=(5, 7)):
@@ -311,16 +276,6 @@ def test_trained_run_folder(trained_run, demo_h5):
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def fake_notop_weights(path: Path, input_shape=(32, 32, 3)) -> Path:
-    """An efficientnetb0_notop.h5 in the legacy layout Keras downloads (random values)."""
-    import keras
-    from keras.src.legacy.saving import legacy_h5_format
-
-    keras.utils.set_random_seed(123)
-    backbone = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=input_shape)
-    with h5py.File(path, "w") as h5file:
-        legacy_h5_format.save_weights_to_hdf5_group(h5file, backbone)
-    return path
 
 
 def test_checkpoints_reload_with_the_in_memory_predictions_imagenet_weights(tmp_path, monkeypatch, caplog):

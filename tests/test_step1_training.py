@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_step1 import write_h5
+from helpers import TINY, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl.runs import backup_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
 
 pytestmark = pytest.mark.slow
 
