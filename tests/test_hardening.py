@@ -187,26 +187,6 @@ def test_step0_warns_about_a_patient_folder_under_both_classes(tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------------- step5 checkpoints (point 6)
-@pytest.fixture(scope="module")
-def tiny_b0(tmp_path_factory) -> Path:
-    """An untrained EfficientNetB0 at 32x32 saved as .keras, its weights as .weights.h5
-    with a run.json, and a few images; returns the folder."""
-    import keras
-
-    root = tmp_path_factory.mktemp("tiny_b0")
-    keras.utils.set_random_seed(0)
-    model = build_model("efficientnetb0", (32, 32, 3), weights=None)
-    kernel = np.random.default_rng(0).normal(0, 1, (1280, 1)).astype(np.float32)
-    model.get_layer("logit").set_weights([kernel, np.zeros(1, np.float32)])
-    model.save(root / "tiny.keras")
-    (root / "run").mkdir()
-    model.save_weights(root / "run" / "tiny.weights.h5")
-    (root / "run" / "run.json").write_text(
-        json.dumps({"backbone": "efficientnetb0", "input_shape": [32, 32, 3]})
-    )
-    for index in range(3):
-        save_png(root / "images" / f"s{index}.png", 30 + 60 * index, size=40)
-    return root
 
 
 def run_step(module, *argv) -> int:
