@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: small HDF5 files in step0's layout, images, fake
-ImageNet weight files, and the readers of a step's stderr and of a folder's bytes. Test
-files import these from here, never from one another."""
+ImageNet weight files, predictions CSVs and scores with correlated slices per patient, and
+the readers of a step's stderr and of a folder's bytes. Test files import these from here,
+never from one another."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
@@ -79,3 +81,18 @@ def folder_snapshot(folder: Path) -> dict[str, bytes]:
     return {
         p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
     }
+
+
+def write_predictions(path, rows) -> None:
+    pd.DataFrame(rows, columns=["path", "prob_gbm", "prob_pcnsl"]).to_csv(path, index=False)
+
+
+def correlated_slices(n_patients: int = 30, n_slices: int = 8, seed: int = 0, noise: float = 0.05):
+    """Patients of both classes whose slices share the patient's score (plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n_patients) % 2
+    patient_score = rng.normal(0, 1, n_patients) + 0.8 * labels
+    y_true = np.repeat(labels, n_slices)
+    y_score = np.repeat(patient_score, n_slices) + rng.normal(0, noise, n_patients * n_slices)
+    groups = np.repeat([f"p{i}" for i in range(n_patients)], n_slices)
+    return y_true, y_score, groups
