@@ -1,6 +1,7 @@
-"""The run folder of step1: created only once every check has passed, --overwrite that
-deletes the old run only when the new one starts, the --resume refusals that leave a run
-as it is, and a resume with more epochs (tiny EfficientNetB0s, 32x32)."""
+"""gbmpcnsl.runs, the run folder of step1: created only once every check has passed,
+--overwrite that deletes the old run only when the new one starts, the --resume refusals
+that leave a run as it is, a resume with more epochs, a resume of a run from before the
+newer settings, and the fallback from a broken backup (tiny EfficientNetB0s, 32x32)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from helpers import TINY, fake_notop_weights, folder_snapshot, last_line, write_
 
 import step1_train_model as step1
 from gbmpcnsl import training
-from gbmpcnsl.config import TrainConfig
+from gbmpcnsl.config import RESUME_DEFAULTS, RESUME_MUST_MATCH, TrainConfig, jsonable
+from gbmpcnsl.runs import backup_epoch, check_run_folder
+from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -202,3 +205,37 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, capfd):
     worse = [i for i in range(1, len(losses)) if losses[i] >= min(losses[:i])]
     assert second["epochs_done"] == len(rows) == (worse[0] + 1 if worse else 2)
     assert second["stopped_early"] == bool(worse)
+
+
+def test_a_run_from_before_the_new_settings_can_be_resumed(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = TrainConfig(Path("data.h5"), run_dir, augmentation="base", resume=True)
+    old_arguments = {name: jsonable(getattr(config, name)) for name in RESUME_MUST_MATCH}
+    for name in RESUME_DEFAULTS:  # run.json written before these flags existed
+        del old_arguments[name]
+    (run_dir / "run.json").write_text(json.dumps({"status": "running", "arguments": old_arguments}))
+    assert check_run_folder(config, run_dir).previous["arguments"] == old_arguments
+    changed = TrainConfig(Path("d.h5"), run_dir, augmentation="base", monitor="val_auc", resume=True)
+    with pytest.raises(UserError, match="--resume needs the run's own settings: --monitor"):
+        check_run_folder(changed, run_dir)
+
+
+def test_backup_epoch_falls_back_when_the_newest_backup_is_broken(tmp_path):
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    with h5py.File(backup / "latest.weights.h5.bkp", "w") as h5file:
+        h5file.create_dataset("layers/dense/vars/0", data=np.arange(1000.0))
+    good = (backup / "latest.weights.h5.bkp").read_bytes()
+    (backup / "latest.weights.h5").write_bytes(good[: len(good) // 2])  # killed mid-write
+    (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
+    (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": 0}')
+    assert backup_epoch(backup) == 2
+    assert (backup / "latest.weights.h5").read_bytes() == good
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
+    assert backup_epoch(backup) == 2  # now intact: unchanged
+    # A first backup killed before its metadata was written: nothing to resume from.
+    (backup / "training_metadata.json").unlink()
+    (backup / "training_metadata.json.bkp").unlink()
+    assert backup_epoch(backup) == 0 and not backup.exists()
+    assert backup_epoch(backup) == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from gbmpcnsl.checkpoints import load_model_for_inference
 from gbmpcnsl.config import TrainConfig
 from gbmpcnsl.data import HDF5Images, make_dataset, split_by_group
 from gbmpcnsl.files import file_sha256
-from gbmpcnsl.runs import backup_epoch
 from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,13 +88,6 @@ def test_expected_failures_are_one_line(tmp_path):
         assert "Traceback" not in result.stderr and result.stdout == ""
     assert (tmp_path / "run" / "ckpt_001_0.5000.keras").exists()  # nothing overwritten
     assert not (tmp_path / "new").exists()
-
-
-def test_learning_rate_schedule():
-    assert training.learning_rate_at(0) == training.learning_rate_at(49) == 1e-4
-    assert training.learning_rate_at(50) == pytest.approx(1e-4)
-    assert training.learning_rate_at(150) == pytest.approx(1e-4 * math.exp(-1.5))
-    assert training.learning_rate_at(60, initial=3e-4) == pytest.approx(3e-4 * math.exp(-0.15))
 
 
 # ---------------------------------------------------------------------------- split
@@ -336,23 +327,3 @@ def test_imagenet_weights_offline_fail_at_once_with_the_cache_hint(tmp_path, mon
     assert str(tmp_path / "keras_home" / "models" / "efficientnetb0_notop.h5") in err
     assert "--weights /path/to/efficientnetb0_notop.h5" in err
     assert not (tmp_path / "run").exists()  # failed before anything was written
-
-
-def test_backup_epoch_falls_back_when_the_newest_backup_is_broken(tmp_path):
-    backup = tmp_path / "backup"
-    backup.mkdir()
-    with h5py.File(backup / "latest.weights.h5.bkp", "w") as h5file:
-        h5file.create_dataset("layers/dense/vars/0", data=np.arange(1000.0))
-    good = (backup / "latest.weights.h5.bkp").read_bytes()
-    (backup / "latest.weights.h5").write_bytes(good[: len(good) // 2])  # killed mid-write
-    (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
-    (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": 0}')
-    assert backup_epoch(backup) == 2
-    assert (backup / "latest.weights.h5").read_bytes() == good
-    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
-    assert backup_epoch(backup) == 2  # now intact: unchanged
-    # A first backup killed before its metadata was written: nothing to resume from.
-    (backup / "training_metadata.json").unlink()
-    (backup / "training_metadata.json.bkp").unlink()
-    assert backup_epoch(backup) == 0 and not backup.exists()
-    assert backup_epoch(backup) == 0
