@@ -342,6 +342,7 @@ def test_non_image_model_is_rejected(tmp_path, slices, capsys):
     assert error.startswith(f"error: {tmp_path / 'tabular.keras'}: expected a model from (H, W, 3) images")
 
 
+# ---------------------------------------------------------------------------- interruptions
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.slow  # a TensorFlow subprocess or two
 def test_ctrl_c_in_step2_exits_130_without_a_csv(tiny_b0, tmp_path):

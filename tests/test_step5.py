@@ -534,6 +534,7 @@ def run_step(module, *argv) -> int:
     return module.main([str(a) for a in argv])
 
 
+# ---------------------------------------------------------------------------- checkpoint kinds and errors
 def test_step5_checkpoint_problems_are_step2s_one_line_errors(tiny_b0, tmp_path, capsys):
     import keras
 
@@ -611,6 +612,7 @@ def test_step5_accepts_a_tf_keras_hdf5_checkpoint(tf_keras_b0_checkpoint, tmp_pa
     assert len(list((tmp_path / "o").rglob("*.png"))) == len(images)
 
 
+# ---------------------------------------------------------------------------- interruptions
 def test_step5_interrupted_while_writing_leaves_no_partial_file(tiny_b0, tmp_path, monkeypatch, capsys):
     """A Ctrl-C in the middle of writing an overlay, then of writing heatmaps.npz: exit 130,
     the finished overlays complete, no partial or temporary file."""
