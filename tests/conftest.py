@@ -2,7 +2,8 @@
 tiny model trained on it by step1 (EfficientNetB4, 64x64, weights=None, 2 epochs).
 
 Everything is offline and small; building these takes about a minute on 2 CPU cores and
-is done once per test session.
+is done once per test session. `tiny_b0` is an untrained EfficientNetB0 at 32x32 with a
+few images, for the tests of how the steps read checkpoints, fail and stop.
 """
 
 from __future__ import annotations
@@ -99,3 +100,31 @@ def tf_keras_b0_checkpoint(demo_data, tmp_path_factory) -> tuple[Path, list[str]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir, images, np.load(out_dir / "expected.npy")
+
+
+@pytest.fixture(scope="session")
+def tiny_b0(tmp_path_factory) -> Path:
+    """An untrained EfficientNetB0 at 32x32 saved as .keras, its weights as .weights.h5
+    with a run.json, and a few images; returns the folder."""
+    import json
+
+    import keras
+    import numpy as np
+    from helpers import save_png
+
+    from gbmpcnsl.model import build_model
+
+    root = tmp_path_factory.mktemp("tiny_b0")
+    keras.utils.set_random_seed(0)
+    model = build_model("efficientnetb0", (32, 32, 3), weights=None)
+    kernel = np.random.default_rng(0).normal(0, 1, (1280, 1)).astype(np.float32)
+    model.get_layer("logit").set_weights([kernel, np.zeros(1, np.float32)])
+    model.save(root / "tiny.keras")
+    (root / "run").mkdir()
+    model.save_weights(root / "run" / "tiny.weights.h5")
+    (root / "run" / "run.json").write_text(
+        json.dumps({"backbone": "efficientnetb0", "input_shape": [32, 32, 3]})
+    )
+    for index in range(3):
+        save_png(root / "images" / f"s{index}.png", 30 + 60 * index, size=40)
+    return root

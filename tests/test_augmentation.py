@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from test_step1 import gray_batch, write_h5
+from helpers import gray_batch, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl.augment import StrongAugmentation, affine_transform, augment_image

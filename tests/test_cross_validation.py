@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_step1 import write_h5
+from helpers import TINY, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl.config import TrainConfig
@@ -21,7 +21,6 @@ from gbmpcnsl.data import Cohort
 from gbmpcnsl.files import write_csv
 from gbmpcnsl_common import UserError
 
-TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
 COLUMNS = ["path", "prob_gbm", "prob_pcnsl", "label", "patient_id"]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_step1 import write_h5
+from helpers import TINY, write_h5
 
 from gbmpcnsl.data import HDF5Images, make_dataset, make_shard_dataset, shard_layout
 from gbmpcnsl.distributed import SLURM_PORT_BASE, is_other_worker, slurm_cluster_resolver, slurm_task
@@ -26,7 +26,6 @@ from gbmpcnsl.runs import backup_epoch
 from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
 HISTORY_COLUMNS = ["epoch", "accuracy", "auc", "learning_rate", "loss", "val_accuracy", "val_auc", "val_loss"]
 WORKER_TIMEOUT = 900  # seconds; these runs take about a minute each on an idle 2-core machine
 

@@ -17,6 +17,7 @@ import h5py
 import make_demo_data
 import numpy as np
 import pytest
+from helpers import last_line, save_png
 from PIL import Image
 
 import step0_convert_images_to_hdf5 as step0
@@ -73,11 +74,6 @@ def read_class(output: Path, folder: str, key: str = "24_32") -> dict:
             "compression": group["features"].compression,
             "dtypes": (group["features"].dtype, group["labels"].dtype),
         }
-
-
-def last_line(err: str) -> str:
-    """The last message on stderr, after the progress bar's carriage returns."""
-    return err.strip().replace("\r", "\n").splitlines()[-1]
 
 
 def files_in(folder: Path) -> list[str]:
@@ -387,3 +383,24 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
             assert h5file["gbm/256_256/features"].shape[0] == patients * 5
     whole_dataset_growth = 150 * 256 * 256 * 3 / 2**20
     assert peaks[20] - peaks[5] < 0.5 * whole_dataset_growth, peaks
+
+
+def test_step0_failure_and_interrupt_leave_nothing_new(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    for folder in ("gbm", "pcnsl"):
+        for patient in range(2):
+            save_png(data / folder / f"p{patient}" / "s.png", 60 + patient)
+    (data / "pcnsl" / "p1" / "notes.txt").write_text("x")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = [str(data), str(out_dir / "x.h5"), "--size", "8", "8", "--workers", "1"]
+    assert step0.main([*argv, "--strict"]) == 2  # a data check fails
+    assert list(out_dir.iterdir()) == []
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hdf5, "write_image", ctrl_c)
+    assert step0.main(argv) == 130  # Ctrl-C while writing
+    assert list(out_dir.iterdir()) == []
+    assert last_line(capsys.readouterr().err) == "interrupted"

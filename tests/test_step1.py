@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import fake_notop_weights, gray_batch, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl import training
@@ -23,42 +23,9 @@ from gbmpcnsl.checkpoints import load_model_for_inference
 from gbmpcnsl.config import TrainConfig
 from gbmpcnsl.data import HDF5Images, make_dataset, split_by_group
 from gbmpcnsl.files import file_sha256
-from gbmpcnsl.runs import backup_epoch
 from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_h5(
-    path: Path,
-    size: int = 32,
-    patients: tuple[int, int] = (4, 4),
-    slices: int = 3,
-    groups: bool = True,
-    seed: int = 0,
-) -> Path:
-    """A small HDF5 file in step0's layout. Image of record i (GBM rows first) is gray with
-    value i in its top-left pixel, so a pipeline test can tell which record it holds."""
-    rng = np.random.default_rng(seed)
-    record = 0
-    with h5py.File(path, "w") as h5file:
-        for label, folder in enumerate(("gbm", "pcnsl")):
-            count = patients[label] * slices
-            gray = rng.integers(40 + 60 * label, 120 + 60 * label, (count, size, size, 1), dtype=np.uint8)
-            features = np.repeat(gray, 3, axis=-1)
-            features[:, 0, 0, :] = (np.arange(count) + record)[:, None]
-            record += count
-            group = h5file.create_group(f"{folder}/{size}_{size}")
-            group.create_dataset("features", data=features, chunks=(1, size, size, 3), compression="gzip")
-            group.create_dataset("labels", data=np.full(count, label, np.uint8))
-            if groups:
-                names = [f"{folder}_p{p}" for p in range(patients[label]) for _ in range(slices)]
-                paths = [
-                    f"{folder}/{folder}_p{p}/s{s}.png" for p in range(patients[label]) for s in range(slices)
-                ]
-                group.create_dataset("paths", data=paths, dtype=h5py.string_dtype())
-                group.create_dataset("groups", data=names, dtype=h5py.string_dtype())
-    return path
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
@@ -123,13 +90,6 @@ def test_expected_failures_are_one_line(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_learning_rate_schedule():
-    assert training.learning_rate_at(0) == training.learning_rate_at(49) == 1e-4
-    assert training.learning_rate_at(50) == pytest.approx(1e-4)
-    assert training.learning_rate_at(150) == pytest.approx(1e-4 * math.exp(-1.5))
-    assert training.learning_rate_at(60, initial=3e-4) == pytest.approx(3e-4 * math.exp(-0.15))
-
-
 # ---------------------------------------------------------------------------- split
 def records_for(groups_per_class: dict[int, list[int]]) -> list[dict]:
     """Records with group sizes given per class: {0: [3, 5, ...], 1: [...]}."""
@@ -170,10 +130,6 @@ def test_split_keeps_a_group_on_each_side_and_refuses_single_group_classes():
 
 
 # ---------------------------------------------------------------------------- augmentation
-def gray_batch(count: int, size: int = 16, low: int = 20, high: int = 235, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    gray = rng.integers(low, high, (count, size, size, 1)).astype(np.float32)
-    return np.repeat(gray, 3, axis=-1)
 
 
 def augment(images, augmentation, seed=(5, 7)):
@@ -311,16 +267,6 @@ def test_trained_run_folder(trained_run, demo_h5):
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def fake_notop_weights(path: Path, input_shape=(32, 32, 3)) -> Path:
-    """An efficientnetb0_notop.h5 in the legacy layout Keras downloads (random values)."""
-    import keras
-    from keras.src.legacy.saving import legacy_h5_format
-
-    keras.utils.set_random_seed(123)
-    backbone = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=input_shape)
-    with h5py.File(path, "w") as h5file:
-        legacy_h5_format.save_weights_to_hdf5_group(h5file, backbone)
-    return path
 
 
 def test_checkpoints_reload_with_the_in_memory_predictions_imagenet_weights(tmp_path, monkeypatch, caplog):
@@ -381,23 +327,3 @@ def test_imagenet_weights_offline_fail_at_once_with_the_cache_hint(tmp_path, mon
     assert str(tmp_path / "keras_home" / "models" / "efficientnetb0_notop.h5") in err
     assert "--weights /path/to/efficientnetb0_notop.h5" in err
     assert not (tmp_path / "run").exists()  # failed before anything was written
-
-
-def test_backup_epoch_falls_back_when_the_newest_backup_is_broken(tmp_path):
-    backup = tmp_path / "backup"
-    backup.mkdir()
-    with h5py.File(backup / "latest.weights.h5.bkp", "w") as h5file:
-        h5file.create_dataset("layers/dense/vars/0", data=np.arange(1000.0))
-    good = (backup / "latest.weights.h5.bkp").read_bytes()
-    (backup / "latest.weights.h5").write_bytes(good[: len(good) // 2])  # killed mid-write
-    (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
-    (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": 0}')
-    assert backup_epoch(backup) == 2
-    assert (backup / "latest.weights.h5").read_bytes() == good
-    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
-    assert backup_epoch(backup) == 2  # now intact: unchanged
-    # A first backup killed before its metadata was written: nothing to resume from.
-    (backup / "training_metadata.json").unlink()
-    (backup / "training_metadata.json.bkp").unlink()
-    assert backup_epoch(backup) == 0 and not backup.exists()
-    assert backup_epoch(backup) == 0

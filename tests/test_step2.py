@@ -3,25 +3,30 @@
 Predictions are checked against the model's own one-image-at-a-time `model.predict`,
 computed here independently of step2's pipeline, on demo images. Most tests use a tiny
 EfficientNetB0 (64x64) whose probabilities spread over (0, 1); one test reads the
-session's step1 checkpoint (.keras) and its run.json. Legacy tf.keras 2.x files:
-test_legacy_checkpoints.py.
+session's step1 checkpoint (.keras) and its run.json; the Ctrl-C test (a real SIGINT)
+uses conftest's tiny_b0. Legacy tf.keras 2.x files: test_checkpoints.py.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import last_line
 from PIL import Image
 
 import step2_predict as step2
 from gbmpcnsl.predictors import result_line
+
+ROOT = Path(__file__).resolve().parent.parent
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -335,3 +340,33 @@ def test_non_image_model_is_rejected(tmp_path, slices, capsys):
     assert step2.main(["--model-weights", str(tmp_path / "tabular.keras"), slices[0]]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"error: {tmp_path / 'tabular.keras'}: expected a model from (H, W, 3) images")
+
+
+# ---------------------------------------------------------------------------- interruptions
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.slow  # a TensorFlow subprocess or two
+def test_ctrl_c_in_step2_exits_130_without_a_csv(tiny_b0, tmp_path):
+    """A real SIGINT once the first result line is out; 20000 inputs cannot be done first
+    (an uninterrupted run would exit 0 and fail the exit-code assertion)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(20000):  # hard links: a big folder in a second, not a long command line
+        os.link(tiny_b0 / "images" / "s0.png", images / f"s{index:05d}.png")
+    csv_path = tmp_path / "out" / "predictions.csv"
+    csv_path.parent.mkdir()
+    command = [sys.executable, "step2_predict.py", "--model-weights", str(tiny_b0 / "tiny.keras")]
+    process = subprocess.Popen(
+        [*command, "--csv", str(csv_path), str(images)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = process.stdout.readline()  # blocks until the first batch is predicted
+    assert first.startswith(str(images)), process.stderr.read()[-2000:]
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert last_line(err) == "interrupted" and "Traceback" not in err
+    assert len(out.splitlines()) + 1 < 20000
+    assert list(csv_path.parent.iterdir()) == []

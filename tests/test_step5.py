@@ -1,22 +1,33 @@
-"""step5_plot_grad_cam.py: Grad-CAM heatmaps, overlays, output naming, and localisation.
+"""step5_plot_grad_cam.py: Grad-CAM heatmaps, overlays, output naming, localisation, the
+checkpoint kinds it reads and its one-line errors (step2's), and outputs that stay whole
+when it is interrupted (a Ctrl-C while writing, a real SIGINT).
 
 Most tests use a tiny untrained EfficientNetB0 (64x64) whose Dense head is set so that the
 test images get logits of both signs; the localisation test trains a small model on demo
-data with step1 (module fixture, about 2 minutes on 2 CPU cores).
+data with step1 (module fixture, about 2 minutes on 2 CPU cores); the checkpoint and
+interruption tests use conftest's tiny_b0 (32x32).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import last_line
 from PIL import Image
 
+import step2_predict as step2
 import step5_plot_grad_cam as step5
 from gbmpcnsl.gradcam import grad_cam, make_grad_model, output_paths, overlay_heatmap
+
+ROOT = Path(__file__).resolve().parent.parent
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SIZE = 64
@@ -517,3 +528,162 @@ def test_heatmap_peak_falls_in_lesion(tmp_path, localisation_setup):
     # (measured: 0.53 trained, 0.30 untrained, 0.04 random).
     assert hits.mean() >= control_rate + 0.15, report
     assert found["gbm"][0].mean() >= 0.75, report  # the ring of a GBM is where its evidence is
+
+
+def run_step(module, *argv) -> int:
+    return module.main([str(a) for a in argv])
+
+
+# ---------------------------------------------------------------------------- checkpoint kinds and errors
+def test_step5_checkpoint_problems_are_step2s_one_line_errors(tiny_b0, tmp_path, capsys):
+    import keras
+
+    images = tiny_b0 / "images"
+    no_logit = tmp_path / "no_logit.keras"
+    inputs = keras.Input((32, 32, 3))
+    hidden = keras.layers.Conv2D(4, 3, name="top_activation")(inputs)
+    hidden = keras.layers.GlobalAveragePooling2D()(hidden)
+    keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="predictions")(hidden)).save(
+        no_logit
+    )
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tiny_b0 / "run" / "tiny.weights.h5", tmp_path / "alone" / "tiny.weights.h5")
+    (tmp_path / "broken.keras").write_text("not a zip")
+    (tmp_path / "model.pt").write_bytes(b"\x80\x02")
+    for checkpoint in (
+        tmp_path / "missing.keras",
+        tmp_path / "alone" / "tiny.weights.h5",
+        tmp_path / "broken.keras",
+        tmp_path / "model.pt",
+    ):
+        out = tmp_path / "out" / checkpoint.stem
+        assert run_step(step5, "--model-weights", checkpoint, "--output-dir", out, images) == 2
+        err5 = capsys.readouterr().err
+        assert run_step(step2, "--model-weights", checkpoint, images) == 2
+        err2 = capsys.readouterr().err
+        assert "Traceback" not in err5 and err5.strip().count("\n") == 0, err5
+        assert err5.strip() == err2.strip() and str(checkpoint) in err5
+        assert not out.exists()
+    assert run_step(step5, "--model-weights", no_logit, "--output-dir", tmp_path / "o", images) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"error: {no_logit}: the model has no 'logit' layer (the Dense(1) output before the sigmoid, "
+        "which Grad-CAM explains); expected a model built like step1's"
+    ]
+    # A layer that is not a feature map, and a batch size of 0, with all required arguments.
+    argv = ("--model-weights", tiny_b0 / "tiny.keras", "--output-dir", tmp_path / "o")
+    assert run_step(step5, *argv, "--layer", "avg_pool", images) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --layer avg_pool: output shape (None, 1280) is not a convolutional feature map "
+        "(batch, height, width, channels)"
+    ]
+    assert run_step(step5, *argv, "--batch-size", "0", images) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --batch-size 0: must be at least 1"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_step5_accepts_weights_h5_with_run_json(tiny_b0, tmp_path):
+    """The same heatmaps from the .keras model and its .weights.h5 + run.json."""
+    images = tiny_b0 / "images"
+    for name, checkpoint in (
+        ("keras", tiny_b0 / "tiny.keras"),
+        ("weights", tiny_b0 / "run" / "tiny.weights.h5"),
+    ):
+        args = ("--model-weights", checkpoint, "--output-dir", tmp_path / name, "--save-heatmaps")
+        assert run_step(step5, *args, images) == 0
+    from_keras, from_weights = (np.load(tmp_path / name / "heatmaps.npz") for name in ("keras", "weights"))
+    assert sorted(from_keras.files) == sorted(from_weights.files) == ["s0.png", "s1.png", "s2.png"]
+    for key in from_keras.files:
+        np.testing.assert_allclose(from_weights[key], from_keras[key], atol=1e-5)
+    assert any(from_keras[key].max() > 0 for key in from_keras.files)
+
+
+@pytest.mark.slow
+def test_step5_accepts_a_tf_keras_hdf5_checkpoint(tf_keras_b0_checkpoint, tmp_path):
+    """A real tf.keras 2.x .hdf5 (tf-keras, EfficientNetB0 with a sigmoid Dense named
+    "predictions" and no separate logit layer): step5 rebuilds step1's graph and explains it."""
+    out_dir, images, _ = tf_keras_b0_checkpoint
+    args = ("--model-weights", out_dir / "model.hdf5", "--output-dir", tmp_path / "o", "--save-heatmaps")
+    assert run_step(step5, *args, *images) == 0
+    heatmaps = np.load(tmp_path / "o" / "heatmaps.npz")
+    assert len(heatmaps.files) == len(images)
+    assert all(heatmaps[key].shape == (2, 2) and heatmaps[key].max() in (0.0, 1.0) for key in heatmaps.files)
+    assert len(list((tmp_path / "o").rglob("*.png"))) == len(images)
+
+
+# ---------------------------------------------------------------------------- interruptions
+def test_step5_interrupted_while_writing_leaves_no_partial_file(tiny_b0, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C in the middle of writing an overlay, then of writing heatmaps.npz: exit 130,
+    the finished overlays complete, no partial or temporary file."""
+    real_save = Image.Image.save
+    calls = []
+
+    def interrupted_save(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:
+            fp.write(b"\x89PNG partial")  # half an image, then Ctrl-C
+            raise KeyboardInterrupt
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
+    out = tmp_path / "overlays"
+    args = ("--model-weights", tiny_b0 / "tiny.keras", "--output-dir", out, "--batch-size", "1")
+    assert run_step(step5, *args, tiny_b0 / "images") == 130
+    assert last_line(capsys.readouterr().err) == "interrupted"
+    assert sorted(p.name for p in out.iterdir()) == ["s0.png"]
+    Image.open(out / "s0.png").verify()
+
+    monkeypatch.setattr(Image.Image, "save", real_save)
+
+    def interrupted_savez(file, *args, **kwargs):
+        handle = open(file, "wb") if isinstance(file, str | Path) else file  # noqa: SIM115
+        handle.write(b"PK partial")
+        handle.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", interrupted_savez)
+    out = tmp_path / "heatmaps"
+    args = ("--model-weights", tiny_b0 / "tiny.keras", "--output-dir", out, "--save-heatmaps")
+    assert run_step(step5, *args, tiny_b0 / "images") == 130
+    assert sorted(p.name for p in out.iterdir()) == ["s0.png", "s1.png", "s2.png"]
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll `condition` until it holds (an event: a file, a line), the process ends or
+    `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the process ended before the event"
+    assert condition(), "timed out waiting for the event"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.slow  # a TensorFlow subprocess or two
+def test_ctrl_c_in_step5_exits_130_with_whole_overlays_only(tiny_b0, tmp_path):
+    """A real SIGINT once the first overlay exists; 400 inputs cannot be done first."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(400):
+        os.link(tiny_b0 / "images" / "s1.png", images / f"s{index:03d}.png")
+    out = tmp_path / "out"
+    command = [sys.executable, "step5_plot_grad_cam.py", "--model-weights", str(tiny_b0 / "tiny.keras")]
+    process = subprocess.Popen(
+        [*command, "--output-dir", str(out), "--save-heatmaps", "--batch-size", "2", str(images)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: out.is_dir() and any(p.suffix == ".png" for p in out.iterdir()), process)
+    process.send_signal(signal.SIGINT)
+    stdout, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert last_line(err) == "interrupted" and "Traceback" not in err and stdout == ""
+    written = sorted(out.iterdir())
+    assert 1 <= len(written) < 400
+    for path in written:  # whole PNGs only: no heatmaps.npz, no temporary file
+        assert path.suffix == ".png" and not path.name.startswith(".")
+        with Image.open(path) as overlay:
+            overlay.load()

@@ -1,4 +1,5 @@
-"""Paper-era checkpoints: tf.keras 2.x .hdf5/.h5 files of the original architecture.
+"""gbmpcnsl.checkpoints' legacy loader: paper-era tf.keras 2.x .hdf5/.h5 files of the
+original architecture, read through step2.
 
 tf-keras (requirements-dev.txt) builds the original model (EfficientNetB4 -> average
 pooling -> Dropout -> Dense(1, sigmoid)) with weights=None, perturbs all its weights and

@@ -1,0 +1,98 @@
+"""Helpers shared by the test modules: small HDF5 files in step0's layout, images, fake
+ImageNet weight files, predictions CSVs and scores with correlated slices per patient, and
+the readers of a step's stderr and of a folder's bytes. Test files import these from here,
+never from one another."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+TINY = ["--backbone", "efficientnetb0", "--weights", "none"]
+
+
+def write_h5(
+    path: Path,
+    size: int = 32,
+    patients: tuple[int, int] = (4, 4),
+    slices: int = 3,
+    groups: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A small HDF5 file in step0's layout. Image of record i (GBM rows first) is gray with
+    value i in its top-left pixel, so a pipeline test can tell which record it holds."""
+    rng = np.random.default_rng(seed)
+    record = 0
+    with h5py.File(path, "w") as h5file:
+        for label, folder in enumerate(("gbm", "pcnsl")):
+            count = patients[label] * slices
+            gray = rng.integers(40 + 60 * label, 120 + 60 * label, (count, size, size, 1), dtype=np.uint8)
+            features = np.repeat(gray, 3, axis=-1)
+            features[:, 0, 0, :] = (np.arange(count) + record)[:, None]
+            record += count
+            group = h5file.create_group(f"{folder}/{size}_{size}")
+            group.create_dataset("features", data=features, chunks=(1, size, size, 3), compression="gzip")
+            group.create_dataset("labels", data=np.full(count, label, np.uint8))
+            if groups:
+                names = [f"{folder}_p{p}" for p in range(patients[label]) for _ in range(slices)]
+                paths = [
+                    f"{folder}/{folder}_p{p}/s{s}.png" for p in range(patients[label]) for s in range(slices)
+                ]
+                group.create_dataset("paths", data=paths, dtype=h5py.string_dtype())
+                group.create_dataset("groups", data=names, dtype=h5py.string_dtype())
+    return path
+
+
+def gray_batch(count: int, size: int = 16, low: int = 20, high: int = 235, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    gray = rng.integers(low, high, (count, size, size, 1)).astype(np.float32)
+    return np.repeat(gray, 3, axis=-1)
+
+
+def fake_notop_weights(path: Path, input_shape=(32, 32, 3)) -> Path:
+    """An efficientnetb0_notop.h5 in the legacy layout Keras downloads (random values)."""
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(123)
+    backbone = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=input_shape)
+    with h5py.File(path, "w") as h5file:
+        legacy_h5_format.save_weights_to_hdf5_group(h5file, backbone)
+    return path
+
+
+def last_line(err: str) -> str:
+    """The last message on stderr, after the progress bar's carriage returns."""
+    return err.strip().replace("\r", "\n").splitlines()[-1]
+
+
+def save_png(path: Path, value: int, size: int = 20) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((size, size), value, np.uint8)
+    pixels[: size // 2] = 255 - value
+    Image.fromarray(pixels).save(path)
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def write_predictions(path, rows) -> None:
+    pd.DataFrame(rows, columns=["path", "prob_gbm", "prob_pcnsl"]).to_csv(path, index=False)
+
+
+def correlated_slices(n_patients: int = 30, n_slices: int = 8, seed: int = 0, noise: float = 0.05):
+    """Patients of both classes whose slices share the patient's score (plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n_patients) % 2
+    patient_score = rng.normal(0, 1, n_patients) + 0.8 * labels
+    y_true = np.repeat(labels, n_slices)
+    y_score = np.repeat(patient_score, n_slices) + rng.normal(0, noise, n_patients * n_slices)
+    groups = np.repeat([f"p{i}" for i in range(n_patients)], n_slices)
+    return y_true, y_score, groups

@@ -1,0 +1,241 @@
+"""gbmpcnsl.runs, the run folder of step1: created only once every check has passed,
+--overwrite that deletes the old run only when the new one starts, the --resume refusals
+that leave a run as it is, a resume with more epochs, a resume of a run from before the
+newer settings, and the fallback from a broken backup (tiny EfficientNetB0s, 32x32)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from helpers import TINY, fake_notop_weights, folder_snapshot, last_line, write_h5
+
+import step1_train_model as step1
+from gbmpcnsl import training
+from gbmpcnsl.config import RESUME_DEFAULTS, RESUME_MUST_MATCH, TrainConfig, jsonable
+from gbmpcnsl.runs import backup_epoch, check_run_folder
+from gbmpcnsl_common import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow  # a TensorFlow subprocess or two
+def test_step1_weights_path_errors_leave_no_run_folder(tmp_path, capsys):
+    h5_path = write_h5(tmp_path / "d.h5")
+    for weights, message in (
+        (tmp_path / "missing_notop.h5", f"error: --weights {tmp_path / 'missing_notop.h5'}: no such file"),
+        (h5_path, f"error: --weights {h5_path}: not a efficientnetb0 notop weights file"),
+    ):
+        argv = [
+            "--backbone",
+            "efficientnetb0",
+            "--weights",
+            str(weights),
+            str(h5_path),
+            str(tmp_path / "run"),
+        ]
+        result = subprocess.run(
+            [sys.executable, "step1_train_model.py", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2 and result.stdout == ""
+        assert "Traceback" not in result.stderr
+        assert last_line(result.stderr).startswith(message), result.stderr[-1000:]
+        assert not (tmp_path / "run").exists()
+
+
+def test_step1_failed_checks_create_nothing_and_delete_nothing(tmp_path, capsys):
+    """Argument, data and weights errors stop step1 before the run folder is created, and
+    --overwrite deletes the old run only once the new one is known to start."""
+    good = write_h5(tmp_path / "good.h5")
+    one_patient = write_h5(tmp_path / "one.h5", patients=(1, 4))
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "run.json").write_text('{"status": "finished"}')
+    (old / "ckpt_001_0.5000.keras").write_text("old checkpoint")
+    snapshot = folder_snapshot(old)
+    cases = [
+        ([*TINY, str(one_patient), str(tmp_path / "new")], "GBM: 1 patient group(s)"),
+        ([*TINY, str(tmp_path / "missing.h5"), str(tmp_path / "new")], "missing.h5: no such file"),
+        ([*TINY, "--overwrite", str(one_patient), str(old)], "GBM: 1 patient group(s)"),
+        ([*TINY, "--overwrite", "--size", "8", "8", str(good), str(old)], "no images of size 8 8"),
+        (
+            [
+                "--backbone",
+                "efficientnetb0",
+                "--weights",
+                str(tmp_path / "nope.h5"),
+                "--overwrite",
+                str(good),
+                str(old),
+            ],
+            "nope.h5: no such file",
+        ),
+    ]
+    for argv, message in cases:
+        assert step1.main(argv) == 2
+        assert message in last_line(capsys.readouterr().err)
+        assert not (tmp_path / "new").exists()
+        assert folder_snapshot(old) == snapshot
+
+
+def history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatch, capfd):
+    """An interrupted run (Ctrl-C after its first epoch): every --resume refusal leaves it
+    as it is; a resume with a raised --epochs finishes it. The learning rates in
+    history.csv are the schedule's (decay from epoch 1 here), and stdout stays empty."""
+    import keras
+
+    monkeypatch.setattr(training, "LR_CONSTANT_EPOCHS", 1)  # the decay, within 3 epochs
+    h5_path = write_h5(tmp_path / "d.h5", patients=(3, 3), slices=2)
+    run_dir = tmp_path / "run"
+
+    class CtrlCAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    config = TrainConfig(
+        h5_path, run_dir, backbone="efficientnetb0", weights="none", epochs=2, learning_rate=1e-3
+    )
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, callbacks=[CtrlCAfterFirstEpoch()])
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    assert len(history(run_dir)) == 1 and (run_dir / "backup").is_dir()
+    snapshot = folder_snapshot(run_dir)
+    capfd.readouterr()
+
+    changed_pixels = tmp_path / "pixels.h5"
+    shutil.copy(h5_path, changed_pixels)
+    with h5py.File(changed_pixels, "r+") as h5file:
+        h5file["gbm/32_32/features"][0, 5, 5] = 7
+    changed_groups = tmp_path / "groups.h5"
+    shutil.copy(h5_path, changed_groups)
+    with h5py.File(changed_groups, "r+") as h5file:
+        # The same patients, two of their slices swapped: another split.csv.
+        h5file["gbm/32_32/groups"][...] = np.array(
+            ["gbm_p0", "gbm_p1", "gbm_p0", "gbm_p1", "gbm_p2", "gbm_p2"], object
+        )
+    with_two_sizes = tmp_path / "sizes.h5"
+    shutil.copy(h5_path, with_two_sizes)
+    with h5py.File(with_two_sizes, "r+") as h5file:
+        for folder in ("gbm", "pcnsl"):
+            h5file.copy(h5file[f"{folder}/32_32"], h5file[folder], name="33_33")
+    resume = [*TINY, "--epochs", "3", "--learning-rate", "1e-3", "--resume"]
+    refusals = [
+        ([*resume, str(changed_pixels), str(run_dir)], "its content changed since the run started"),
+        (
+            [*resume, "--size", "33", "33", str(with_two_sizes), str(run_dir)],
+            "needs the run's own image size 32 32",
+        ),
+        ([*resume, str(changed_groups), str(run_dir)], "split.csv: differs from the split of"),
+        ([*resume, "--mixed-precision", str(h5_path), str(run_dir)], "--mixed-precision False (now True)"),
+        (
+            [*resume, "--normalization", "paper", str(h5_path), str(run_dir)],
+            "--normalization imagenet (now paper)",
+        ),
+        ([*resume, "--seed", "5", str(h5_path), str(run_dir)], "--seed 0 (now 5)"),
+    ]
+    for arguments, message in refusals:
+        assert step1.main(arguments) == 2
+        err = capfd.readouterr().err
+        assert message in last_line(err), err[-1000:]
+        assert folder_snapshot(run_dir) == snapshot
+
+    assert step1.main([*resume, str(h5_path), str(run_dir)]) == 0
+    captured = capfd.readouterr()
+    assert captured.out == ""  # step1 writes nothing to stdout, also from TensorFlow
+    rows = history(run_dir)
+    assert [row["epoch"] for row in rows] == ["0", "1", "2"]
+    for row in rows:
+        assert float(row["learning_rate"]) == pytest.approx(
+            training.learning_rate_at(int(row["epoch"]), 1e-3)
+        )
+    assert float(rows[2]["learning_rate"]) < float(rows[1]["learning_rate"])  # decayed after epoch 1
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "finished" and run["epochs_done"] == 3 and run["arguments"]["epochs"] == 3
+    assert run["resumed"][0]["after_epoch"] == 1 and run["arguments"]["normalization"] == "imagenet"
+
+
+@pytest.mark.slow
+def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, capfd):
+    """--weights PATH through the command line, then --overwrite of that run with
+    --early-stopping: the old run is gone, the new one records its settings."""
+    import keras
+
+    notop = fake_notop_weights(tmp_path / "efficientnetb0_notop.h5")
+    h5_path = write_h5(tmp_path / "d.h5", patients=(3, 3), slices=2)
+    run_dir = tmp_path / "run"
+    argv = ["--backbone", "efficientnetb0", "--epochs", "1", str(h5_path), str(run_dir)]
+    assert step1.main([*argv, "--weights", str(notop), "--normalization", "paper"]) == 0
+    assert capfd.readouterr().out == ""
+    first = json.loads((run_dir / "run.json").read_text())
+    assert first["arguments"]["weights"] == str(notop) and first["arguments"]["normalization"] == "paper"
+    from gbmpcnsl.checkpoints import load_model_for_inference
+
+    loaded = load_model_for_inference(run_dir / first["best_checkpoint"])
+    start = keras.applications.EfficientNetB0(include_top=False, weights=str(notop), input_shape=(32, 32, 3))
+    stem, start_stem = (m.get_layer("stem_conv").get_weights()[0].ravel() for m in (loaded, start))
+    assert np.corrcoef(stem, start_stem)[0, 1] > 0.9  # trained from the file's weights
+    (run_dir / "notes.txt").write_text("belongs to the old run")
+
+    assert step1.main([*TINY, "--epochs", "2", "--early-stopping", "1", "--overwrite", *argv[4:]]) == 0
+    assert capfd.readouterr().out == ""
+    assert not (run_dir / "notes.txt").exists()
+    second = json.loads((run_dir / "run.json").read_text())
+    assert second["start_time"] >= first["end_time"]
+    assert second["arguments"]["early_stopping"] == 1 and second["arguments"]["weights"] == "none"
+    rows = history(run_dir)
+    losses = [float(row["val_loss"]) for row in rows]
+    # Patience 1: stopped after the first epoch that did not improve, if any.
+    worse = [i for i in range(1, len(losses)) if losses[i] >= min(losses[:i])]
+    assert second["epochs_done"] == len(rows) == (worse[0] + 1 if worse else 2)
+    assert second["stopped_early"] == bool(worse)
+
+
+def test_a_run_from_before_the_new_settings_can_be_resumed(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = TrainConfig(Path("data.h5"), run_dir, augmentation="base", resume=True)
+    old_arguments = {name: jsonable(getattr(config, name)) for name in RESUME_MUST_MATCH}
+    for name in RESUME_DEFAULTS:  # run.json written before these flags existed
+        del old_arguments[name]
+    (run_dir / "run.json").write_text(json.dumps({"status": "running", "arguments": old_arguments}))
+    assert check_run_folder(config, run_dir).previous["arguments"] == old_arguments
+    changed = TrainConfig(Path("d.h5"), run_dir, augmentation="base", monitor="val_auc", resume=True)
+    with pytest.raises(UserError, match="--resume needs the run's own settings: --monitor"):
+        check_run_folder(changed, run_dir)
+
+
+def test_backup_epoch_falls_back_when_the_newest_backup_is_broken(tmp_path):
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    with h5py.File(backup / "latest.weights.h5.bkp", "w") as h5file:
+        h5file.create_dataset("layers/dense/vars/0", data=np.arange(1000.0))
+    good = (backup / "latest.weights.h5.bkp").read_bytes()
+    (backup / "latest.weights.h5").write_bytes(good[: len(good) // 2])  # killed mid-write
+    (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
+    (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": 0}')
+    assert backup_epoch(backup) == 2
+    assert (backup / "latest.weights.h5").read_bytes() == good
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
+    assert backup_epoch(backup) == 2  # now intact: unchanged
+    # A first backup killed before its metadata was written: nothing to resume from.
+    (backup / "training_metadata.json").unlink()
+    (backup / "training_metadata.json.bkp").unlink()
+    assert backup_epoch(backup) == 0 and not backup.exists()
+    assert backup_epoch(backup) == 0
