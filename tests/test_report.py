@@ -1,9 +1,7 @@
 """gbmpcnsl.report: the metrics tables (per image and per patient, markdown), per-fold AUCs,
-the notebooks' parameters, and history.csv / history.pickle read with Keras's name variants."""
+and the notebooks' parameters."""
 
 from __future__ import annotations
-
-import pickle
 
 import numpy as np
 import pandas as pd
@@ -80,46 +78,6 @@ def test_notebook_parameter_parsing():
     assert report.as_mapping('{"m": "p.csv"}') == {"m": "p.csv"}
     assert report.as_mapping("out/preds.csv") == {"preds": "out/preds.csv"}
     assert report.as_mapping(["x/a.csv", "x/b.csv"]) == {"a": "x/a.csv", "b": "x/b.csv"}
-
-
-def test_read_history_csv_with_keras_name_variants(tmp_path):
-    pd.DataFrame(
-        {
-            "epoch": [0, 1, 2, 1, 2, 3],  # a resumed run that logged epochs 1 and 2 again
-            "binary_accuracy": [0.5, 0.6, 0.7, 0.61, 0.71, 0.8],
-            "auc_1": [0.5, 0.6, 0.7, 0.62, 0.72, 0.8],
-            "loss": [0.7, 0.6, 0.5, 0.59, 0.49, 0.4],
-            "val_binary_accuracy": [0.5, 0.55, 0.6, 0.56, 0.61, 0.6],
-            "val_auc_1": [0.5, 0.6, 0.65, 0.61, 0.66, 0.64],
-            "val_loss": [0.7, 0.65, 0.6, 0.64, 0.58, 0.62],
-        }
-    ).to_csv(tmp_path / "history.csv", index=False)
-    history = report.read_history(tmp_path)
-    assert history["epoch"].tolist() == [1, 2, 3, 4]  # 1-based, as the checkpoint names
-    assert history["loss"].tolist() == [0.7, 0.59, 0.49, 0.4]
-    assert report.history_columns(history) == {
-        "loss": ("loss", "val_loss"),
-        "accuracy": ("binary_accuracy", "val_binary_accuracy"),
-        "auc": ("auc_1", "val_auc_1"),
-    }
-    assert report.best_epoch(history) == 3
-
-
-def test_read_history_pickle_only_behind_the_flag(tmp_path):
-    with open(tmp_path / "history.pkl", "wb") as file:
-        pickle.dump(
-            {"loss": [0.7, 0.5], "acc": [0.5, 0.7], "val_loss": [0.72, 0.6], "val_acc": [0.5, 0.6]}, file
-        )
-    with pytest.raises(ValueError, match="allow_pickle = True"):
-        report.read_history(tmp_path)
-    with pytest.warns(UserWarning, match="unpickling runs any code"):
-        history = report.read_history(tmp_path / "history.pkl", allow_pickle=True)
-    assert history["epoch"].tolist() == [1, 2]
-    assert report.history_columns(history)["accuracy"] == ("acc", "val_acc")
-    assert report.history_columns(history)["auc"] == (None, None)
-    assert report.best_epoch(history) == 2
-    with pytest.raises(ValueError, match="no history.csv"):
-        report.read_history(tmp_path / "missing")
 
 
 def test_fold_aucs_and_cv_metrics():
