@@ -9,6 +9,10 @@ few images, for the tests of how the steps read checkpoints, fail and stop.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -128,3 +132,101 @@ def tiny_b0(tmp_path_factory) -> Path:
     for index in range(3):
         save_png(root / "images" / f"s{index}.png", 30 + 60 * index, size=40)
     return root
+
+
+# ---------------------------------------------------------------------------- child processes
+class Processes:
+    """The child processes a test starts: `popen(...)` starts one (subprocess.Popen's
+    arguments), `track(process)` adopts one started otherwise (a multiprocessing.Process).
+    At teardown, on failure too, each is killed with all its descendants and reaped."""
+
+    def __init__(self):
+        self.started: list[tuple[object, object]] = []  # (Popen or Process, psutil.Process)
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        return self.track(subprocess.Popen(*args, **kwargs))
+
+    def track(self, process):
+        import psutil
+
+        try:
+            self.started.append((process, psutil.Process(process.pid)))
+        except psutil.NoSuchProcess:  # already gone (and reaped by no one yet: reap below)
+            self.started.append((process, None))
+        return process
+
+    def kill_all(self) -> None:
+        from helpers import kill_trees
+
+        kill_trees([handle for _, handle in self.started if handle is not None])
+        for process, _ in self.started:
+            if isinstance(process, subprocess.Popen):
+                process.wait(timeout=10)
+                for stream in (process.stdin, process.stdout, process.stderr):
+                    if stream is not None:
+                        stream.close()
+            else:
+                process.join(10)
+        self.started.clear()
+
+
+@pytest.fixture
+def processes():
+    """Start long-lived children through this (see Processes): none outlives the test."""
+    tracker = Processes()
+    yield tracker
+    tracker.kill_all()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+    """pytest-timeout's thread method, which ends the whole run with os._exit(1) and so runs
+    no finaliser: here every descendant of this process is killed first, after the stacks
+    are shown (while the test still blocks where it hung)."""
+    if settings.method != "thread":
+        return None
+    timer = threading.Timer(settings.timeout, _timed_out, (item, settings))
+    timer.name = f"pytest_timeout {item.nodeid}"
+
+    def cancel():
+        timer.cancel()
+        timer.join()
+
+    item.cancel_timeout = cancel  # what pytest-timeout's own cancel hook calls
+    timer.start()
+    return True
+
+
+def _timed_out(item, settings) -> None:
+    """pytest_timeout.timeout_timer, with the kill of every child process before the exit."""
+    import psutil
+    import pytest_timeout
+    from helpers import kill_trees
+
+    if not settings.disable_debugger_detection and pytest_timeout.is_debugging():
+        return
+    terminal = item.config.get_terminal_writer()
+    try:
+        capman = item.config.pluginmanager.getplugin("capturemanager")
+        captured = ()
+        if capman:
+            capman.suspend_global_capture(item)
+            captured = capman.read_global_capture()
+        terminal.sep("+", title="Timeout")
+        for title, text in zip(("Captured stdout", "Captured stderr"), captured, strict=False):
+            if text:
+                terminal.sep("~", title=title)
+                terminal.write(text)
+        pytest_timeout.dump_stacks(terminal)
+        children = psutil.Process().children()
+        kill_trees(children)
+        terminal.sep(
+            "+", title=f"Timeout after {settings.timeout} s: {len(children)} child process(es) killed"
+        )
+    except Exception:
+        traceback.print_exc()
+    finally:
+        terminal.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

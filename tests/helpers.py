@@ -1,10 +1,14 @@
 """Helpers shared by the test modules: small HDF5 files in step0's layout, images, fake
 ImageNet weight files, predictions CSVs and scores with correlated slices per patient, and
-the readers of a step's stderr and of a folder's bytes. Test files import these from here,
-never from one another."""
+the readers of a step's stderr and of a folder's bytes, and the killing of process trees and a
+read from a child's pipe with a deadline. Test files import these from here, never from one
+another."""
 
 from __future__ import annotations
 
+import os
+import select
+import time
 from pathlib import Path
 
 import h5py
@@ -96,3 +100,40 @@ def correlated_slices(n_patients: int = 30, n_slices: int = 8, seed: int = 0, no
     y_score = np.repeat(patient_score, n_slices) + rng.normal(0, noise, n_patients * n_slices)
     groups = np.repeat([f"p{i}" for i in range(n_patients)], n_slices)
     return y_true, y_score, groups
+
+
+def kill_trees(roots) -> None:
+    """SIGKILL each psutil.Process in `roots` and all its descendants (parents first, so none
+    starts another child), then wait up to 10 s for those that are not our own children
+    (the owner of each root reaps it: Popen.wait, Process.join)."""
+    import psutil
+
+    trees = []
+    for root in roots:
+        try:
+            trees.append([root, *root.children(recursive=True)])
+        except psutil.NoSuchProcess:
+            continue
+    for tree in trees:
+        for process in tree:
+            try:
+                process.kill()  # psutil checks the creation time: never a reused pid
+            except psutil.NoSuchProcess:
+                pass
+    psutil.wait_procs([process for tree in trees for process in tree[1:]], timeout=10)
+
+
+def read_until(stream, condition, timeout: float) -> bytes:
+    """Read a child's pipe (`stream`, binary or text; its raw file descriptor, so nothing is
+    left in Python's buffer for a later communicate()) until condition(bytes read so far)
+    holds. Fails at end of file or after `timeout` seconds."""
+    fd, data = stream.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while not condition(data):
+        left = deadline - time.monotonic()
+        assert left > 0, f"nothing expected on the pipe after {timeout} s: {data.decode()[-2000:]}"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"the pipe closed first: {data.decode()[-2000:]}"
+            data += chunk
+    return data
