@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def _update_cv_json_repeatedly(run_dir: str, settings: dict, records: list[dict]
         update_cv_json(Path(run_dir), settings, cohort, np.array(fold_of))
 
 
-def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path):
+def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path, processes):
     """Four processes (as four fold jobs finishing together) rewrite cv.json and
     oof_predictions.csv at once: every write succeeds and the files stay whole."""
     import multiprocessing
@@ -156,8 +157,10 @@ def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path):
     ]
     for job in jobs:
         job.start()
+        processes.track(job)  # a hung job is killed at teardown, not joined forever at exit
+    deadline = time.monotonic() + 120
     for job in jobs:
-        job.join(120)
+        job.join(max(0.0, deadline - time.monotonic()))
     assert [job.exitcode for job in jobs] == [0, 0, 0, 0]
     cv = json.loads((tmp_path / "cv.json").read_text())
     assert cv["complete"] is True and cv["best_checkpoints"] == [

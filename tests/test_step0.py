@@ -17,7 +17,7 @@ import h5py
 import make_demo_data
 import numpy as np
 import pytest
-from helpers import last_line, save_png
+from helpers import last_line, read_until, save_png
 from PIL import Image
 
 import step0_convert_images_to_hdf5 as step0
@@ -276,7 +276,7 @@ def test_failure_mid_way_leaves_the_old_file_untouched(data_dir, tmp_path, monke
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_in_a_real_run_leaves_the_old_file_untouched(tmp_path):
+def test_ctrl_c_in_a_real_run_leaves_the_old_file_untouched(tmp_path, processes):
     """A real SIGINT, sent once the progress bar shows a written row, to a conversion of
     816 images at 512x512 (seconds of work): it cannot finish before the signal lands."""
     data = tmp_path / "data"
@@ -289,13 +289,9 @@ def test_ctrl_c_in_a_real_run_leaves_the_old_file_untouched(tmp_path):
         for copy in range(50):
             os.link(source, source.with_name(f"{source.stem}_copy{copy:02d}.png"))
     command = [sys.executable, str(ROOT / "step0_convert_images_to_hdf5.py"), str(data), str(output)]
-    process = subprocess.Popen([*command, "--size", "512", "512", "--workers", "2"], stderr=subprocess.PIPE)
-    err, done = b"", 0
-    while done < 1:  # tqdm's "images: ... k/816" on stderr, k rows written
-        chunk = os.read(process.stderr.fileno(), 4096)
-        assert chunk, f"step0 ended before writing a row: {err.decode()[-2000:]}"
-        err += chunk
-        done = max([int(k) for k in re.findall(rb"(\d+)/816 \[", err)] or [0])
+    process = processes.popen([*command, "--size", "512", "512", "--workers", "2"], stderr=subprocess.PIPE)
+    # tqdm's "images: ... k/816" on stderr, k rows written: wait for k >= 1
+    err = read_until(process.stderr, lambda err: re.search(rb"[1-9]\d*/816 \[", err), timeout=240)
     process.send_signal(signal.SIGINT)
     _, rest = process.communicate(timeout=60)
     err = (err + rest).decode()

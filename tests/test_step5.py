@@ -661,7 +661,7 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.slow  # a TensorFlow subprocess or two
-def test_ctrl_c_in_step5_exits_130_with_whole_overlays_only(tiny_b0, tmp_path):
+def test_ctrl_c_in_step5_exits_130_with_whole_overlays_only(tiny_b0, tmp_path, processes):
     """A real SIGINT once the first overlay exists; 400 inputs cannot be done first."""
     images = tmp_path / "images"
     images.mkdir()
@@ -669,7 +669,7 @@ def test_ctrl_c_in_step5_exits_130_with_whole_overlays_only(tiny_b0, tmp_path):
         os.link(tiny_b0 / "images" / "s1.png", images / f"s{index:03d}.png")
     out = tmp_path / "out"
     command = [sys.executable, "step5_plot_grad_cam.py", "--model-weights", str(tiny_b0 / "tiny.keras")]
-    process = subprocess.Popen(
+    process = processes.popen(
         [*command, "--output-dir", str(out), "--save-heatmaps", "--batch-size", "2", str(images)],
         cwd=ROOT,
         stdout=subprocess.PIPE,

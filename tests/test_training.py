@@ -175,12 +175,12 @@ def run_python(code: str, tmp_path: Path, env: dict | None = None, timeout: int 
 
 
 @pytest.mark.slow  # a training in a process of its own
-def test_resume_after_sigkill_lists_each_epoch_once(tmp_path):
+def test_resume_after_sigkill_lists_each_epoch_once(tmp_path, processes):
     h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
     run_dir = tmp_path / "run"
     argv = ["--augmentation", "base", "--epochs", "8", *TINY, "--seed", "1", str(h5_path), str(run_dir)]
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen(
+        process = processes.popen(
             [sys.executable, "step1_train_model.py", *argv],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -191,7 +191,7 @@ def test_resume_after_sigkill_lists_each_epoch_once(tmp_path):
             time.sleep(0.05)
         assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
         process.send_signal(signal.SIGKILL)  # mid-training: at least one epoch recorded
-        process.wait()
+        process.wait(timeout=60)
     finished = backup_epoch(run_dir / "backup")
     rows = history_rows(run_dir)
     assert 1 <= len(rows) < 8 and json.loads((run_dir / "run.json").read_text())["status"] == "running"
