@@ -43,9 +43,11 @@ run python step2_predict.py --model-weights "$CHECKPOINT" --csv "$OUT/prediction
     --per-patient "$OUT/patients_test.csv" "$OUT/data_test/gbm" "$OUT/data_test/pcnsl" \
     > "$OUT/predictions_test.txt"
 
-run papermill --log-level WARNING step3_plot_training_metrics.ipynb "$OUT/step3_plot_training_metrics.ipynb" \
+# --execution-timeout: a cell still running after 30 minutes is hung; papermill then fails.
+run papermill --log-level WARNING --execution-timeout 1800 \
+    step3_plot_training_metrics.ipynb "$OUT/step3_plot_training_metrics.ipynb" \
     -p run_dirs "[\"$OUT/run\"]" -p output_dir "$OUT/figures"
-run papermill --log-level WARNING step4_plot_roc.ipynb "$OUT/step4_plot_roc.ipynb" \
+run papermill --log-level WARNING --execution-timeout 1800 step4_plot_roc.ipynb "$OUT/step4_plot_roc.ipynb" \
     -p predictions "{\"demo model\": \"$OUT/predictions_test.csv\"}" -p output_dir "$OUT/figures" \
     -p threshold_from "$OUT/run/val_predictions.csv" -p n_bootstraps "$BOOTSTRAPS"
 

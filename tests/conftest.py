@@ -178,6 +178,14 @@ def processes():
     tracker.kill_all()
 
 
+@pytest.fixture(scope="module")
+def module_processes():
+    """`processes` for a module's fixtures: none of these children outlives the module."""
+    tracker = Processes()
+    yield tracker
+    tracker.kill_all()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_timeout_set_timer(item, settings):
     """pytest-timeout's thread method, which ends the whole run with os._exit(1) and so runs

@@ -18,10 +18,14 @@ from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parent.parent
 LINE = re.compile(r"^(?P<path>.{40,}?) +(?P<percent>\d+\.\d\d) % (?P<label>GBM|PCNSL)$")
+DEMO_TIMEOUT = 900  # seconds for the whole demo at tiny sizes (a few minutes on 2 busy cores)
+# Every test here waits for the demo (the module's fixture): slow, and the first one's limit
+# covers the demo.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(DEMO_TIMEOUT + 60)]
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, module_processes):
     """Run demo/run_demo.sh at tiny sizes; returns (output folder, completed process)."""
     out = tmp_path_factory.mktemp("e2e") / "demo_output"
     env = {
@@ -36,9 +40,12 @@ def demo_run(tmp_path_factory):
         "DEMO_EPOCHS": "2",
         "DEMO_BOOTSTRAPS": "200",
     }
-    result = subprocess.run(
-        ["bash", str(ROOT / "demo" / "run_demo.sh")], env=env, capture_output=True, text=True, timeout=900
+    command = ["bash", str(ROOT / "demo" / "run_demo.sh")]
+    process = module_processes.popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    stdout, stderr = process.communicate(timeout=DEMO_TIMEOUT)  # on timeout, the finaliser kills its tree
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 

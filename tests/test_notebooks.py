@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N_BOOTSTRAPS = 200
 STEP3 = "step3_plot_training_metrics.ipynb"
 STEP4 = "step4_plot_roc.ipynb"
+CELL_TIMEOUT = 120  # seconds for one cell (papermill's execution_timeout): a hung cell fails
 
 
 def run_notebook(name: str, executed_path: Path, parameters: dict) -> nbformat.NotebookNode:
@@ -37,6 +38,7 @@ def run_notebook(name: str, executed_path: Path, parameters: dict) -> nbformat.N
         cwd=str(ROOT),
         kernel_name="python3",
         progress_bar=False,
+        execution_timeout=CELL_TIMEOUT,
     )
     return nbformat.read(executed_path, as_version=4)
 
@@ -127,6 +129,7 @@ def step4_predictions(tmp_path_factory) -> dict[str, Path]:
 # ---------------------------------------------------------------------------- step 3
 
 
+@pytest.mark.slow  # a Jupyter kernel runs the notebook
 def test_step3_notebook_writes_training_figures(step3_run_dirs, tmp_path):
     output_dir = tmp_path / "figures"
     run_notebook(
@@ -155,6 +158,7 @@ def test_step3_notebook_writes_training_figures(step3_run_dirs, tmp_path):
         assert row["best_val_auc"] == pytest.approx(best_row[val_auc])
 
 
+@pytest.mark.slow  # a Jupyter kernel runs the notebook
 def test_step3_notebook_refuses_a_pickle_without_the_flag(tmp_path):
     import pickle
 
@@ -173,6 +177,7 @@ def test_step3_notebook_refuses_a_pickle_without_the_flag(tmp_path):
 # ---------------------------------------------------------------------------- step 4
 
 
+@pytest.mark.slow  # a Jupyter kernel runs the notebook
 def test_step4_notebook_writes_roc_figures_and_metrics(step4_predictions, tmp_path):
     output_dir = tmp_path / "figures"
     notebook = run_notebook(
@@ -252,6 +257,7 @@ def test_committed_notebooks_are_stripped_and_parameterised():
             assert cell.outputs == [] and cell.execution_count is None, f"{name}: outputs not stripped"
 
 
+@pytest.mark.slow  # a Jupyter kernel runs the notebook
 def test_step4_notebook_threshold_from_validation_calibration_folds_and_comparison(
     step4_predictions, tmp_path
 ):
