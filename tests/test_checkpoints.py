@@ -48,6 +48,7 @@ def images(demo_data) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)  # a tf-keras subprocess of up to 600 s
 def test_paper_era_hdf5_model_and_weights_reproduce_tf_keras(images, tmp_path, capsys):
     """EfficientNetB4 at 380x380, saved with model.save("x.hdf5") and save_weights("w.h5")."""
     expected = write_original_checkpoint(tmp_path / "original", images)
@@ -58,6 +59,7 @@ def test_paper_era_hdf5_model_and_weights_reproduce_tf_keras(images, tmp_path, c
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)  # a tf-keras subprocess of up to 600 s
 def test_tf29_imagenet_graph_scaling_is_folded(images, tmp_path, capsys):
     """A model built by tf.keras >= 2.9 with weights="imagenet" has an extra scaling op after
     Normalization (tensorflow issue 49930); the loader finds it in the saved config, and the
@@ -98,6 +100,7 @@ def test_keras3_h5_full_model_of_another_backbone(demo_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)  # a tf-keras subprocess of up to 600 s
 def test_tf29_imagenet_graph_weights_only_file_is_folded_too(tf_keras_b0_checkpoint, tmp_path, capsys):
     """A weights-only .h5 of tf-keras's weights="imagenet" graph lists the extra scaling op
     in its layer_names: the loader folds it in (as for full-model files) and gives
@@ -130,6 +133,7 @@ def test_tf29_imagenet_graph_weights_only_file_is_folded_too(tf_keras_b0_checkpo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)  # a tf-keras subprocess of up to 600 s
 def test_find_scale_parses_the_saved_op(tf_keras_b0_checkpoint):
     """_find_scale reads the constant of the op tf-keras really saved (tf.math.multiply by
     1/sqrt(stddev)), not its fallback; a truediv by y is a scale of 1/y; Rescaling: its scale."""

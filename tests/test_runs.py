@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow  # a TensorFlow subprocess or two
+@pytest.mark.timeout(660)  # two subprocesses of up to 300 s
 def test_step1_weights_path_errors_leave_no_run_folder(tmp_path, capsys):
     h5_path = write_h5(tmp_path / "d.h5")
     for weights, message in (

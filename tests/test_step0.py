@@ -362,6 +362,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units differ by platform")
+@pytest.mark.timeout(300)  # two step0 subprocesses of up to 120 s
 def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     """N and 4N images at 256x256 (192 KiB each): the whole-dataset approach would add
     about 3N x 192 KiB (28 MiB here); streaming must stay well below half of that."""

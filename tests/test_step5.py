@@ -600,6 +600,7 @@ def test_step5_accepts_weights_h5_with_run_json(tiny_b0, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)  # a tf-keras subprocess of up to 600 s
 def test_step5_accepts_a_tf_keras_hdf5_checkpoint(tf_keras_b0_checkpoint, tmp_path):
     """A real tf.keras 2.x .hdf5 (tf-keras, EfficientNetB0 with a sigmoid Dense named
     "predictions" and no separate logit layer): step5 rebuilds step1's graph and explains it."""

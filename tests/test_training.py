@@ -175,6 +175,7 @@ def run_python(code: str, tmp_path: Path, env: dict | None = None, timeout: int 
 
 
 @pytest.mark.slow  # a training in a process of its own
+@pytest.mark.timeout(600)  # up to 240 s for the first epoch, then the resumed training
 def test_resume_after_sigkill_lists_each_epoch_once(tmp_path, processes):
     h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
     run_dir = tmp_path / "run"
@@ -221,6 +222,7 @@ def test_resume_after_sigkill_lists_each_epoch_once(tmp_path, processes):
 
 
 @pytest.mark.slow  # a training in a process of its own
+@pytest.mark.timeout(360)  # a subprocess of up to 300 s
 def test_same_seed_and_deterministic_give_identical_history(tmp_path):
     h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
     argv = ["--augmentation", "base_and_noise", "--epochs", "2", *TINY, "--seed", "3", "--deterministic"]
@@ -241,6 +243,7 @@ def test_same_seed_and_deterministic_give_identical_history(tmp_path):
 
 
 @pytest.mark.slow  # a training in a process of its own
+@pytest.mark.timeout(360)  # a subprocess of up to 300 s
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
     run_dir = tmp_path / "run"
