@@ -27,7 +27,10 @@ from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 HISTORY_COLUMNS = ["epoch", "accuracy", "auc", "learning_rate", "loss", "val_accuracy", "val_auc", "val_loss"]
-WORKER_TIMEOUT = 900  # seconds; these runs take about a minute each on an idle 2-core machine
+# Seconds for all the waits of one test together (its starts, its runs, its retries). A run
+# takes about a minute on an idle 2-core machine; on one shared with other work (a load of 8)
+# the first epoch alone took 145 s. pytest-timeout's limit is a minute more.
+TEST_BUDGET = 420
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -43,17 +46,26 @@ def free_ports(count: int) -> tuple[list[int], list[socket.socket]]:
 
 
 class Cluster:
-    """Two (or more) step1 worker processes with a TF_CONFIG each, their stderr in files.
-    With `dump`, each runs through tests/multiworker_worker.py, which writes its final
-    weights and the records it trained on into `dump`."""
+    """Two (or more) step1 worker processes with a TF_CONFIG each, their stderr in files,
+    started through conftest's `processes` (killed at teardown, whatever happens). Every
+    wait ends at `deadline` (time.monotonic()). With `dump`, each worker runs through
+    tests/multiworker_worker.py, which writes its final weights and the records it trained
+    on into `dump`."""
 
-    def __init__(self, tmp_path: Path, argv: list[str], workers: int = 2, dump: Path | None = None):
-        self.tmp_path, self.argv, self.workers, self.dump = tmp_path, argv, workers, dump
+    def __init__(self, processes, tmp_path: Path, argv: list[str], deadline: float, dump: Path | None = None):
+        self.spawn, self.tmp_path, self.argv, self.deadline, self.dump = (
+            processes,
+            tmp_path,
+            argv,
+            deadline,
+            dump,
+        )
+        self.workers = 2
         self.processes: list[subprocess.Popen] = []
         self.launches = 0
 
     def start(self) -> Cluster:
-        for _ in range(3):
+        for _ in range(3):  # a port taken by someone else between close() and the worker's bind
             ports, sockets = free_ports(self.workers)
             cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
             for sock in sockets:
@@ -64,20 +76,15 @@ class Cluster:
                 tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
                 env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "3"}
                 with open(self.stderr_path(index), "w") as stderr:
-                    self.processes.append(
-                        subprocess.Popen(
-                            self.command(),
-                            cwd=ROOT,
-                            env=env,
-                            stdout=subprocess.DEVNULL,
-                            stderr=stderr,
-                        )
+                    process = self.spawn.popen(
+                        self.command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr
                     )
-            # A port taken by someone else between close() and the worker's bind: retry.
-            if not self.wait_until(self.started_or_lost_port, timeout=WORKER_TIMEOUT) or self.lost_port():
-                self.kill()
-                continue
-            return self
+                    self.processes.append(process)
+            started = self.wait_until(self.started_or_lost_port)
+            assert started, f"the workers did not start in time: {self.stderr(0)[-3000:]}"
+            if not self.lost_port():
+                return self
+            self.kill()
         raise AssertionError(f"no free ports after 3 tries: {self.stderr(0)}")
 
     def command(self) -> list[str]:
@@ -99,11 +106,10 @@ class Cluster:
         started = all("per replica" in self.stderr(i) for i in range(self.workers))
         return started or self.lost_port() or any(p.poll() is not None for p in self.processes)
 
-    def wait_until(self, condition, timeout: float) -> bool:
-        """Poll `condition` (files or log lines) until it holds, the timeout passes or a
+    def wait_until(self, condition) -> bool:
+        """Poll `condition` (files or log lines) until it holds, the deadline passes or a
         worker exits; returns whether it held."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < self.deadline:
             if condition():
                 return True
             if any(p.poll() is not None for p in self.processes):
@@ -112,15 +118,15 @@ class Cluster:
         return False
 
     def wait(self) -> list[int]:
-        codes = [p.wait(timeout=WORKER_TIMEOUT) for p in self.processes]
-        return codes
+        """The workers' exit codes; subprocess.TimeoutExpired at the deadline."""
+        return [p.wait(timeout=max(0.0, self.deadline - time.monotonic())) for p in self.processes]
 
     def kill(self, index: int | None = None) -> None:
         for i, process in enumerate(self.processes):
             if index is None or i == index:
                 if process.poll() is None:
                     process.send_signal(signal.SIGKILL)
-                process.wait()
+                process.wait(timeout=60)
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -230,9 +236,11 @@ def test_slurm_variables_give_the_cluster_and_the_chief(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TEST_BUDGET + 60)
 def test_one_slurm_task_trains_with_mixed_precision(tmp_path, cohort_h5):
     """srun's variables, no TF_CONFIG: --distribute multiworker builds its one-worker cluster
     from Slurm (port SLURM_PORT_BASE + job id % 20000), under mixed_float16."""
+    deadline = time.monotonic() + TEST_BUDGET
     for _ in range(3):  # a port taken between the check and the worker's bind: try another
         job_id = next(j for j in random.sample(range(20000), 500) if _port_is_free(SLURM_PORT_BASE + j))
         env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
@@ -261,7 +269,7 @@ def test_one_slurm_task_trains_with_mixed_precision(tmp_path, cohort_h5):
             env=env,
             capture_output=True,
             text=True,
-            timeout=WORKER_TIMEOUT,
+            timeout=max(1.0, deadline - time.monotonic()),
         )
         if "Could not start gRPC server" not in result.stderr:
             break
@@ -286,29 +294,9 @@ def _port_is_free(port: int) -> bool:
 
 
 # ---------------------------------------------------------------------------- two workers
-@pytest.mark.slow
-def test_two_workers_train_one_model_and_the_chief_writes_the_run(tmp_path, cohort_h5):
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    run_dir = tmp_path / "run"
-    argv = [
-        "--augmentation",
-        "base",
-        "--epochs",
-        "2",
-        *TINY,
-        "--distribute",
-        "multiworker",
-        str(cohort_h5),
-        str(run_dir),
-    ]
-    cluster = Cluster(tmp_path, argv, dump=dump).start()
-    assert cluster.wait() == [0, 0], cluster.stderr(0)[-3000:] + cluster.stderr(1)[-3000:]
-    assert "x 2 replica(s) = global batch 16 (MultiWorkerMirroredStrategy)" in cluster.stderr(0)
-
-    # The chief's run folder is that of a single-machine run; the other worker wrote none.
-    rows = history(run_dir)
-    assert [row["epoch"] for row in rows] == ["0", "1"] and list(rows[0]) == HISTORY_COLUMNS
+def check_chief_run_folder(run_dir: Path, rows: list[dict]) -> None:
+    """The chief's run folder is that of a single-machine run; the other worker wrote none."""
+    assert list(rows[0]) == HISTORY_COLUMNS
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["replicas"] == 2 and run["global_batch_size"] == 16
     names = {p.name for p in run_dir.iterdir()}
@@ -318,35 +306,18 @@ def test_two_workers_train_one_model_and_the_chief_writes_the_run(tmp_path, coho
     assert "val_predictions.csv" in names  # the chief predicts its validation slices at the end
     others = names - {"history.csv", "run.json", "split.csv", "val_predictions.csv"}
     assert all(name.startswith("ckpt_") for name in others)
-    # Both workers logged the same epochs, with the same numbers.
-    epoch_lines = [
-        [line for line in cluster.stderr(i).splitlines() if line.startswith("epoch ")] for i in (0, 1)
-    ]
-    strip_seconds = [[line.rsplit(" (", 1)[0] for line in lines] for lines in epoch_lines]
-    assert len(strip_seconds[0]) == 2 and strip_seconds[0] == strip_seconds[1]
 
-    # One model: identical weights on both workers.
-    weights = [worker_weights(dump, i) for i in (0, 1)]
-    assert len(weights[0]) == len(weights[1]) > 100
-    assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
 
-    # Each epoch covers the training set once across the workers, each worker a part.
-    train = split_indices(run_dir, "train")
-    seen = [worker_seen(dump, i) for i in (0, 1)]
-    for epoch in (0, 1):
-        assert sorted(seen[0][epoch] + seen[1][epoch]) == train
-        assert seen[0][epoch] and seen[1][epoch]
-    assert seen[0][0] != seen[0][1]  # reshuffled every epoch
-
-    # The validation numbers of the last epoch come from every worker's predictions: the
-    # final weights, applied to the whole validation set in this process, give them back.
+def check_last_validation_numbers(cohort_h5: Path, run_dir: Path, weights: list, last: dict) -> None:
+    """The validation numbers of the last epoch come from every worker's predictions: the
+    final weights, applied to the whole validation set in this process, give them back."""
     import keras
     from sklearn.metrics import roc_auc_score
 
     from gbmpcnsl.model import build_model
 
     model = build_model("efficientnetb0", (32, 32, 3), None)
-    model.set_weights(weights[0])
+    model.set_weights(weights)
     val = split_indices(run_dir, "val")
     with h5py.File(cohort_h5, "r") as h5file:
         images = np.concatenate([h5file[f"{c}/32_32/features"][:] for c in ("gbm", "pcnsl")])[val]
@@ -356,7 +327,6 @@ def test_two_workers_train_one_model_and_the_chief_writes_the_run(tmp_path, coho
     expected_loss = float(keras.losses.BinaryCrossentropy()(y, probabilities[:, None]))
     auc = keras.metrics.AUC()
     auc.update_state(y, probabilities[:, None])
-    last = rows[-1]
     assert float(last["val_loss"]) == pytest.approx(expected_loss, abs=1e-5)
     assert float(last["val_accuracy"]) == pytest.approx(np.mean((probabilities > 0.5) == labels))
     assert float(last["val_auc"]) == pytest.approx(float(auc.result()), abs=1e-6)
@@ -367,44 +337,54 @@ def test_two_workers_train_one_model_and_the_chief_writes_the_run(tmp_path, coho
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_worker_then_resume_continues_from_the_backup(tmp_path, cohort_h5):
+@pytest.mark.timeout(TEST_BUDGET + 60)
+def test_two_workers_train_one_model_through_a_sigkill_and_resume(tmp_path, cohort_h5, processes):
+    """Two workers train 4 epochs as one model; both die (SIGKILL) after the first backup;
+    --resume restores both from the backup and they finish the run in step, the chief
+    writing the run folder of a single-machine run."""
     dump = tmp_path / "dump"
     dump.mkdir()
     run_dir = tmp_path / "run"
-    argv = [
-        "--augmentation",
-        "base",
-        "--epochs",
-        "3",
-        *TINY,
-        "--distribute",
-        "multiworker",
-        str(cohort_h5),
-        str(run_dir),
-    ]
-    cluster = Cluster(tmp_path, argv).start()
+    argv = ["--augmentation", "base", "--epochs", "4", *TINY, "--distribute", "multiworker"]
+    argv += [str(cohort_h5), str(run_dir)]
+    deadline = time.monotonic() + TEST_BUDGET
+    cluster = Cluster(processes, tmp_path, argv, deadline).start()
     metadata = run_dir / "backup" / "training_metadata.json"
-    backed_up = cluster.wait_until(lambda: metadata.is_file() and history(run_dir), timeout=WORKER_TIMEOUT)
-    assert backed_up, cluster.stderr(0)[-3000:]
+    assert cluster.wait_until(lambda: metadata.is_file() and history(run_dir)), cluster.stderr(0)[-3000:]
     cluster.kill(1)  # the other worker dies mid-training...
     cluster.kill(0)  # ...and the job with it (the chief would wait for it in vain)
-    finished = backup_epoch(run_dir / "backup")
+    assert "x 2 replica(s) = global batch 16 (MultiWorkerMirroredStrategy)" in cluster.stderr(0)
+    finished = backup_epoch(run_dir / "backup")  # at least 2 of the 4 epochs are left
     assert 1 <= finished < 3 and json.loads((run_dir / "run.json").read_text())["status"] == "running"
 
-    resumed = Cluster(tmp_path, [*argv, "--resume"], dump=dump)
+    resumed = Cluster(processes, tmp_path, [*argv, "--resume"], deadline, dump=dump)
     resumed.launches = cluster.launches
     resumed.start()
     assert resumed.wait() == [0, 0], resumed.stderr(0)[-3000:] + resumed.stderr(1)[-3000:]
-    assert f"resuming {run_dir} after epoch {finished} of 3" in resumed.stderr(0)
+    assert f"resuming {run_dir} after epoch {finished} of 4" in resumed.stderr(0)
+    assert "x 2 replica(s) = global batch 16 (MultiWorkerMirroredStrategy)" in resumed.stderr(0)
     rows = history(run_dir)
-    assert [int(row["epoch"]) for row in rows] == [0, 1, 2]
-    run = json.loads((run_dir / "run.json").read_text())
-    assert run["status"] == "finished" and run["resumed"][0]["after_epoch"] == finished
-    assert not (run_dir / "backup").exists() and not (run_dir / "workers").exists()
-    # Both workers restored the same state and trained the remaining epochs in step.
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]
+    assert json.loads((run_dir / "run.json").read_text())["resumed"][0]["after_epoch"] == finished
+    check_chief_run_folder(run_dir, rows)
+    # Both workers logged the same (resumed) epochs, with the same numbers.
+    epoch_lines = [
+        [line for line in resumed.stderr(i).splitlines() if line.startswith("epoch ")] for i in (0, 1)
+    ]
+    strip_seconds = [[line.rsplit(" (", 1)[0] for line in lines] for lines in epoch_lines]
+    assert len(strip_seconds[0]) == 4 - finished and strip_seconds[0] == strip_seconds[1]
+
+    # One model: both workers restored the same state and ended with identical weights.
     weights = [worker_weights(dump, i) for i in (0, 1)]
+    assert len(weights[0]) == len(weights[1]) > 100
     assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
-    seen = [worker_seen(dump, i) for i in (0, 1)]
-    assert sorted(seen[0]) == sorted(seen[1]) == list(range(finished, 3))
+
+    # Each remaining epoch covers the training set once across the workers, each worker a part.
     train = split_indices(run_dir, "train")
-    assert all(sorted(seen[0][e] + seen[1][e]) == train for e in range(finished, 3))
+    seen = [worker_seen(dump, i) for i in (0, 1)]
+    assert sorted(seen[0]) == sorted(seen[1]) == list(range(finished, 4))
+    for epoch in range(finished, 4):
+        assert sorted(seen[0][epoch] + seen[1][epoch]) == train
+        assert seen[0][epoch] and seen[1][epoch]
+    assert seen[0][finished] != seen[0][finished + 1]  # reshuffled every epoch
+    check_last_validation_numbers(cohort_h5, run_dir, weights[0], rows[-1])
