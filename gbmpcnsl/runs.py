@@ -22,6 +22,7 @@ import numpy as np
 import gbmpcnsl_common as common
 from gbmpcnsl.config import TrainConfig
 from gbmpcnsl.files import atomic_write, file_sha256, write_csv, write_json
+from gbmpcnsl.outputs import move_aside, refuse_unsafe_folder
 
 if TYPE_CHECKING:
     from gbmpcnsl.data import Cohort
@@ -47,6 +48,7 @@ class RunFolder:
 
     path: Path
     previous: dict | None = None  # run.json of the run being resumed
+    replaced: Path | None = None  # the old run folder --overwrite moved aside (outputs.move_aside)
 
     @property
     def run_json(self) -> Path:
@@ -211,6 +213,7 @@ def check_run_folder(config: TrainConfig, run_dir: Path, writes_run: bool = True
             raise common.UserError(f"{run_dir}: exists; pick a new run folder, --resume it or --overwrite it")
         if not run.run_json.is_file():
             raise common.UserError(f"{run_dir}: --overwrite only replaces a run folder (one with run.json)")
+        refuse_unsafe_folder(run_dir, [config.hdf5])
     return run
 
 
@@ -264,7 +267,8 @@ def open_run_folder(
     if run.previous is not None and hdf5_sha256 != run.previous["hdf5_sha256"]:
         raise common.UserError(f"{cohort.hdf5}: its content changed since the run started (SHA-256 differs)")
     if run.previous is None and config.overwrite and run.run_json.is_file() and distribution.is_chief:
-        shutil.rmtree(run.path)
+        run.replaced = move_aside(run.path)  # removed once the new run has finished
+        common.log.info("the previous run is kept aside in %s until this one finishes", run.replaced)
     if not distribution.is_chief:  # the chief writes the run folder, the other workers nothing
         return {}, 0
     run.path.mkdir(parents=True, exist_ok=True)
