@@ -88,17 +88,19 @@ def discard(aside: Path | None) -> None:
 
 
 def restore(aside: Path | None, folder: Path) -> None:
-    """Put what move_aside set aside back at `folder` (after a failure)."""
+    """Put what move_aside set aside back at `folder` after a failure, in place of whatever
+    half-written new output is there."""
     if aside is not None:
-        if not os.path.lexists(folder):
-            os.replace(aside / folder.name, folder)
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+        os.replace(aside / folder.name, folder)
         discard(aside)
 
 
 @contextlib.contextmanager
 def replacing(folder: Path) -> Iterator[None]:
     """The old `folder` is moved aside for the block; on success it is removed, on any
-    error put back (the block must leave nothing at `folder` when it fails)."""
+    error put back in place of what the block left there."""
     aside = move_aside(folder)
     try:
         yield
@@ -108,12 +110,17 @@ def replacing(folder: Path) -> Iterator[None]:
     discard(aside)
 
 
+def mark_demo_folder(folder: Path) -> None:
+    """Create `folder` (if needed) with DEMO_MARKER in it: from now on the demo may replace it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).write_text("synthetic demo output of gbm-pcnsl; safe to delete\n")
+
+
 def fresh_demo_folder(folder: Path) -> None:
     """The demo scripts' `rm -rf DIR; mkdir DIR`, refusing any folder without DEMO_MARKER."""
     check_replaceable(folder, [DEMO_MARKER], flag="the demo")
     discard(move_aside(folder))
-    folder.mkdir(parents=True)
-    (folder / DEMO_MARKER).write_text("synthetic demo output of gbm-pcnsl; safe to delete\n")
+    mark_demo_folder(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
