@@ -18,8 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import TINY, write_h5
+from helpers import TINY, last_line, write_h5
 
+import step1_train_model as step1
 from gbmpcnsl.data import HDF5Images, make_dataset, make_shard_dataset, shard_layout
 from gbmpcnsl.distributed import SLURM_PORT_BASE, is_other_worker, slurm_cluster_resolver, slurm_task
 from gbmpcnsl.runs import backup_epoch
@@ -408,3 +409,17 @@ def test_sigkill_of_a_worker_then_resume_continues_from_the_backup(tmp_path, coh
     assert sorted(seen[0]) == sorted(seen[1]) == list(range(finished, 3))
     train = split_indices(run_dir, "train")
     assert all(sorted(seen[0][e] + seen[1][e]) == train for e in range(finished, 3))
+
+
+def test_a_slurm_variable_that_is_not_a_number_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from helpers import TINY, write_h5
+
+    h5_path = write_h5(tmp_path / "d.h5")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[07-08]")
+    monkeypatch.setenv("SLURM_PROCID", "1a")
+    assert step1.main([*TINY, "--distribute", "multiworker", str(h5_path), str(tmp_path / "run")]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        "error: SLURM_PROCID='1a': not a whole number (Slurm sets it; check the job script)"
+    )
+    assert not (tmp_path / "run").exists()
