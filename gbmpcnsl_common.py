@@ -107,6 +107,9 @@ def run_main(main_body, argv) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:  # the readers' limits (docs/security.md) should have stopped it earlier
+        print("error: out of memory; nothing was written", file=sys.stderr)
+        return 2
 
 
 @contextlib.contextmanager

@@ -231,7 +231,7 @@ def write_oof_predictions(run_dir: Path, cohort: Cohort, fold_of: np.ndarray) ->
         for index, row in zip(indices, fold_rows, strict=True):
             rows[index] = [*row, str(fold)]
     path = run_dir / OOF_PREDICTIONS_CSV
-    write_csv(path, [*PREDICTION_COLUMNS, "fold"], rows)
+    write_csv(path, [*PREDICTION_COLUMNS, "fold"], rows, private=True)
     log.info("every fold is done: wrote %s (%d slices)", path, len(rows))
     return path
 

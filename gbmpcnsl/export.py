@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from gbmpcnsl.checkpoints import model_input_size
-from gbmpcnsl.files import file_sha256, write_json
+from gbmpcnsl.files import file_sha256, private_mode, write_json
 from gbmpcnsl.outputs import check_replaceable, discard, move_aside, restore
 from gbmpcnsl.predictors import load_exported_model
 from gbmpcnsl_common import CLASS_NAMES, UserError, __version__, log
@@ -213,9 +213,11 @@ def move_into_place(staging: Path, files: list[Path]) -> None:
     """Move the checked export from the staging folder onto its final paths; an older
     SavedModel folder (--overwrite) is moved aside first and removed once the new one is in."""
     for final in files:
+        staged = staging / final.name
+        os.chmod(staged, private_mode(folder=staged.is_dir()))  # a model of patient data: the user's
         aside = move_aside(final) if final.is_dir() and not final.is_symlink() else None
         try:
-            os.replace(staging / final.name, final)
+            os.replace(staged, final)
         except BaseException:
             restore(aside, final)
             raise

@@ -259,7 +259,7 @@ class GradCamResults:
 def write_png(path: Path, image: np.ndarray) -> None:
     """An RGB uint8 image as a PNG file, written atomically (its folder created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as temporary, open(temporary, "wb") as handle:
+    with atomic_write(path, private=True) as temporary, open(temporary, "wb") as handle:
         Image.fromarray(image).save(handle, format="PNG")
 
 
@@ -267,7 +267,7 @@ def write_heatmaps(path: Path, heatmaps: dict[str, np.ndarray]) -> None:
     """Each raw heatmap in one compressed .npz file, written atomically (its folder created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # to an open handle: np.savez_compressed would add .npz to the temporary file's name
-    with atomic_write(path) as temporary, open(temporary, "wb") as handle:
+    with atomic_write(path, private=True) as temporary, open(temporary, "wb") as handle:
         np.savez_compressed(handle, **heatmaps)
 
 

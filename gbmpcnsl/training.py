@@ -299,7 +299,7 @@ def write_val_predictions(
         record, prob = cohort.records[index], float(prob)
         rows.append([record["path"], repr(1.0 - prob), repr(prob), record["label"], record["group"]])
     path = run_path / VAL_PREDICTIONS_CSV
-    write_csv(path, list(PREDICTION_COLUMNS), rows)
+    write_csv(path, list(PREDICTION_COLUMNS), rows, private=True)
     log.info("wrote %s (%d validation slices, %s)", path, len(rows), checkpoint)
     return path
 
