@@ -262,3 +262,23 @@ def test_step1_overwrite_refuses_the_current_folder_and_a_folder_holding_the_inp
         "error: .: --overwrite refuses to replace the current folder or a folder above it"
     )
     assert folder_snapshot(runs) == before
+
+
+def test_cv_lock_falls_back_to_a_lock_file_without_flock(tmp_path, monkeypatch, caplog):
+    """Lustre without flock: ENOSYS becomes one warning line and an exclusive lock file."""
+    import errno
+    import fcntl
+
+    from gbmpcnsl.runs import cv_lock
+
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with cv_lock(tmp_path):
+        assert (tmp_path / ".cv.lock.held").is_file()
+    assert not (tmp_path / ".cv.lock.held").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"warning: {tmp_path}: no flock on this file system (Function not implemented); using a lock file"
+    ]
