@@ -107,6 +107,9 @@ def run_main(main_body, argv) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:  # the readers' limits (docs/security.md) should have stopped it earlier
+        print("error: out of memory; nothing was written", file=sys.stderr)
+        return 2
 
 
 @contextlib.contextmanager
@@ -173,8 +176,13 @@ def load_image(path: str | Path, size: tuple[int, int] = DEFAULT_SIZE) -> np.nda
     height, width = size
     try:
         with Image.open(path) as image:
+            wide = image.mode in ("I", "F") or image.mode.startswith("I;16")
+            if wide:  # windowed as float64: PIL's own bound (179 Mpx) is far too high for it
+                from gbmpcnsl.limits import check_shape
+
+                check_shape(image.size, "GBMPCNSL_MAX_PIXELS", path, "pixels")
             image.load()  # decode now: a truncated file fails here, inside the try
-            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            if wide:
                 # convert("RGB") clips these at 255 (most of a 16-bit MRI export turns white)
                 values = np.asarray(image, dtype=np.float64)
                 image = Image.fromarray(window_to_uint8(values, *percentile_window(values)), mode="L")
@@ -182,6 +190,8 @@ def load_image(path: str | Path, size: tuple[int, int] = DEFAULT_SIZE) -> np.nda
             return np.asarray(rgb, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise UserError(f"{path}: cannot read image ({error})") from error
+    except MemoryError as error:
+        raise UserError(f"{path}: out of memory reading this image") from error
 
 
 # ---------------------------------------------------------------------------- patients

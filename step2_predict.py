@@ -174,7 +174,7 @@ def _predict(argv: list[str] | None) -> int:
 
     if args.csv is not None:
         member_names = [name for name, _ in checkpoints]
-        write_csv(args.csv, *prediction_table(rows, member_rows, member_names, args.per_model))
+        write_csv(args.csv, *prediction_table(rows, member_rows, member_names, args.per_model), private=True)
         log.info(f"wrote {args.csv}")
     if args.per_patient is not None:
         report_patients(rows, args.per_patient, args.aggregate)

@@ -19,8 +19,8 @@ AUGMENTATIONS="${COMPARE_AUGMENTATIONS:-strong base none}"  # strong (the demo's
 
 run() { echo "+ $*" >&2; "$@"; }
 
-rm -rf "$OUT"
-mkdir -p "$OUT"
+# rm -rf "$OUT" && mkdir "$OUT", refused unless $OUT holds the demo's .gbmpcnsl-demo marker
+python -m gbmpcnsl.outputs "$OUT"
 
 run python demo/make_demo_data.py "$OUT/data_train" --patients-per-class "$TRAIN_PATIENTS" \
     --slices-per-patient "$SLICES" --size 256 --seed 1

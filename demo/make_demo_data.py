@@ -31,7 +31,7 @@ the seed, so cohorts made with different seeds (e.g. train and test) never share
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
 import sys
 import time
 import zlib
@@ -40,6 +40,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as demo/...: find gbmpcnsl
+from gbmpcnsl.outputs import DEMO_MARKER, check_replaceable, mark_demo_folder, replacing  # noqa: E402
+from gbmpcnsl_common import UserError  # noqa: E402
 
 CLASS_FOLDERS = ("gbm", "pcnsl")
 
@@ -363,20 +367,24 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         print(f"error: {out_dir}: exists and is not a folder", file=sys.stderr)
         return 2
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not args.overwrite:
-            print(
-                f"error: {out_dir}: folder is not empty (use --overwrite to replace its demo data)",
-                file=sys.stderr,
-            )
-            return 2
-        for sub in ("gbm", "pcnsl", "masks"):  # only what this script writes, nothing else
-            shutil.rmtree(out_dir / sub, ignore_errors=True)
-
     start = time.perf_counter()
-    count = make_cohort(
-        out_dir, args.patients_per_class, args.slices_per_patient, args.size, args.format, args.seed
-    )
+    with contextlib.ExitStack() as old_cohort:  # the old demo data goes once the new is written
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            try:
+                if not args.overwrite:
+                    raise UserError(
+                        f"{out_dir}: folder is not empty (use --overwrite to replace its demo data)"
+                    )
+                check_replaceable(out_dir, [DEMO_MARKER])  # only a folder this script wrote
+            except UserError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            for sub in ("gbm", "pcnsl", "masks"):  # only what this script writes, nothing else
+                old_cohort.enter_context(replacing(out_dir / sub))
+        mark_demo_folder(out_dir)
+        count = make_cohort(
+            out_dir, args.patients_per_class, args.slices_per_patient, args.size, args.format, args.seed
+        )
     print(
         f"wrote {count} {args.size}x{args.size} {args.format} slices to {out_dir}: "
         f"{args.patients_per_class} gbm + {args.patients_per_class} pcnsl patients x "

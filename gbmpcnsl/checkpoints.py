@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gbmpcnsl.limits import check_shape
 from gbmpcnsl.model import IMAGENET_STDDEV_RGB, build_model, scale_normalization_variance
 from gbmpcnsl.runs import CV_JSON
 from gbmpcnsl_common import UserError, first_line, log
@@ -177,6 +178,10 @@ def _check_image_model(model, path: Path):
             f"{path}: expected a model from (H, W, 3) images to one probability, "
             f"got inputs {[tuple(t.shape) for t in model.inputs]} -> outputs {[tuple(t.shape) for t in model.outputs]}"
         )
+    if input_shape[1] is None or input_shape[2] is None:
+        raise UserError(f"{path}: the model's input has no fixed size ({input_shape[1]} x {input_shape[2]})")
+    # every image is resized to the input: an untrusted file must not declare 40000 x 40000
+    check_shape(input_shape[1:3], "GBMPCNSL_MAX_INPUT_PIXELS", path, "input pixels")
     return model
 
 
@@ -216,12 +221,14 @@ def load_model_for_inference(path: str | Path):
         )
         if name.endswith(".weights.h5") and run_json is not None:
             run = json.loads(run_json.read_text())
+            check_shape(run["input_shape"][:2], "GBMPCNSL_MAX_INPUT_PIXELS", run_json, "input pixels")
             model = build_model(run["backbone"], tuple(run["input_shape"]), weights=None)
             model.load_weights(path)
             return model
         if name.endswith(".weights.h5") and not _is_legacy_h5(path):
             raise UserError(f"{path}: a .weights.h5 file needs the run.json of its training run beside it")
         info = _legacy_model_info(path)
+        check_shape(info["input_shape"][:2], "GBMPCNSL_MAX_INPUT_PIXELS", path, "input pixels")
         model = build_model(info["backbone"], info["input_shape"], weights=None)
         model.load_weights(path)
         if info["extra_scale"] is not None:  # a multiplication by s is a variance / s**2

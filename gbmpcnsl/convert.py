@@ -301,9 +301,8 @@ def write_output(
     temporary file beside it, renamed over it at the end (an interrupted or failed run
     leaves the previous OUT.h5 untouched). Returns convert_images' counts and unreadable files."""
     output, key = settings.output, size_key(settings.size)
-    # The old file's mode, else 0666 less the umask (a plain open()'s), never mkstemp's 0600.
-    mode = output.stat().st_mode & 0o777 if output.exists() else None
-    with atomic_write(output, mode=mode) as temporary:
+    # Patient images: a new file private (files.private_mode), an old one keeps its mode.
+    with atomic_write(output, private=True) as temporary:
         with worker_pool(settings.workers) as executor, h5py.File(temporary, "w") as h5file:
             if output.exists():  # keep the other sizes (and anything else) already in the file
                 with h5py.File(output, "r") as previous:

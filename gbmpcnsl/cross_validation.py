@@ -10,7 +10,6 @@ consistent file.
 from __future__ import annotations
 
 import csv
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from gbmpcnsl.config import TrainConfig
 from gbmpcnsl.data import Cohort, log_split, read_cohort
 from gbmpcnsl.distributed import Distribution, start_tensorflow, writes_run_folder
 from gbmpcnsl.files import write_csv, write_json
+from gbmpcnsl.outputs import discard, move_aside, refuse_unsafe_folder
 from gbmpcnsl.runs import (
     CV_JSON,
     CV_LOCK,
@@ -139,6 +139,8 @@ def check_cv_folder(config: TrainConfig) -> dict | None:
             raise UserError(
                 f"{run_dir}: --overwrite only replaces a run folder (one with {CV_JSON} or run.json)"
             )
+        if in_use:
+            refuse_unsafe_folder(run_dir, [config.hdf5])
         return None
     elif in_use and previous is None and not (config.fold is not None and (run_dir / CV_LOCK).exists()):
         # (a lock file without cv.json: another --fold job is creating the run right now)
@@ -229,7 +231,7 @@ def write_oof_predictions(run_dir: Path, cohort: Cohort, fold_of: np.ndarray) ->
         for index, row in zip(indices, fold_rows, strict=True):
             rows[index] = [*row, str(fold)]
     path = run_dir / OOF_PREDICTIONS_CSV
-    write_csv(path, [*PREDICTION_COLUMNS, "fold"], rows)
+    write_csv(path, [*PREDICTION_COLUMNS, "fold"], rows, private=True)
     log.info("every fold is done: wrote %s (%d slices)", path, len(rows))
     return path
 
@@ -281,9 +283,10 @@ def train_cross_validation(config: TrainConfig, callbacks: list | None = None):
     plans = plan_folds(config, cohort, fold_of)
 
     distribution = start_tensorflow(config)
+    replaced = None  # the run --overwrite replaces: kept aside until the new one is trained
     if distribution.is_chief:
         if config.overwrite and config.fold is None and config.run_dir.exists():
-            shutil.rmtree(config.run_dir)
+            replaced = move_aside(config.run_dir)
         config.run_dir.mkdir(parents=True, exist_ok=True)
         update_cv_json(config.run_dir, settings, cohort, fold_of)
     model = None
@@ -296,6 +299,7 @@ def train_cross_validation(config: TrainConfig, callbacks: list | None = None):
             log.info(
                 "fold %d (of %d) done; %d of %d folds finished", plan.fold, config.folds, done, config.folds
             )
+    discard(replaced)
     return model
 
 

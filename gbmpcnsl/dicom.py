@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gbmpcnsl.limits import check_count, check_shape
 from gbmpcnsl.nifti import is_nifti
 from gbmpcnsl_common import IMAGE_EXTENSIONS, UserError, first_line, percentile_window, window_to_uint8
 
@@ -168,6 +169,14 @@ def dicom_identities(paths: list[Path]) -> dict[str, set[str]]:
 
 
 # ---------------------------------------------------------------------------- pixels
+def _header_int(ds, keyword: str) -> int:
+    """A count from the header (1 when absent or empty); UserError when not a number."""
+    try:
+        return int(ds.get(keyword, 1) or 1)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{ds.filename}: {keyword} is not a number") from error
+
+
 def _transfer_syntax(ds) -> str:
     uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     return f"transfer syntax {uid.name}" if uid is not None else "no transfer syntax"
@@ -183,8 +192,17 @@ def _read_dicom(path: Path):
         raise UserError(f"{path}: cannot read DICOM ({first_line(error)})") from error
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UserError(f"{path}: DICOM file without pixel data")
+    declared = [
+        _header_int(ds, keyword) for keyword in ("NumberOfFrames", "Rows", "Columns", "SamplesPerPixel")
+    ]
+    check_count("frames", declared[0], "GBMPCNSL_MAX_SLICES", path)
+    check_shape(declared, "GBMPCNSL_MAX_VOXELS", path, "pixels (frames x rows x columns x samples)")
     try:
         pixels = ds.pixel_array
+    except MemoryError as error:
+        raise UserError(
+            f"{path}: out of memory decoding {declared[0]} frame(s) of {declared[1]}x{declared[2]}"
+        ) from error
     except Exception as error:  # no decoder, truncated, inconsistent tags
         raise UserError(
             f"{path}: cannot decode DICOM pixels ({_transfer_syntax(ds)}: {first_line(error)})"

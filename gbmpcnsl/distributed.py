@@ -115,15 +115,44 @@ def _multi_worker_strategy():
     )
     task_type, task_index = strategy.cluster_resolver.task_type, strategy.cluster_resolver.task_id
     cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    warn_open_port(cluster, task_type, task_index)
     is_chief = task_type == "chief" or ("chief" not in cluster and task_type == "worker" and task_index == 0)
     return strategy, MULTI_WORKER, is_chief
 
 
+def warn_open_port(cluster: dict, task_type: str, task_index: int) -> None:
+    """One warning line naming this worker's port: TensorFlow's gRPC server binds it on
+    every interface ("0.0.0.0:PORT", no option to bind one address) and asks no one for
+    credentials, so the workers' network must be private (docs/several-machines.md)."""
+    try:
+        address = str(cluster[task_type][task_index])  # a list, or a dict by task index
+    except (KeyError, IndexError, TypeError):
+        address = ""
+    port = address.rpartition(":")[2] or "?"
+    log.warning(
+        "warning: this worker's TensorFlow server listens on port %s of every network interface, "
+        "unauthenticated; run multi-worker training only on a private network (firewall or cluster VLAN)",
+        port,
+    )
+
+
 # ---------------------------------------------------------------------------- Slurm
+def slurm_int(name: str, value: str | None = None) -> int:
+    """A whole-number Slurm variable (`value`: one part of it); UserError in one line when
+    it is not one."""
+    value = os.environ.get(name, "0") if value is None else value
+    try:
+        return int(value.split("(")[0])  # SLURM_STEP_TASKS_PER_NODE: "2(x3),1"
+    except ValueError:
+        raise UserError(
+            f"{name}={value!r}: not a whole number (Slurm sets it; check the job script)"
+        ) from None
+
+
 def slurm_task() -> int | None:
     """This process's Slurm task number (SLURM_PROCID) inside an srun job step, else None."""
     if "SLURM_PROCID" in os.environ and "SLURM_STEP_NODELIST" in os.environ:
-        return int(os.environ["SLURM_PROCID"])
+        return slurm_int("SLURM_PROCID")
     return None
 
 
@@ -151,13 +180,13 @@ def slurm_cluster_resolver():
     import tensorflow as tf
 
     resolver = tf.distribute.cluster_resolver.SlurmClusterResolver
-    port_base = SLURM_PORT_BASE + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+    port_base = SLURM_PORT_BASE + slurm_int("SLURM_JOB_ID") % 20000
     gpus = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if gpus:
         return resolver(port_base=port_base, gpus_per_node=len(gpus))
     # CPU nodes: no GPU to hand out (the resolver would otherwise run nvidia-smi).
     tasks_per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1")
-    most = max(int(part.split("(")[0]) for part in tasks_per_node.split(","))
+    most = max(slurm_int("SLURM_STEP_TASKS_PER_NODE", part) for part in tasks_per_node.split(","))
     return resolver(port_base=port_base, gpus_per_node=most, gpus_per_task=1, auto_set_gpu=False)
 
 

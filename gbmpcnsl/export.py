@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from gbmpcnsl.checkpoints import model_input_size
-from gbmpcnsl.files import file_sha256, write_json
+from gbmpcnsl.files import file_sha256, private_mode, write_json
+from gbmpcnsl.outputs import check_replaceable, discard, move_aside, restore
 from gbmpcnsl.predictors import load_exported_model
 from gbmpcnsl_common import CLASS_NAMES, UserError, __version__, log
 
@@ -208,11 +210,18 @@ def export_metadata(
 
 
 def move_into_place(staging: Path, files: list[Path]) -> None:
-    """Move the checked export from the staging folder onto its final paths."""
+    """Move the checked export from the staging folder onto its final paths; an older
+    SavedModel folder (--overwrite) is moved aside first and removed once the new one is in."""
     for final in files:
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)  # an older SavedModel (--overwrite); os.replace cannot replace a folder
-        os.replace(staging / final.name, final)
+        staged = staging / final.name
+        os.chmod(staged, private_mode(folder=staged.is_dir()))  # a model of patient data: the user's
+        aside = move_aside(final) if final.is_dir() and not final.is_symlink() else None
+        try:
+            os.replace(staged, final)
+        except BaseException:
+            restore(aside, final)
+            raise
+        discard(aside)
 
 
 def check_destination(checkpoint: Path, out: Path, export_format: str, overwrite: bool) -> list[Path]:
@@ -229,6 +238,12 @@ def check_destination(checkpoint: Path, out: Path, export_format: str, overwrite
     for file in files:
         if file.exists() and not overwrite:
             raise UserError(f"{file}: exists (use --overwrite to replace it)")
+    if export_format == "saved_model":  # --overwrite replaces only a SavedModel step6 wrote
+        check_replaceable(out, ["saved_model.pb", METADATA_NAME], inputs=[checkpoint])
+    elif any(file.exists() for file in files[:-1]) and not files[-1].is_file():
+        raise UserError(
+            f"{out}: not written by step6 (no {files[-1].name}); --overwrite refuses to replace it"
+        )
     return files
 
 
@@ -243,9 +258,7 @@ def export_model(model, checkpoint: Path, out: Path, export_format: str, files: 
     written into a staging folder beside OUT, checked against Keras, its metadata added,
     then moved into place; on any failure nothing is left behind. Returns the largest
     difference the check found."""
-    staging = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))  # unguessable
     try:
         target = staging / out.name
         try:

@@ -21,6 +21,7 @@ from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
 from gbmpcnsl.files import atomic_write
 from gbmpcnsl.model import LAST_CONV_LAYER, LOGIT_LAYER
 from gbmpcnsl.nifti import is_nifti, nifti_stem
+from gbmpcnsl.outputs import refuse_inputs_as_outputs
 from gbmpcnsl.pixels import load_slice
 from gbmpcnsl.predictors import ensemble_input_size
 from gbmpcnsl_common import CLASS_NAMES, UserError, log, split_slice_name
@@ -199,10 +200,12 @@ def output_paths(images: list[str | Path], output_dir: Path) -> list[Path]:
 
 def plan_outputs(images: list[str], output_dir: Path, save_heatmaps: bool, overwrite: bool) -> list[Path]:
     """output_paths, refused in one line when one of them (or heatmaps.npz with
-    save_heatmaps) exists and not `overwrite`: checked before any work."""
+    save_heatmaps) exists and not `overwrite`, or when one of them is an input: checked
+    before any work."""
     outputs = output_paths(images, output_dir)
+    planned = [*outputs, output_dir / HEATMAPS_FILE] if save_heatmaps else outputs
+    refuse_inputs_as_outputs(images, planned)
     if not overwrite:
-        planned = [*outputs, output_dir / HEATMAPS_FILE] if save_heatmaps else outputs
         existing = [path for path in planned if path.exists()]
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -256,7 +259,7 @@ class GradCamResults:
 def write_png(path: Path, image: np.ndarray) -> None:
     """An RGB uint8 image as a PNG file, written atomically (its folder created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as temporary, open(temporary, "wb") as handle:
+    with atomic_write(path, private=True) as temporary, open(temporary, "wb") as handle:
         Image.fromarray(image).save(handle, format="PNG")
 
 
@@ -264,7 +267,7 @@ def write_heatmaps(path: Path, heatmaps: dict[str, np.ndarray]) -> None:
     """Each raw heatmap in one compressed .npz file, written atomically (its folder created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # to an open handle: np.savez_compressed would add .npz to the temporary file's name
-    with atomic_write(path) as temporary, open(temporary, "wb") as handle:
+    with atomic_write(path, private=True) as temporary, open(temporary, "wb") as handle:
         np.savez_compressed(handle, **heatmaps)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from gbmpcnsl.limits import check_count
 from gbmpcnsl_common import (
     CLASS_FOLDERS,
     CLASS_LABELS,
@@ -68,6 +69,15 @@ def read_hdf5_index(h5file, size: tuple[int, int]) -> tuple[list[dict], bool]:
     for folder in CLASS_FOLDERS:
         group = h5file[folder][key]
         count = group[FEATURES].shape[0]
+        for name, dataset in group.items():  # declared rows, checked before any is read
+            if isinstance(dataset, h5py.Dataset) and dataset.shape:
+                check_count(
+                    "rows", dataset.shape[0], "GBMPCNSL_MAX_ROWS", f"{h5file.filename}: {dataset.name}"
+                )
+                if dataset.shape[0] != count and name in (PATHS, GROUPS, LABELS):
+                    raise UserError(
+                        f"{h5file.filename}: {dataset.name} has {dataset.shape[0]} rows, {FEATURES} {count}"
+                    )
         if PATHS in group and GROUPS in group:
             paths = [p.decode() if isinstance(p, bytes) else str(p) for p in group[PATHS][:]]
             groups = [g.decode() if isinstance(g, bytes) else str(g) for g in group[GROUPS][:]]

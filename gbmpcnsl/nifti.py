@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gbmpcnsl.limits import check_shape
 from gbmpcnsl_common import UserError, first_line, percentile_window, window_to_uint8
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -79,8 +80,28 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
     import nibabel as nib
 
     try:
-        image = nib.as_closest_canonical(nib.load(path))
+        image = nib.load(path)
+    except Exception as error:
+        raise UserError(f"{path}: cannot read NIfTI volume ({first_line(error)})") from error
+    check_shape(image.shape, "GBMPCNSL_MAX_VOXELS", path)  # before anything is decoded
+    try:
+        return _nifti_display_slices(image)
+    except MemoryError as error:
+        raise UserError(
+            f"{path}: out of memory decoding a {'x'.join(map(str, image.shape))} volume"
+        ) from error
+
+
+def _nifti_display_slices(image) -> tuple[np.ndarray, tuple[float, float]]:
+    """read_nifti's work on a loaded (header only) image."""
+    import nibabel as nib
+
+    path = image.get_filename()
+    try:
+        image = nib.as_closest_canonical(image)
         volume = image.get_fdata(dtype=np.float32)
+    except MemoryError:
+        raise
     except Exception as error:
         raise UserError(f"{path}: cannot read NIfTI volume ({first_line(error)})") from error
     if volume.ndim == 4 and volume.shape[3] == 1:

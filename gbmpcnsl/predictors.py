@@ -372,5 +372,5 @@ def report_patients(rows: list[tuple[str, float]], destination: str, aggregate: 
             print(result_line(patient, prob))
         return
     table = [[patient, n_slices, 1.0 - prob, prob] for patient, n_slices, prob in patients]
-    write_csv(Path(destination), PATIENT_COLUMNS, table)
+    write_csv(Path(destination), PATIENT_COLUMNS, table, private=True)
     log.info(f"wrote {destination} ({len(patients)} patients, {aggregate} of their slices)")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import errno
 import json
+import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +25,7 @@ import numpy as np
 import gbmpcnsl_common as common
 from gbmpcnsl.config import TrainConfig
 from gbmpcnsl.files import atomic_write, file_sha256, write_csv, write_json
+from gbmpcnsl.outputs import move_aside, refuse_unsafe_folder
 
 if TYPE_CHECKING:
     from gbmpcnsl.data import Cohort
@@ -47,6 +51,7 @@ class RunFolder:
 
     path: Path
     previous: dict | None = None  # run.json of the run being resumed
+    replaced: Path | None = None  # the old run folder --overwrite moved aside (outputs.move_aside)
 
     @property
     def run_json(self) -> Path:
@@ -211,6 +216,7 @@ def check_run_folder(config: TrainConfig, run_dir: Path, writes_run: bool = True
             raise common.UserError(f"{run_dir}: exists; pick a new run folder, --resume it or --overwrite it")
         if not run.run_json.is_file():
             raise common.UserError(f"{run_dir}: --overwrite only replaces a run folder (one with run.json)")
+        refuse_unsafe_folder(run_dir, [config.hdf5])
     return run
 
 
@@ -264,7 +270,8 @@ def open_run_folder(
     if run.previous is not None and hdf5_sha256 != run.previous["hdf5_sha256"]:
         raise common.UserError(f"{cohort.hdf5}: its content changed since the run started (SHA-256 differs)")
     if run.previous is None and config.overwrite and run.run_json.is_file() and distribution.is_chief:
-        shutil.rmtree(run.path)
+        run.replaced = move_aside(run.path)  # removed once the new run has finished
+        common.log.info("the previous run is kept aside in %s until this one finishes", run.replaced)
     if not distribution.is_chief:  # the chief writes the run folder, the other workers nothing
         return {}, 0
     run.path.mkdir(parents=True, exist_ok=True)
@@ -292,15 +299,48 @@ def open_run_folder(
 # ---------------------------------------------------------------------------- cv.json's lock
 @contextlib.contextmanager
 def cv_lock(run_dir: Path):
-    """An exclusive lock on RUN/.cv.lock (flock) while cv.json is read and written."""
+    """An exclusive lock on RUN/.cv.lock (flock) while cv.json is read and written; where
+    the file system has no flock (Lustre without it: ENOSYS, EOPNOTSUPP), a lock file
+    created exclusively instead, with one warning line."""
     try:
         import fcntl
     except ImportError:  # not POSIX: one process per CV run folder at a time
         yield
         return
     with open(run_dir / CV_LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                raise
+            with _lock_file(run_dir / f"{CV_LOCK}.held", error):
+                yield
+            return
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _lock_file(path: Path, why: OSError, timeout_s: float = 600.0):
+    """Hold `path`, created exclusively (O_EXCL works without flock), waiting for it while
+    another process holds it; UserError after `timeout_s` (a crashed holder leaves it)."""
+    common.log.warning(
+        "warning: %s: no flock on this file system (%s); using a lock file", path.parent, why.strerror
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise common.UserError(
+                    f"{path}: held for {timeout_s:.0f} s; remove it if no other job runs"
+                ) from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

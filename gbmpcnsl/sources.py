@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gbmpcnsl.dicom import DicomHeader, is_dicom, plane_name, read_dicom_header, series_sort_key
+from gbmpcnsl.limits import check_count, check_shape
 from gbmpcnsl.nifti import is_nifti, lesion_mask_path, lesion_slices
 from gbmpcnsl_common import IMAGE_EXTENSIONS, UserError, split_slice_name
 
@@ -133,10 +134,6 @@ class FoundSlices:
     )
 
 
-def _volume_names(path_text: str, count: int) -> list[str]:
-    return [f"{path_text}#{k:03d}" for k in range(count)]
-
-
 def _nifti_slices(path: Path, path_text: str, options: dict, found: FoundSlices) -> list[str]:
     """Slice names of one NIfTI volume: its axial slices after reorientation to RAS+,
     filtered by --lesion-masks and --slices. An unreadable header gives the bare path
@@ -151,6 +148,8 @@ def _nifti_slices(path: Path, path_text: str, options: dict, found: FoundSlices)
         zooms = np.asarray(image.header.get_zooms()[:3], float)
     except Exception:
         return [path_text]
+    check_count("slices", count, "GBMPCNSL_MAX_SLICES", path)
+    check_shape(image.shape, "GBMPCNSL_MAX_VOXELS", path)
     in_plane = [zooms[axis] for axis in range(3) if axis != superior_axis]
     if not options["any_orientation"] and max(in_plane) > 1.5 * zooms[superior_axis]:
         # 2-D sagittal or coronal acquisitions: thick slices across the axial plane.
@@ -158,10 +157,11 @@ def _nifti_slices(path: Path, path_text: str, options: dict, found: FoundSlices)
             f"{path_text}: acquired in another plane (voxel size {' x '.join(f'{z:g}' for z in zooms)} mm); {NON_AXIAL_HINT}"
         )
         return []
-    indices = list(range(count))
     if options["lesion_masks"]:
         indices = lesion_slices(path, options["lesion_masks"], options["min_lesion_pixels"])
-    chosen = [indices[i] for i in options["selection"].indices(len(indices))]
+        chosen = [indices[i] for i in options["selection"].indices(len(indices))]
+    else:  # --slices first: only the chosen names are built
+        chosen = options["selection"].indices(count)
     return [f"{path_text}#{k:03d}" for k in chosen]
 
 
@@ -196,7 +196,8 @@ def _dicom_slices(files: list[tuple[Path, str]], options: dict, found: FoundSlic
             continue
         if key[0] == "volume":
             count = members[0][1].frames
-            names.extend(_volume_names(key[1], count)[i] for i in options["selection"].indices(count))
+            check_count("frames", count, "GBMPCNSL_MAX_SLICES", key[1])
+            names.extend(f"{key[1]}#{k:03d}" for k in options["selection"].indices(count))
             continue
         members.sort(key=lambda member: series_sort_key(member, normal))
         chosen = options["selection"].indices(len(members))

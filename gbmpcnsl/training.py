@@ -23,6 +23,7 @@ from gbmpcnsl.config import MONITORS, TrainConfig
 from gbmpcnsl.data import Cohort, HDF5Images, log_split, make_dataset, read_cohort, split_by_group
 from gbmpcnsl.distributed import MULTI_WORKER, Distribution, WorkerLoop, start_tensorflow, writes_run_folder
 from gbmpcnsl.files import write_csv, write_json
+from gbmpcnsl.outputs import discard
 from gbmpcnsl.runs import (
     PREDICTION_COLUMNS,
     TENSORBOARD_DIR,
@@ -298,7 +299,7 @@ def write_val_predictions(
         record, prob = cohort.records[index], float(prob)
         rows.append([record["path"], repr(1.0 - prob), repr(prob), record["label"], record["group"]])
     path = run_path / VAL_PREDICTIONS_CSV
-    write_csv(path, list(PREDICTION_COLUMNS), rows)
+    write_csv(path, list(PREDICTION_COLUMNS), rows, private=True)
     log.info("wrote %s (%d validation slices, %s)", path, len(rows), checkpoint)
     return path
 
@@ -324,6 +325,7 @@ def train_split(
     if distribution.is_chief:
         finish_run(run, info, early_stopping)
         write_val_predictions(run.path, cohort, is_val, info.get("best_checkpoint"))
+        discard(run.replaced)  # the run --overwrite replaced, now that this one is in place
     return model
 
 

@@ -19,7 +19,9 @@ def make(out_dir: Path, *extra: str) -> int:
 
 def files_under(folder: Path) -> dict[str, bytes]:
     return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".gbmpcnsl-demo"  # the marker: not part of the cohort
     }
 
 
@@ -33,7 +35,7 @@ def test_layout_patient_ids_and_masks(tmp_path):
     assert images[0] == "gbm/gbm_s7_p000/slice00.png"
     assert images[-1] == "pcnsl/pcnsl_s7_p002/slice01.png"
     assert masks == [f"masks/{k}" for k in images]  # same relative path, parallel tree
-    assert sorted(p.name for p in out.iterdir()) == ["gbm", "masks", "pcnsl"]
+    assert sorted(p.name for p in out.iterdir()) == [".gbmpcnsl-demo", "gbm", "masks", "pcnsl"]
     with Image.open(out / images[0]) as image:
         assert image.mode == "L" and image.size == (64, 64)
     with Image.open(out / masks[0]) as mask:
@@ -145,3 +147,19 @@ def test_patients_vary_as_real_scans_do(tmp_path):
     assert np.ptp(brightness) > 25
     for mask in masks:  # the head stays inside the image
         assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+def test_overwrite_refuses_a_folder_without_the_demo_marker(tmp_path, capsys):
+    """Real data has the demo's layout (gbm/, pcnsl/): only a folder this script marked as
+    its own (.gbmpcnsl-demo) is replaced."""
+    out = tmp_path / "data"
+    (out / "gbm" / "p017").mkdir(parents=True)
+    (out / "gbm" / "p017" / "scan.dcm").write_bytes(b"DICM")
+    assert make(out, "--overwrite") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {out}: not written by this tool (no .gbmpcnsl-demo); --overwrite only replaces "
+        "this tool's own outputs"
+    ]
+    assert [p.name for p in out.rglob("*")] == ["gbm", "p017", "scan.dcm"]
+    assert make(tmp_path / "demo") == 0
+    assert (tmp_path / "demo" / ".gbmpcnsl-demo").is_file()

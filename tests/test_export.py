@@ -335,3 +335,29 @@ def test_missing_runtime_says_what_to_install(suffix, module, demo_data, tmp_pat
         f"error: {model_path}: running this model needs {name}, which is not installed "
         f"(pip install -r requirements.txt, or pip install {module})\n"
     )
+
+
+# ---------------------------------------------------------------------------- --overwrite
+def test_overwrite_never_replaces_a_folder_step6_did_not_write(tmp_path, monkeypatch, capsys):
+    """--overwrite replaces only a SavedModel with gbmpcnsl_model.json; never `.`."""
+    checkpoint = tmp_path / "model.keras"
+    checkpoint.write_bytes(b"x")
+    out = tmp_path / "out"
+    (out / "patients" / "p017").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "patients" / "p017" / "scan.dcm").write_bytes(b"DICM")
+    argv = ["--model-weights", str(checkpoint), "--format", "saved_model", "--overwrite"]
+    assert step6.main([*argv, str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {out}: not written by this tool (no saved_model.pb and gbmpcnsl_model.json); "
+        "--overwrite only replaces this tool's own outputs"
+    ]
+    assert (out / "patients" / "p017" / "scan.dcm").read_bytes() == b"DICM"
+    monkeypatch.chdir(out)
+    (out / "saved_model.pb").write_bytes(b"")
+    (out / "gbmpcnsl_model.json").write_text("{}")
+    assert step6.main([*argv, "."]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: .: --overwrite refuses to replace the current folder or a folder above it"
+    ]
+    assert (out / "notes.txt").read_text() == "keep me"

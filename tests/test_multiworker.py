@@ -18,8 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import TINY, write_h5
+from helpers import TINY, last_line, write_h5
 
+import step1_train_model as step1
 from gbmpcnsl.data import HDF5Images, make_dataset, make_shard_dataset, shard_layout
 from gbmpcnsl.distributed import SLURM_PORT_BASE, is_other_worker, slurm_cluster_resolver, slurm_task
 from gbmpcnsl.runs import backup_epoch
@@ -389,3 +390,17 @@ def test_two_workers_train_one_model_through_a_sigkill_and_resume(tmp_path, coho
         assert seen[0][epoch] and seen[1][epoch]
     assert seen[0][finished] != seen[0][finished + 1]  # reshuffled every epoch
     check_last_validation_numbers(cohort_h5, run_dir, weights[0], rows[-1])
+
+
+def test_a_slurm_variable_that_is_not_a_number_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from helpers import TINY, write_h5
+
+    h5_path = write_h5(tmp_path / "d.h5")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[07-08]")
+    monkeypatch.setenv("SLURM_PROCID", "1a")
+    assert step1.main([*TINY, "--distribute", "multiworker", str(h5_path), str(tmp_path / "run")]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        "error: SLURM_PROCID='1a': not a whole number (Slurm sets it; check the job script)"
+    )
+    assert not (tmp_path / "run").exists()

@@ -54,3 +54,28 @@ def test_quick_start_commands_exist():
     # The edit-test loop: make test-fast runs the tests not marked slow.
     fast = re.search(r"^test-fast:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
     assert fast and '-m "not slow"' in fast.group(1)
+
+
+def test_dockerfile_runs_as_a_user_and_copies_only_an_allowlist():
+    """No root in the container; no data, HDF5 file or checkpoint of the build folder in it."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)\s*$", dockerfile, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert dockerfile.index("USER") > dockerfile.index("COPY --chown")  # after the files are in
+    assert "--allow-root" not in dockerfile
+    rules = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert rules[0] == "*"  # everything ignored first, then the code re-included
+    included = [rule[1:] for rule in rules if rule.startswith("!")]
+    assert "gbmpcnsl/" in included and "requirements.txt" in included and "step*.ipynb" in included
+    assert not any(part in rule for rule in included for part in ("data", ".h5", ".keras", "*/"))
+    assert {"**/*.h5", "**/*.keras"} <= set(rules[rules.index(f"!{included[-1]}") :])
+
+
+def test_docs_publish_jupyter_on_the_loopback_only():
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    assert "-p 127.0.0.1:8888:8888" in text
+    assert not re.search(r"-p\s+8888:8888", text)

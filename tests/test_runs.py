@@ -240,3 +240,46 @@ def test_backup_epoch_falls_back_when_the_newest_backup_is_broken(tmp_path):
     (backup / "training_metadata.json.bkp").unlink()
     assert backup_epoch(backup) == 0 and not backup.exists()
     assert backup_epoch(backup) == 0
+
+
+# ---------------------------------------------------------------------------- --overwrite
+def test_step1_overwrite_refuses_the_current_folder_and_a_folder_holding_the_input(
+    tmp_path, monkeypatch, capsys
+):
+    """A run.json does not make `.` or the HDF5 file's own folder a run folder to delete."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    h5_path = write_h5(runs / "train.h5")
+    (runs / "run.json").write_text("{}")
+    before = folder_snapshot(runs)
+    assert step1.main([*TINY, "--overwrite", str(h5_path), str(runs)]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        f"error: {runs}: holds the input {h5_path}; --overwrite refuses to replace it"
+    )
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.json").write_text("{}")
+    assert step1.main([*TINY, "--overwrite", str(h5_path), "."]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        "error: .: --overwrite refuses to replace the current folder or a folder above it"
+    )
+    assert folder_snapshot(runs) == before
+
+
+def test_cv_lock_falls_back_to_a_lock_file_without_flock(tmp_path, monkeypatch, caplog):
+    """Lustre without flock: ENOSYS becomes one warning line and an exclusive lock file."""
+    import errno
+    import fcntl
+
+    from gbmpcnsl.runs import cv_lock
+
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with cv_lock(tmp_path):
+        assert (tmp_path / ".cv.lock.held").is_file()
+    assert not (tmp_path / ".cv.lock.held").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"warning: {tmp_path}: no flock on this file system (Function not implemented); using a lock file"
+    ]

@@ -688,3 +688,20 @@ def test_ctrl_c_in_step5_exits_130_with_whole_overlays_only(tiny_b0, tmp_path, p
         assert path.suffix == ".png" and not path.name.startswith(".")
         with Image.open(path) as overlay:
             overlay.load()
+
+
+# ---------------------------------------------------------------------------- outputs
+def test_an_overlay_never_replaces_its_input_scan(tmp_path, capsys):
+    """--output-dir D/gbm/p1 for D/gbm/p1/s1.png would write the overlay over the scan."""
+    scan = tmp_path / "gbm" / "p1" / "s1.png"
+    scan.parent.mkdir(parents=True)
+    Image.fromarray(np.full((16, 16), 50, np.uint8)).save(scan)
+    before = scan.read_bytes()
+    checkpoint = tmp_path / "model.keras"
+    checkpoint.write_bytes(b"x")
+    argv = ["--model-weights", str(checkpoint), "--output-dir", str(scan.parent), "--overwrite", str(scan)]
+    assert step5.main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {scan}: is the input {scan}; pick another --output-dir"
+    ]
+    assert scan.read_bytes() == before
