@@ -265,5 +265,6 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
 def test_learning_rate_schedule():
     assert training.learning_rate_at(0) == training.learning_rate_at(49) == 1e-4
     assert training.learning_rate_at(50) == pytest.approx(1e-4)
+    assert training.learning_rate_at(51) == pytest.approx(1e-4 * math.exp(-0.015))  # decay from epoch 50
     assert training.learning_rate_at(150) == pytest.approx(1e-4 * math.exp(-1.5))
     assert training.learning_rate_at(60, initial=3e-4) == pytest.approx(3e-4 * math.exp(-0.15))
