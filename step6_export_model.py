@@ -34,7 +34,8 @@ checkpoint's SHA-256 and the tool versions.
 
 Every export is checked before it is kept: the exported model is loaded back in its own
 runtime (TensorFlow, ONNX Runtime or OpenVINO) and run on a few test images, and must agree
-with the Keras model within 1e-5. Otherwise the export fails with a one-line error and
+with the Keras model within 1e-4 in P(PCNSL) (float kernels differ between runtimes and
+CPUs by about 1e-5). Otherwise the export fails with a one-line error and
 leaves nothing behind: everything is written to a temporary folder beside OUT and moved
 into place at the end. An existing OUT (or its .bin/.json) is kept unless --overwrite.
 

@@ -260,6 +260,7 @@ def worker_pool(workers: int):
     executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
     try:
         executor.submit(os.getpid).result()  # start the workers now
+        log.info("%d worker processes (%s)", workers, context.get_start_method())
         yield executor
     finally:
         executor.shutdown(wait=True, cancel_futures=True)

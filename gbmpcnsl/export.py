@@ -17,7 +17,10 @@ from gbmpcnsl.predictors import load_exported_model
 from gbmpcnsl_common import CLASS_NAMES, UserError, __version__, log
 
 FORMATS = ("saved_model", "onnx", "openvino")
-TOLERANCE = 1e-5  # largest |P(PCNSL) export - P(PCNSL) Keras| an export may show
+# Largest |P(PCNSL) export - P(PCNSL) Keras| an export may show: float kernels differ between
+# runtimes and CPUs (a correct ONNX export gave 1.07e-5 on one), while a one-grey-level or
+# resize error moves it over 10x this (tests/test_export.py, test_deliberate_errors_...).
+TOLERANCE = 1e-4
 CHECK_IMAGES = 4
 ONNX_OPSET = 17
 METADATA_NAME = "gbmpcnsl_model.json"  # inside a SavedModel folder

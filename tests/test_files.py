@@ -1,8 +1,10 @@
 """gbmpcnsl.files, the one atomic writer: a planted symlink is never followed, a full disk
-is one line with the old output intact, patient outputs are private (0600)."""
+is one line with the old output intact, patient outputs are private (0600); file_sha256
+against digests computed without it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -10,9 +12,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from gbmpcnsl.files import private_mode, write_csv
+from gbmpcnsl.files import file_sha256, private_mode, write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,3 +85,16 @@ def test_a_full_disk_is_one_line_and_the_old_output_survives(demo_data, tmp_path
     )
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["d.h5"]
+
+
+def test_file_sha256_gives_the_known_digests(tmp_path):
+    empty, abc, big = tmp_path / "empty", tmp_path / "abc", tmp_path / "big"
+    empty.write_bytes(b"")
+    abc.write_bytes(b"abc")
+    # Over the 1 MiB block file_sha256 reads at a time, and not a multiple of it.
+    content = np.random.default_rng(0).integers(0, 256, 3 * (1 << 20) + 17, dtype=np.uint8).tobytes()
+    big.write_bytes(content)
+    # FIPS 180-2's test vectors ("" and "abc"), and hashlib on the whole content at once.
+    assert file_sha256(empty) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert file_sha256(abc) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert file_sha256(str(big)) == hashlib.sha256(content).hexdigest()

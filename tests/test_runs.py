@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -162,10 +163,10 @@ def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatc
     assert captured.out == ""  # step1 writes nothing to stdout, also from TensorFlow
     rows = history(run_dir)
     assert [row["epoch"] for row in rows] == ["0", "1", "2"]
-    for row in rows:
-        assert float(row["learning_rate"]) == pytest.approx(
-            training.learning_rate_at(int(row["epoch"]), 1e-3)
-        )
+    # The schedule written out: 1e-3 for the first LR_CONSTANT_EPOCHS (1 here), then
+    # 1e-3 * exp(0.015 * (1 - epoch)).
+    expected = [1e-3, 1e-3, 1e-3 * math.exp(-0.015)]
+    assert [float(row["learning_rate"]) for row in rows] == pytest.approx(expected, rel=1e-6)
     assert float(rows[2]["learning_rate"]) < float(rows[1]["learning_rate"])  # decayed after epoch 1
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["epochs_done"] == 3 and run["arguments"]["epochs"] == 3
@@ -173,9 +174,10 @@ def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, capfd):
+def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, monkeypatch, capfd):
     """--weights PATH through the command line, then --overwrite of that run with
-    --early-stopping: the old run is gone, the new one records its settings."""
+    --early-stopping 1 and a val_loss forced to rise (1, 2, 3, ...): the old run is gone,
+    the new one records its settings and stops after its second epoch of four."""
     import keras
 
     notop = fake_notop_weights(tmp_path / "efficientnetb0_notop.h5")
@@ -194,18 +196,28 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, capfd):
     assert np.corrcoef(stem, start_stem)[0, 1] > 0.9  # trained from the file's weights
     (run_dir / "notes.txt").write_text("belongs to the old run")
 
-    assert step1.main([*TINY, "--epochs", "2", "--early-stopping", "1", "--overwrite", *argv[4:]]) == 0
+    class RisingValLoss(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_loss"] = float(epoch + 1)  # the logs every later callback is given
+
+    real_training_callbacks = training.training_callbacks
+
+    def rising_val_loss_first(*args, **kwargs):
+        callbacks, early_stopping = real_training_callbacks(*args, **kwargs)
+        return [RisingValLoss(), *callbacks], early_stopping
+
+    monkeypatch.setattr(training, "training_callbacks", rising_val_loss_first)
+    assert step1.main([*TINY, "--epochs", "4", "--early-stopping", "1", "--overwrite", *argv[4:]]) == 0
     assert capfd.readouterr().out == ""
     assert not (run_dir / "notes.txt").exists()
     second = json.loads((run_dir / "run.json").read_text())
     assert second["start_time"] >= first["end_time"]
     assert second["arguments"]["early_stopping"] == 1 and second["arguments"]["weights"] == "none"
     rows = history(run_dir)
-    losses = [float(row["val_loss"]) for row in rows]
-    # Patience 1: stopped after the first epoch that did not improve, if any.
-    worse = [i for i in range(1, len(losses)) if losses[i] >= min(losses[:i])]
-    assert second["epochs_done"] == len(rows) == (worse[0] + 1 if worse else 2)
-    assert second["stopped_early"] == bool(worse)
+    assert [(row["epoch"], float(row["val_loss"])) for row in rows] == [("0", 1.0), ("1", 2.0)]
+    # Patience 1: the second epoch did not improve on the first, so it is the last of 4.
+    assert second["epochs_done"] == 2 and second["stopped_early"] is True
+    assert second["arguments"]["epochs"] == 4 and second["best_epoch"] == 1
 
 
 def test_a_run_from_before_the_new_settings_can_be_resumed(tmp_path):

@@ -121,20 +121,33 @@ def test_layout_pixels_paths_groups_and_summary(data_dir, tmp_path, capsys):
     assert files_in(tmp_path) == ["data", "out.h5"]  # no temporary file left
 
 
-@pytest.mark.parametrize("with_thread", [False, True], ids=["fork", "forkserver"])
-def test_parallel_workers_write_the_same_pixels(data_dir, tmp_path, with_thread):
-    """A process with threads (TensorFlow, a notebook) gets forkserver workers: same result."""
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_parallel_workers_write_the_same_pixels(data_dir, tmp_path, start_method, capsys):
+    """Workers write what one process writes, forked by a process with no other thread (a
+    fresh step0 process; in this one, the timeout's and tqdm's threads run), from a
+    forkserver by a process with threads (TensorFlow, a notebook)."""
     assert run(data_dir, tmp_path / "one.h5") == 0
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait, daemon=True)
-    if with_thread:
-        thread.start()
-    try:
-        assert (
-            step0.main([str(data_dir), str(tmp_path / "two.h5"), "--size", "24", "32", "--workers", "2"]) == 0
+    argv = [str(data_dir), str(tmp_path / "two.h5"), "--size", "24", "32", "--workers", "2"]
+    if start_method == "fork":
+        result = subprocess.run(
+            [sys.executable, "step0_convert_images_to_hdf5.py", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
-    finally:
-        stop.set()
+        assert result.returncode == 0, result.stderr[-2000:]
+        err = result.stderr
+    else:
+        stop = threading.Event()
+        threading.Thread(target=stop.wait, daemon=True).start()
+        try:
+            capsys.readouterr()
+            assert step0.main(argv) == 0
+        finally:
+            stop.set()
+        err = capsys.readouterr().err
+    assert f"2 worker processes ({start_method})" in err  # the start method the pool used
     for folder in ("gbm", "pcnsl"):
         one, two = read_class(tmp_path / "one.h5", folder), read_class(tmp_path / "two.h5", folder)
         np.testing.assert_array_equal(one["features"], two["features"])

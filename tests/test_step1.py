@@ -5,6 +5,7 @@ weights, from a fake notop file)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import subprocess
@@ -22,7 +23,6 @@ from gbmpcnsl.augment import augment_image
 from gbmpcnsl.checkpoints import load_model_for_inference
 from gbmpcnsl.config import TrainConfig
 from gbmpcnsl.data import HDF5Images, make_dataset, split_by_group
-from gbmpcnsl.files import file_sha256
 from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def test_trained_run_folder(trained_run, demo_h5):
     assert run["arguments"]["augmentation"] == "base" and run["arguments"]["epochs"] == 2
     assert run["arguments"]["weights"] == "none" and run["split_seed"] == 0
     assert run["hdf5_size_key"] == "64_64" and run["class_labels"] == {"gbm": 0, "pcnsl": 1}
-    assert run["hdf5_sha256"] == file_sha256(demo_h5)
+    assert run["hdf5_sha256"] == hashlib.sha256(demo_h5.read_bytes()).hexdigest()
     assert run["status"] == "finished" and run["global_batch_size"] == 8
     assert {"tensorflow", "keras", "numpy", "h5py", "python"} <= set(run["versions"])
     assert run["start_time"] <= run["end_time"]

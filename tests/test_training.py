@@ -224,17 +224,45 @@ def test_resume_after_sigkill_lists_each_epoch_once(tmp_path, processes):
 @pytest.mark.slow  # a training in a process of its own
 @pytest.mark.timeout(360)  # a subprocess of up to 300 s
 def test_same_seed_and_deterministic_give_identical_history(tmp_path):
+    """Two runs with --deterministic give the same history; op determinism is on during
+    their fit, and off during the fit of a run without the flag (the control, first: once
+    on, TensorFlow keeps it on for the process)."""
     h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
     argv = ["--augmentation", "base_and_noise", "--epochs", "2", *TINY, "--seed", "3", "--deterministic"]
-    run_python(
+    control = [*argv[:3], "1", *argv[4:-1]]  # one epoch, no --deterministic
+    result = run_python(
         f"""
-        import sys
+        import json
         import step1_train_model as step1
+        from gbmpcnsl import training
+
+        seen = []  # per run: is_op_determinism_enabled() at each training batch
+        real_training_callbacks = training.training_callbacks
+
+        def with_a_look_at_determinism(*args, **kwargs):
+            import keras
+            from tensorflow.python.framework.config import is_op_determinism_enabled  # not in tf.config
+
+            class LookAtDeterminism(keras.callbacks.Callback):
+                def on_train_batch_end(self, batch, logs=None):
+                    seen[-1].append(is_op_determinism_enabled())
+
+            callbacks, early_stopping = real_training_callbacks(*args, **kwargs)
+            seen.append([])
+            return [*callbacks, LookAtDeterminism()], early_stopping
+
+        training.training_callbacks = with_a_look_at_determinism
+        assert step1.main({control!r} + [{str(h5_path)!r}, {str(tmp_path)!r} + "/control"]) == 0
         for name in ("a", "b"):
             assert step1.main({argv!r} + [{str(h5_path)!r}, {str(tmp_path)!r} + "/" + name]) == 0
+        print(json.dumps(seen))
         """,
         tmp_path,
+        timeout=900,  # three trainings
     )
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert len(seen) == 3 and all(seen)
+    assert not any(seen[0]) and all(seen[1]) and all(seen[2])
     first, second = (tmp_path / "a" / "history.csv").read_text(), (tmp_path / "b" / "history.csv").read_text()
     assert len(first.splitlines()) == 3 and first == second
     assert (tmp_path / "a" / "split.csv").read_text() == (tmp_path / "b" / "split.csv").read_text()
@@ -268,5 +296,6 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
 def test_learning_rate_schedule():
     assert training.learning_rate_at(0) == training.learning_rate_at(49) == 1e-4
     assert training.learning_rate_at(50) == pytest.approx(1e-4)
+    assert training.learning_rate_at(51) == pytest.approx(1e-4 * math.exp(-0.015))  # decay from epoch 50
     assert training.learning_rate_at(150) == pytest.approx(1e-4 * math.exp(-1.5))
     assert training.learning_rate_at(60, initial=3e-4) == pytest.approx(3e-4 * math.exp(-0.15))
