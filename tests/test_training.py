@@ -222,7 +222,7 @@ def test_resume_after_sigkill_lists_each_epoch_once(tmp_path, processes):
 
 
 @pytest.mark.slow  # a training in a process of its own
-@pytest.mark.timeout(360)  # a subprocess of up to 300 s
+@pytest.mark.timeout(960)  # a subprocess of up to 900 s (three trainings)
 def test_same_seed_and_deterministic_give_identical_history(tmp_path):
     """Two runs with --deterministic give the same history; op determinism is on during
     their fit, and off during the fit of a run without the flag (the control, first: once
