@@ -1,5 +1,6 @@
 """Session fixtures shared by the test modules: a tiny demo cohort, its HDF5 file and one
-tiny model trained on it by step1 (EfficientNetB4, 64x64, weights=None, 2 epochs).
+tiny model trained on it by step1 (EfficientNetB0, 64x64, weights=None, 2 epochs; step1's
+default EfficientNetB4 is checked without training it, in test_step1.py).
 
 Everything is offline and small; building these takes about a minute on 2 CPU cores and
 is done once per test session. `tiny_b0` is an untrained EfficientNetB0 at 32x32 with a
@@ -47,7 +48,7 @@ def trained_run(demo_h5, tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     argv = ["--augmentation", "base", "--epochs", "2", "--weights", "none", "--seed", "0"]
-    assert step1.main([*argv, str(demo_h5), str(run_dir)]) == 0
+    assert step1.main([*argv, "--backbone", "efficientnetb0", str(demo_h5), str(run_dir)]) == 0
     return run_dir
 
 

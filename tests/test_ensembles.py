@@ -263,7 +263,7 @@ def test_per_patient_file_needs_overwrite(members, slices, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- step5
-@pytest.mark.slow  # three Grad-CAM runs of an EfficientNetB4
+@pytest.mark.slow  # three Grad-CAM runs of the session's step1 model
 def test_step5_ensemble_heatmap_is_the_mean_of_the_members(members, slices, tmp_path):
     images = slices[:2] + slices[-2:]
     heatmaps = []

@@ -50,6 +50,13 @@ def test_help_and_argument_errors_do_not_import_tensorflow():
     assert "invalid choice: 'flip'" in result.stderr
 
 
+def test_default_backbone_is_efficientnetb4(step1_config):
+    """The paper's EfficientNetB4 is step1's default (the session's trained_run is a B0, for
+    speed: a B4 is only configured here, never built)."""
+    assert step1_config(["a.h5", "run"]).backbone == "efficientnetb4"
+    assert step1_config(["--backbone", "efficientnetb0", "a.h5", "run"]).backbone == "efficientnetb0"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -229,7 +236,8 @@ def test_training_stream_reshuffles_every_epoch_and_visits_each_image_once(tmp_p
 # ---------------------------------------------------------------------------- the run folder
 def test_trained_run_folder(trained_run, demo_h5):
     run = json.loads((trained_run / "run.json").read_text())
-    assert run["backbone"] == "efficientnetb4" and run["input_shape"] == [64, 64, 3]
+    assert run["backbone"] == "efficientnetb0" and run["input_shape"] == [64, 64, 3]
+    assert run["arguments"]["backbone"] == "efficientnetb0"
     assert run["arguments"]["augmentation"] == "base" and run["arguments"]["epochs"] == 2
     assert run["arguments"]["weights"] == "none" and run["split_seed"] == 0
     assert run["hdf5_size_key"] == "64_64" and run["class_labels"] == {"gbm": 0, "pcnsl": 1}

@@ -282,7 +282,7 @@ def test_step1_checkpoint_and_run_json(trained_checkpoint, trained_run, slices, 
     import keras
 
     run = json.loads((trained_run / "run.json").read_text())
-    assert run["backbone"] == "efficientnetb4" and run["input_shape"] == [64, 64, 3]
+    assert run["backbone"] == "efficientnetb0" and run["input_shape"] == [64, 64, 3]
     step1_model = keras.saving.load_model(trained_checkpoint, compile=False)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
