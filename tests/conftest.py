@@ -80,27 +80,53 @@ def trained_checkpoint(trained_run) -> Path:
     return checkpoints[-1]
 
 
+# The legacy checkpoints, by name: (backbone, size, tf.keras >= 2.9's weights="imagenet" graph).
+LEGACY_CHECKPOINTS = {
+    "b4_380": ("EfficientNetB4", (380, 380), False),  # the paper's model as its step1 saved it
+    "b4_96_imagenet": ("EfficientNetB4", (96, 96), True),
+    "b0_64_imagenet": ("EfficientNetB0", (64, 64), True),
+}
+
+
 @pytest.fixture(scope="session")
-def tf_keras_b0_checkpoint(demo_data, tmp_path_factory) -> tuple[Path, list[str], object]:
-    """A real tf.keras 2.x checkpoint written by tf-keras (tests/original_tf_keras.py): an
-    EfficientNetB0 at 64x64 built with weights="imagenet" (so with tf.keras >= 2.9's extra
-    scaling op after Normalization), saved as model.hdf5 and weights.h5. Returns (its folder,
-    six demo images, tf-keras's own P(PCNSL) for them)."""
+def legacy_checkpoints(demo_data, tmp_path_factory) -> dict[str, tuple[Path, list[str], object]]:
+    """Real tf.keras 2.x checkpoints written by tf-keras (tests/original_tf_keras.py), all
+    in one subprocess: for each name of LEGACY_CHECKPOINTS, (its folder with model.hdf5 and
+    weights.h5, six demo images, tf-keras's own P(PCNSL) for them). The imagenet ones are
+    built with weights="imagenet", so with tf.keras >= 2.9's extra scaling op after
+    Normalization."""
+    import json
     import subprocess
     import sys
 
     import numpy as np
 
-    out_dir = tmp_path_factory.mktemp("tf_keras_b0")
+    root = tmp_path_factory.mktemp("tf_keras")
     paths = sorted(demo_data.glob("gbm/*/*.png"))[:3] + sorted(demo_data.glob("pcnsl/*/*.png"))[:3]
     images = [str(path) for path in paths]
+    spec = [
+        {
+            "out_dir": str(root / name),
+            "images": images,
+            "size": size,
+            "imagenet_graph": imagenet,
+            "backbone": backbone,
+        }
+        for name, (backbone, size, imagenet) in LEGACY_CHECKPOINTS.items()
+    ]
+    (root / "spec.json").write_text(json.dumps(spec))
     env = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
     script = Path(__file__).resolve().parent / "original_tf_keras.py"
-    options = ["--size", "64", "64", "--imagenet-graph", "--backbone", "EfficientNetB0"]
-    command = [sys.executable, str(script), str(out_dir), *images, *options]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(script), str(root / "spec.json")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out_dir, images, np.load(out_dir / "expected.npy")
+    return {name: (root / name, images, np.load(root / name / "expected.npy")) for name in LEGACY_CHECKPOINTS}
+
+
+@pytest.fixture(scope="session")
+def tf_keras_b0_checkpoint(legacy_checkpoints) -> tuple[Path, list[str], object]:
+    """The EfficientNetB0 at 64x64 of legacy_checkpoints, built with weights="imagenet"."""
+    return legacy_checkpoints["b0_64_imagenet"]
 
 
 @pytest.fixture(scope="session")
