@@ -150,32 +150,6 @@ def assert_same_lines(export_out: str, keras_out: str, keras_prob_pcnsl: list[fl
 
 
 # ---------------------------------------------------------------------------- step6
-def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
-    checkpoint = tmp_path / "model.keras"
-    checkpoint.write_bytes(b"x")
-    (tmp_path / "taken.onnx").write_bytes(b"x")
-    code = (
-        "import sys, step6_export_model as step6\n"
-        "try:\n    step6.main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
-        f"ckpt = {str(checkpoint)!r}\n"
-        f"print(step6.main(['--model-weights', ckpt, '--format', 'onnx', {str(tmp_path / 'out.xml')!r}]))\n"
-        f"print(step6.main(['--model-weights', ckpt, '--format', 'onnx', {str(tmp_path / 'taken.onnx')!r}]))\n"
-        f"print(step6.main(['--model-weights', {str(tmp_path / 'no.keras')!r}, '--format', 'openvino', 'm.xml']))\n"
-        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-4:] == ["2", "2", "2", "False False"]
-    assert "--format {saved_model,onnx,openvino}" in result.stdout and "TensorFlow Serving" in result.stdout
-    assert result.stderr.splitlines() == [
-        f"error: {tmp_path / 'out.xml'}: --format onnx writes a .onnx file; name OUT *.onnx",
-        f"error: {tmp_path / 'taken.onnx'}: exists (use --overwrite to replace it)",
-        f"error: --model-weights {tmp_path / 'no.keras'}: no such file",
-    ]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("export_format", ["saved_model", "onnx", "openvino"])
 def test_export_round_trips_and_agrees_with_keras(exports, export_format, checkpoint, model, slices):

@@ -122,24 +122,6 @@ def slices(demo_data) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- interface
-def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
-    code = (
-        "import sys, step2_predict\n"
-        "try:\n    step2_predict.main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
-        "try:\n    step2_predict.main(['x.png'])\nexcept SystemExit as exit:\n    assert exit.code == 2\n"
-        f"assert step2_predict.main(['--model-weights', {str(tmp_path / 'no.keras')!r}, 'x.png']) == 2\n"
-        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "False False"
-    assert "--model-weights CKPT" in result.stdout and "--tta" in result.stdout  # the --help text
-    assert "the following arguments are required: --model-weights" in result.stderr
-    assert f"error: --model-weights {tmp_path / 'no.keras'}: no such file" in result.stderr
-
-
 def test_stdout_lines_and_csv_match_per_image_predict(checkpoint, model, slices, tmp_path, capsys):
     csv_path = tmp_path / "predictions.csv"
     assert step2.main(["--model-weights", str(checkpoint), "--csv", str(csv_path), *slices]) == 0
