@@ -28,8 +28,7 @@ from gbmpcnsl_common import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow  # a TensorFlow subprocess or two
-def test_step1_weights_path_errors_leave_no_run_folder(tmp_path, capsys):
+def test_step1_weights_path_errors_leave_no_run_folder(tmp_path, capfd):
     h5_path = write_h5(tmp_path / "d.h5")
     for weights, message in (
         (tmp_path / "missing_notop.h5", f"error: --weights {tmp_path / 'missing_notop.h5'}: no such file"),
@@ -43,16 +42,11 @@ def test_step1_weights_path_errors_leave_no_run_folder(tmp_path, capsys):
             str(h5_path),
             str(tmp_path / "run"),
         ]
-        result = subprocess.run(
-            [sys.executable, "step1_train_model.py", *argv],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 2 and result.stdout == ""
-        assert "Traceback" not in result.stderr
-        assert last_line(result.stderr).startswith(message), result.stderr[-1000:]
+        assert step1.main(argv) == 2
+        captured = capfd.readouterr()
+        assert captured.out == ""
+        assert "Traceback" not in captured.err
+        assert last_line(captured.err).startswith(message), captured.err[-1000:]
         assert not (tmp_path / "run").exists()
 
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -24,14 +21,6 @@ from gbmpcnsl.config import TrainConfig
 from gbmpcnsl.data import HDF5Images, make_dataset, split_by_group
 from gbmpcnsl.files import file_sha256
 from gbmpcnsl_common import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "step1_train_model.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
 
 
 # ---------------------------------------------------------------------------- command line
@@ -57,7 +46,7 @@ def test_bad_options_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_expected_failures_are_one_line(tmp_path):
+def test_expected_failures_are_one_line(tmp_path, capfd):
     h5_path = write_h5(tmp_path / "d.h5")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "ckpt_001_0.5000.keras").write_text("x")
@@ -74,10 +63,10 @@ def test_expected_failures_are_one_line(tmp_path):
         ([str(h5_path), str(tmp_path / "new"), "--size", "64", "64"], "no images of size 64 64"),
     ]
     for argv, message in cases:
-        result = run_cli("--augmentation", "none", *argv)
-        assert result.returncode == 2, result.stderr
-        assert message in result.stderr
-        assert "Traceback" not in result.stderr and result.stdout == ""
+        assert step1.main(["--augmentation", "none", *argv]) == 2
+        captured = capfd.readouterr()
+        assert message in captured.err
+        assert "Traceback" not in captured.err and captured.out == ""
     assert (tmp_path / "run" / "ckpt_001_0.5000.keras").exists()  # nothing overwritten
     assert not (tmp_path / "new").exists()
 
