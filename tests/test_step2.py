@@ -61,45 +61,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(demo_data, tmp_path_factory) -> Path:
-    """A tiny EfficientNetB0 (64x64) run folder: tiny.keras, tiny.weights.h5 and run.json.
-
-    An untrained network's features hardly differ between images, so its probabilities
-    would all agree to 1e-6 and prove nothing. The BatchNormalization statistics are set
-    from the demo images (one training-mode pass with momentum 0, no dropout) and the head
-    points along the features' first principal axis with logits spread by about +-2.
-    """
-    import keras
-
-    from gbmpcnsl.model import build_model
-    from gbmpcnsl_common import load_image
-
-    keras.utils.set_random_seed(0)
-    model = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)
-    paths = sorted(demo_data.glob("[gp]*/*/*.png"))
-    images = np.stack([load_image(path, (SIZE, SIZE)) for path in paths]).astype(np.float32)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
-        elif isinstance(layer, keras.layers.Dropout):
-            layer.rate = 0.0
-    model(images, training=True)
-    features = keras.Model(model.inputs[0], model.get_layer("avg_pool").output).predict(images, verbose=0)
-    centered = features - features.mean(0)
-    direction = np.linalg.svd(centered, full_matrices=False)[2][0]
-    kernel = (direction * 2.0 / (centered @ direction).std())[:, None].astype(np.float32)
-    bias = np.float32(0.1) - np.median(features @ kernel, keepdims=True)[0]
-    model.get_layer("logit").set_weights([kernel, bias])
-
-    saved = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)  # default momentum and rates
-    saved.set_weights(model.get_weights())
-    run_dir = tmp_path_factory.mktemp("step2_run")
-    saved.save(run_dir / "tiny.keras")
-    saved.save_weights(run_dir / "tiny.weights.h5")
-    (run_dir / "run.json").write_text(
-        json.dumps({"backbone": "efficientnetb0", "input_shape": [SIZE, SIZE, 3]})
-    )
-    return run_dir
+def tiny_run(tiny_b0_models) -> Path:
+    """The session's tiny EfficientNetB0 at 64x64 (conftest): tiny.keras, tiny.weights.h5
+    and run.json, its P(PCNSL) clearly different between the demo slices."""
+    return tiny_b0_models(SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -523,7 +523,7 @@ def test_step5_checkpoint_problems_are_step2s_one_line_errors(tiny_b0, tmp_path,
         no_logit
     )
     (tmp_path / "alone").mkdir()
-    shutil.copy(tiny_b0 / "run" / "tiny.weights.h5", tmp_path / "alone" / "tiny.weights.h5")
+    shutil.copy(tiny_b0 / "tiny.weights.h5", tmp_path / "alone" / "tiny.weights.h5")
     (tmp_path / "broken.keras").write_text("not a zip")
     (tmp_path / "model.pt").write_bytes(b"\x80\x02")
     for checkpoint in (
@@ -564,7 +564,7 @@ def test_step5_accepts_weights_h5_with_run_json(tiny_b0, tmp_path):
     images = tiny_b0 / "images"
     for name, checkpoint in (
         ("keras", tiny_b0 / "tiny.keras"),
-        ("weights", tiny_b0 / "run" / "tiny.weights.h5"),
+        ("weights", tiny_b0 / "tiny.weights.h5"),
     ):
         args = ("--model-weights", checkpoint, "--output-dir", tmp_path / name, "--save-heatmaps")
         assert run_step(step5, *args, images) == 0
