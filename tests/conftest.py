@@ -1,8 +1,10 @@
 """Session fixtures shared by the test modules: a tiny demo cohort, its HDF5 file and one
-tiny model trained on it by step1 (EfficientNetB4, 64x64, weights=None, 2 epochs).
+tiny model trained on it by step1 (EfficientNetB0, 64x64, weights=None, 2 epochs; step1's
+default EfficientNetB4 is checked without training it, in test_step1.py).
 
 Everything is offline and small; building these takes about a minute on 2 CPU cores and
-is done once per test session. `tiny_b0` is an untrained EfficientNetB0 at 32x32 with a
+is done once per test session. `tiny_b0_models` gives the session's one tiny EfficientNetB0
+(untrained, calibrated on the demo slices) at a given size; `tiny_b0` is it at 32x32 with a
 few images, for the tests of how the steps read checkpoints, fail and stop.
 """
 
@@ -51,7 +53,7 @@ def trained_run(demo_h5, tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     argv = ["--augmentation", "base", "--epochs", "2", "--weights", "none", "--seed", "0"]
-    assert step1.main([*argv, str(demo_h5), str(run_dir)]) == 0
+    assert step1.main([*argv, "--backbone", "efficientnetb0", str(demo_h5), str(run_dir)]) == 0
     return run_dir
 
 
@@ -83,52 +85,123 @@ def trained_checkpoint(trained_run) -> Path:
     return checkpoints[-1]
 
 
+# The legacy checkpoints, by name: (backbone, size, tf.keras >= 2.9's weights="imagenet" graph).
+LEGACY_CHECKPOINTS = {
+    "b4_380": ("EfficientNetB4", (380, 380), False),  # the paper's model as its step1 saved it
+    "b4_96_imagenet": ("EfficientNetB4", (96, 96), True),
+    "b0_64_imagenet": ("EfficientNetB0", (64, 64), True),
+}
+
+
 @pytest.fixture(scope="session")
-def tf_keras_b0_checkpoint(demo_data, tmp_path_factory) -> tuple[Path, list[str], object]:
-    """A real tf.keras 2.x checkpoint written by tf-keras (tests/original_tf_keras.py): an
-    EfficientNetB0 at 64x64 built with weights="imagenet" (so with tf.keras >= 2.9's extra
-    scaling op after Normalization), saved as model.hdf5 and weights.h5. Returns (its folder,
-    six demo images, tf-keras's own P(PCNSL) for them)."""
+def legacy_checkpoints(demo_data, tmp_path_factory) -> dict[str, tuple[Path, list[str], object]]:
+    """Real tf.keras 2.x checkpoints written by tf-keras (tests/original_tf_keras.py), all
+    in one subprocess: for each name of LEGACY_CHECKPOINTS, (its folder with model.hdf5 and
+    weights.h5, six demo images, tf-keras's own P(PCNSL) for them). The imagenet ones are
+    built with weights="imagenet", so with tf.keras >= 2.9's extra scaling op after
+    Normalization."""
+    import json
     import subprocess
     import sys
 
     import numpy as np
 
-    out_dir = tmp_path_factory.mktemp("tf_keras_b0")
+    root = tmp_path_factory.mktemp("tf_keras")
     paths = sorted(demo_data.glob("gbm/*/*.png"))[:3] + sorted(demo_data.glob("pcnsl/*/*.png"))[:3]
     images = [str(path) for path in paths]
+    spec = [
+        {
+            "out_dir": str(root / name),
+            "images": images,
+            "size": size,
+            "imagenet_graph": imagenet,
+            "backbone": backbone,
+        }
+        for name, (backbone, size, imagenet) in LEGACY_CHECKPOINTS.items()
+    ]
+    (root / "spec.json").write_text(json.dumps(spec))
     env = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
     script = Path(__file__).resolve().parent / "original_tf_keras.py"
-    options = ["--size", "64", "64", "--imagenet-graph", "--backbone", "EfficientNetB0"]
-    command = [sys.executable, str(script), str(out_dir), *images, *options]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(script), str(root / "spec.json")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out_dir, images, np.load(out_dir / "expected.npy")
+    return {name: (root / name, images, np.load(root / name / "expected.npy")) for name in LEGACY_CHECKPOINTS}
 
 
 @pytest.fixture(scope="session")
-def tiny_b0(tmp_path_factory) -> Path:
-    """An untrained EfficientNetB0 at 32x32 saved as .keras, its weights as .weights.h5
-    with a run.json, and a few images; returns the folder."""
+def tf_keras_b0_checkpoint(legacy_checkpoints) -> tuple[Path, list[str], object]:
+    """The EfficientNetB0 at 64x64 of legacy_checkpoints, built with weights="imagenet"."""
+    return legacy_checkpoints["b0_64_imagenet"]
+
+
+def _calibrated_b0(demo_data: Path, folder: Path, size: int) -> Path:
+    """An EfficientNetB0 at size x size whose P(PCNSL) differs clearly between demo slices,
+    saved in `folder` as tiny.keras, tiny.weights.h5 and run.json.
+
+    Untrained, its features hardly differ between images, so its probabilities would all
+    agree to 1e-6 and prove nothing. The BatchNormalization statistics are set from the demo
+    slices (one training-mode pass with momentum 0, no dropout) and the head points along
+    the features' first principal axis, logits spread by about +-2.
+    """
     import json
 
     import keras
     import numpy as np
-    from helpers import save_png
 
     from gbmpcnsl.model import build_model
+    from gbmpcnsl_common import load_image
 
-    root = tmp_path_factory.mktemp("tiny_b0")
     keras.utils.set_random_seed(0)
-    model = build_model("efficientnetb0", (32, 32, 3), weights=None)
-    kernel = np.random.default_rng(0).normal(0, 1, (1280, 1)).astype(np.float32)
-    model.get_layer("logit").set_weights([kernel, np.zeros(1, np.float32)])
-    model.save(root / "tiny.keras")
-    (root / "run").mkdir()
-    model.save_weights(root / "run" / "tiny.weights.h5")
-    (root / "run" / "run.json").write_text(
-        json.dumps({"backbone": "efficientnetb0", "input_shape": [32, 32, 3]})
+    model = build_model("efficientnetb0", (size, size, 3), weights=None)
+    paths = sorted(demo_data.glob("[gp]*/*/*.png"))
+    images = np.stack([load_image(path, (size, size)) for path in paths]).astype(np.float32)
+    saved = {}  # each layer's momentum or rate, put back before saving
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            saved[layer.name] = ("momentum", layer.momentum)
+            layer.momentum = 0.0
+        elif isinstance(layer, keras.layers.Dropout):
+            saved[layer.name] = ("rate", layer.rate)
+            layer.rate = 0.0
+    model(images, training=True)
+    for name, (attribute, value) in saved.items():
+        setattr(model.get_layer(name), attribute, value)
+    features = keras.Model(model.inputs[0], model.get_layer("avg_pool").output).predict(images, verbose=0)
+    centered = features - features.mean(0)
+    direction = np.linalg.svd(centered, full_matrices=False)[2][0]
+    kernel = (direction * 2.0 / (centered @ direction).std())[:, None].astype(np.float32)
+    bias = np.float32(0.1) - np.median(features @ kernel, keepdims=True)[0]  # both signs, none at 0
+    model.get_layer("logit").set_weights([kernel, bias])
+    model.save(folder / "tiny.keras")
+    model.save_weights(folder / "tiny.weights.h5")
+    (folder / "run.json").write_text(
+        json.dumps({"backbone": "efficientnetb0", "input_shape": [size, size, 3]})
     )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_b0_models(demo_data, tmp_path_factory):
+    """size -> a folder with tiny.keras, tiny.weights.h5 and run.json: the one tiny
+    EfficientNetB0 of the session (see _calibrated_b0), built once per size asked for."""
+    built: dict[int, Path] = {}
+
+    def tiny_b0_at(size: int) -> Path:
+        if size not in built:
+            built[size] = _calibrated_b0(demo_data, tmp_path_factory.mktemp(f"tiny_b0_{size}"), size)
+        return built[size]
+
+    return tiny_b0_at
+
+
+@pytest.fixture(scope="session")
+def tiny_b0(tiny_b0_models) -> Path:
+    """The session's tiny EfficientNetB0 at 32x32 (tiny.keras; tiny.weights.h5 beside its
+    run.json) with three images under images/, for the tests of how the steps read
+    checkpoints, fail and stop; returns the folder."""
+    from helpers import save_png
+
+    root = tiny_b0_models(32)
     for index in range(3):
         save_png(root / "images" / f"s{index}.png", 30 + 60 * index, size=40)
     return root

@@ -1,21 +1,24 @@
-"""Write a paper-era checkpoint with tf.keras 2.x (tf-keras) and its own predictions.
+"""Write paper-era checkpoints with tf.keras 2.x (tf-keras) and their own predictions.
 
-Run as a subprocess by the legacy-checkpoint tests: tf-keras and Keras 3 do not share one
-process well. The model is the original architecture (EfficientNetB4 without top ->
-GlobalAveragePooling2D -> Dropout(0.5) -> Dense(1, sigmoid), Model(base.input, out)),
-built with weights=None (no download) and its weights perturbed, BatchNormalization
-statistics and the Normalization mean/variance included, so that a loader that drops or
-misplaces any weight gives different numbers. It is saved as the original's
-ModelCheckpoint did (`model.save("x.hdf5")`) and as weights only (`save_weights("w.h5")`).
+Run as one subprocess by conftest's legacy_checkpoints (tf-keras and Keras 3 do not share
+one process well), which writes every legacy checkpoint the tests need in one run. Each
+model is the original architecture (EfficientNetB4 without top -> GlobalAveragePooling2D
+-> Dropout(0.5) -> Dense(1, sigmoid), Model(base.input, out)), built with weights=None (no
+download) and its weights perturbed, BatchNormalization statistics and the Normalization
+mean/variance included, so that a loader that drops or misplaces any weight gives
+different numbers. It is saved as the original's ModelCheckpoint did
+(`model.save("x.hdf5")`) and as weights only (`save_weights("w.h5")`).
 
-Usage: python original_tf_keras.py OUT_DIR IMAGE... [--size H W] [--imagenet-graph]
-[--backbone EfficientNetB0] -> OUT_DIR/model.hdf5, OUT_DIR/weights.h5, OUT_DIR/expected.npy
-(P(PCNSL) per image, one predict call per image).
+Usage: python original_tf_keras.py SPEC.json, SPEC a list of {"out_dir", "images",
+"size": [H, W] (default 380 380), "imagenet_graph" (default false), "backbone" (default
+EfficientNetB4), "seed" (default 0)} -> per entry OUT_DIR/model.hdf5, OUT_DIR/weights.h5,
+OUT_DIR/expected.npy (P(PCNSL) per image, one predict call per image).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -103,26 +106,37 @@ def perturb(model, images: np.ndarray, seed: int = 0) -> None:
     model.get_layer("predictions").set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
 
 
+def write_checkpoint(
+    out_dir: Path,
+    images: list[str],
+    size=(380, 380),
+    imagenet_graph: bool = False,
+    backbone: str = "EfficientNetB4",
+    seed: int = 0,
+) -> None:
+    """One original model, perturbed, saved both ways, with its own predictions."""
+    import tf_keras
+
+    tf_keras.backend.clear_session()  # each model's layer names as in a fresh process
+    size = tuple(size)
+    batch = np.stack([load_image(path, size) for path in images]).astype(np.float32)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = build_original((*size, 3), imagenet_graph, out_dir, backbone)
+    perturb(model, batch, seed)
+    model.save(out_dir / "model.hdf5")  # as the original's ModelCheckpoint did
+    model.save_weights(out_dir / "weights.h5")
+    # The original's step2: one predict call per image.
+    expected = np.array([float(model.predict(image[None], verbose=0)[0, 0]) for image in batch])
+    np.save(out_dir / "expected.npy", expected)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("images", nargs="+")
-    parser.add_argument("--size", nargs=2, type=int, default=(380, 380))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--imagenet-graph", action="store_true", help="the tf.keras >= 2.9 ImageNet graph")
-    parser.add_argument("--backbone", default="EfficientNetB4", help="EfficientNetB0 ... B7 (default B4)")
+    parser.add_argument("spec", type=Path, help="JSON list of the checkpoints to write")
     args = parser.parse_args(argv)
-
-    size = tuple(args.size)
-    images = np.stack([load_image(path, size) for path in args.images]).astype(np.float32)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_original((*size, 3), args.imagenet_graph, args.out_dir, args.backbone)
-    perturb(model, images, args.seed)
-    model.save(args.out_dir / "model.hdf5")  # as the original's ModelCheckpoint did
-    model.save_weights(args.out_dir / "weights.h5")
-    # The original's step2: one predict call per image.
-    expected = np.array([float(model.predict(image[None], verbose=0)[0, 0]) for image in images])
-    np.save(args.out_dir / "expected.npy", expected)
+    for entry in json.loads(args.spec.read_text()):
+        write_checkpoint(**entry)
     return 0
 
 

@@ -3,34 +3,21 @@ original architecture, read through step2.
 
 tf-keras (requirements-dev.txt) builds the original model (EfficientNetB4 -> average
 pooling -> Dropout -> Dense(1, sigmoid)) with weights=None, perturbs all its weights and
-saves it as the original's ModelCheckpoint did; it runs in a subprocess
-(original_tf_keras.py) because tf-keras and Keras 3 do not share a process well. step2
-must reproduce tf-keras's own one-image-at-a-time predictions within 1e-5.
+saves it as the original's ModelCheckpoint did; conftest's legacy_checkpoints writes every
+such file in one subprocess (original_tf_keras.py), because tf-keras and Keras 3 do not
+share a process well. step2 must reproduce tf-keras's own one-image-at-a-time predictions
+within 1e-5.
 """
 
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import step2_predict as step2
-
-HERE = Path(__file__).resolve().parent
-
-
-def write_original_checkpoint(out_dir: Path, images: list[str], *options: str) -> np.ndarray:
-    """Run original_tf_keras.py; returns tf-keras's P(PCNSL) for `images`."""
-    env = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
-    command = [sys.executable, str(HERE / "original_tf_keras.py"), str(out_dir), *images, *options]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return np.load(out_dir / "expected.npy")
 
 
 def step2_prob_pcnsl(checkpoint: Path, images: list[str], csv_path: Path, capsys) -> np.ndarray:
@@ -41,26 +28,20 @@ def step2_prob_pcnsl(checkpoint: Path, images: list[str], csv_path: Path, capsys
         return np.array([float(row["prob_pcnsl"]) for row in csv.DictReader(file)])
 
 
-@pytest.fixture(scope="module")
-def images(demo_data) -> list[str]:
-    paths = sorted(demo_data.glob("gbm/*/*.png"))[:3] + sorted(demo_data.glob("pcnsl/*/*.png"))[:3]
-    return [str(path) for path in paths]
-
-
 @pytest.mark.slow
-@pytest.mark.timeout(660)  # a tf-keras subprocess of up to 600 s
-def test_paper_era_hdf5_model_and_weights_reproduce_tf_keras(images, tmp_path, capsys):
+@pytest.mark.timeout(660)  # the legacy_checkpoints fixture's tf-keras subprocess
+def test_paper_era_hdf5_model_and_weights_reproduce_tf_keras(legacy_checkpoints, tmp_path, capsys):
     """EfficientNetB4 at 380x380, saved with model.save("x.hdf5") and save_weights("w.h5")."""
-    expected = write_original_checkpoint(tmp_path / "original", images)
+    out_dir, images, expected = legacy_checkpoints["b4_380"]
     assert expected.max() - expected.min() > 0.1  # the images get clearly different numbers
     for name in ["model.hdf5", "weights.h5"]:
-        prob_pcnsl = step2_prob_pcnsl(tmp_path / "original" / name, images, tmp_path / f"{name}.csv", capsys)
+        prob_pcnsl = step2_prob_pcnsl(out_dir / name, images, tmp_path / f"{name}.csv", capsys)
         np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(660)  # a tf-keras subprocess of up to 600 s
-def test_tf29_imagenet_graph_scaling_is_folded(images, tmp_path, capsys):
+@pytest.mark.timeout(660)  # the legacy_checkpoints fixture's tf-keras subprocess
+def test_tf29_imagenet_graph_scaling_is_folded(legacy_checkpoints, tmp_path, capsys):
     """A model built by tf.keras >= 2.9 with weights="imagenet" has an extra scaling op after
     Normalization (tensorflow issue 49930); the loader finds it in the saved config, and the
     input size (96x96 here) too."""
@@ -69,8 +50,8 @@ def test_tf29_imagenet_graph_scaling_is_folded(images, tmp_path, capsys):
     from gbmpcnsl.model import build_model
     from gbmpcnsl_common import load_image
 
-    expected = write_original_checkpoint(tmp_path / "tf26", images, "--size", "96", "96", "--imagenet-graph")
-    checkpoint = tmp_path / "tf26" / "model.hdf5"
+    out_dir, images, expected = legacy_checkpoints["b4_96_imagenet"]
+    checkpoint = out_dir / "model.hdf5"
     prob_pcnsl = step2_prob_pcnsl(checkpoint, images, tmp_path / "tf26.csv", capsys)
     np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-5)
 
@@ -100,7 +81,7 @@ def test_keras3_h5_full_model_of_another_backbone(demo_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(660)  # a tf-keras subprocess of up to 600 s
+@pytest.mark.timeout(660)  # the legacy_checkpoints fixture's tf-keras subprocess
 def test_tf29_imagenet_graph_weights_only_file_is_folded_too(tf_keras_b0_checkpoint, tmp_path, capsys):
     """A weights-only .h5 of tf-keras's weights="imagenet" graph lists the extra scaling op
     in its layer_names: the loader folds it in (as for full-model files) and gives
@@ -133,7 +114,7 @@ def test_tf29_imagenet_graph_weights_only_file_is_folded_too(tf_keras_b0_checkpo
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(660)  # a tf-keras subprocess of up to 600 s
+@pytest.mark.timeout(660)  # the legacy_checkpoints fixture's tf-keras subprocess
 def test_find_scale_parses_the_saved_op(tf_keras_b0_checkpoint):
     """_find_scale reads the constant of the op tf-keras really saved (tf.math.multiply by
     1/sqrt(stddev)), not its fallback; a truediv by y is a scale of 1/y; Rescaling: its scale."""

@@ -345,7 +345,7 @@ def test_resume_of_a_complete_run_trains_nothing_and_rewrites_the_pooled_files(c
 
 
 # ---------------------------------------------------------------------------- a single run
-@pytest.mark.slow  # loads the session's EfficientNetB4 checkpoint
+@pytest.mark.slow  # loads the session's step1 checkpoint
 def test_single_run_val_predictions_are_its_best_checkpoints(trained_run, demo_h5):
     info = json.loads((trained_run / "run.json").read_text())
     size = info["input_shape"][0]

@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,29 +153,6 @@ def test_cv_run_folder_is_its_folds_best_checkpoints(members, slices, single_pre
     np.testing.assert_allclose(got, np.mean(single_predictions, axis=0), rtol=0, atol=1e-6)
 
 
-def test_incomplete_cv_run_and_plain_folder_are_refused_before_tensorflow(members, slices, tmp_path):
-    cv_dir = write_cv_run(tmp_path / "cv", members, complete=False)
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    code = (
-        "import sys, step2_predict\n"
-        f"assert step2_predict.main(['--model-weights', {str(cv_dir)!r}, {slices[0]!r}]) == 2\n"
-        f"assert step2_predict.main(['--model-weights', {str(plain)!r}, {slices[0]!r}]) == 2\n"
-        "print('tensorflow' in sys.modules)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "False"
-    errors = result.stderr.strip().splitlines()
-    assert errors == [
-        f"error: --model-weights {cv_dir}: cross-validation run incomplete (1 of 2 folds have a best "
-        "checkpoint); train the remaining folds first",
-        f"error: --model-weights {plain}: a folder, but not a cross-validation run (no cv.json)",
-    ]
-
-
 def test_split_model_arguments(tmp_path):
     cv_dir = tmp_path / "cv"
     cv_dir.mkdir()
@@ -263,7 +238,7 @@ def test_per_patient_file_needs_overwrite(members, slices, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- step5
-@pytest.mark.slow  # three Grad-CAM runs of an EfficientNetB4
+@pytest.mark.slow  # three Grad-CAM runs of the session's step1 model
 def test_step5_ensemble_heatmap_is_the_mean_of_the_members(members, slices, tmp_path):
     images = slices[:2] + slices[-2:]
     heatmaps = []

@@ -31,38 +31,10 @@ EXPORT_FILES = {"saved_model": "saved_model", "onnx": "tiny.onnx", "openvino": "
 
 
 @pytest.fixture(scope="module")
-def checkpoint(demo_data, tmp_path_factory) -> Path:
-    """tiny.keras: an EfficientNetB0 at 32x32 whose P(PCNSL) differs clearly between slices.
-
-    Untrained, its features hardly differ between images; the BatchNormalization statistics
-    are set from the demo slices (one training-mode pass, momentum 0) and the head points
-    along the features' first principal axis, logits spread by about +-2 (scaled by the
-    median absolute deviation: at 32x32 a few slices lie far out and simply saturate).
-    """
-    import keras
-
-    from gbmpcnsl.model import build_model
-    from gbmpcnsl_common import load_image
-
-    keras.utils.set_random_seed(0)
-    model = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)
-    images = np.stack([load_image(p, (SIZE, SIZE)) for p in sorted(demo_data.glob("[gp]*/*/*.png"))])
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
-    model(images.astype(np.float32), training=True)
-    features = keras.Model(model.inputs[0], model.get_layer("avg_pool").output).predict(images, verbose=0)
-    direction = np.linalg.svd(features - features.mean(0), full_matrices=False)[2][0]
-    projection = features @ direction
-    spread = np.median(np.abs(projection - np.median(projection)))
-    kernel = (direction * 2.0 / spread)[:, None].astype(np.float32)
-    bias = np.array([-np.median(projection) * 2.0 / spread], np.float32)
-    model.get_layer("logit").set_weights([kernel, bias])
-    path = tmp_path_factory.mktemp("export_model") / "tiny.keras"
-    saved = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)  # default momentum
-    saved.set_weights(model.get_weights())
-    saved.save(path)
-    return path
+def checkpoint(tiny_b0_models) -> Path:
+    """tiny.keras: the session's tiny EfficientNetB0 at 32x32 (conftest), whose P(PCNSL)
+    differs clearly between slices."""
+    return tiny_b0_models(SIZE) / "tiny.keras"
 
 
 @pytest.fixture(scope="module")
@@ -151,32 +123,6 @@ def assert_same_lines(export_out: str, keras_out: str, keras_prob_pcnsl: list[fl
 
 
 # ---------------------------------------------------------------------------- step6
-def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
-    checkpoint = tmp_path / "model.keras"
-    checkpoint.write_bytes(b"x")
-    (tmp_path / "taken.onnx").write_bytes(b"x")
-    code = (
-        "import sys, step6_export_model as step6\n"
-        "try:\n    step6.main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
-        f"ckpt = {str(checkpoint)!r}\n"
-        f"print(step6.main(['--model-weights', ckpt, '--format', 'onnx', {str(tmp_path / 'out.xml')!r}]))\n"
-        f"print(step6.main(['--model-weights', ckpt, '--format', 'onnx', {str(tmp_path / 'taken.onnx')!r}]))\n"
-        f"print(step6.main(['--model-weights', {str(tmp_path / 'no.keras')!r}, '--format', 'openvino', 'm.xml']))\n"
-        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-4:] == ["2", "2", "2", "False False"]
-    assert "--format {saved_model,onnx,openvino}" in result.stdout and "TensorFlow Serving" in result.stdout
-    assert result.stderr.splitlines() == [
-        f"error: {tmp_path / 'out.xml'}: --format onnx writes a .onnx file; name OUT *.onnx",
-        f"error: {tmp_path / 'taken.onnx'}: exists (use --overwrite to replace it)",
-        f"error: --model-weights {tmp_path / 'no.keras'}: no such file",
-    ]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("export_format", ["saved_model", "onnx", "openvino"])
 def test_export_round_trips_and_agrees_with_keras(exports, export_format, checkpoint, model, slices):

@@ -1,7 +1,8 @@
 """gbmpcnsl.runs, the run folder of step1: created only once every check has passed,
 --overwrite that deletes the old run only when the new one starts, the --resume refusals
-that leave a run as it is, a resume with more epochs, a resume of a run from before the
-newer settings, and the fallback from a broken backup (tiny EfficientNetB0s, 32x32)."""
+that leave a run as it is, a resume with more epochs that is SIGKILLed and resumed again,
+a resume of a run from before the newer settings, and the fallback from a broken backup
+(tiny EfficientNetB0s, 32x32)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -27,9 +29,7 @@ from gbmpcnsl_common import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow  # a TensorFlow subprocess or two
-@pytest.mark.timeout(660)  # two subprocesses of up to 300 s
-def test_step1_weights_path_errors_leave_no_run_folder(tmp_path, capsys):
+def test_step1_weights_path_errors_leave_no_run_folder(tmp_path, capfd):
     h5_path = write_h5(tmp_path / "d.h5")
     for weights, message in (
         (tmp_path / "missing_notop.h5", f"error: --weights {tmp_path / 'missing_notop.h5'}: no such file"),
@@ -43,16 +43,11 @@ def test_step1_weights_path_errors_leave_no_run_folder(tmp_path, capsys):
             str(h5_path),
             str(tmp_path / "run"),
         ]
-        result = subprocess.run(
-            [sys.executable, "step1_train_model.py", *argv],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 2 and result.stdout == ""
-        assert "Traceback" not in result.stderr
-        assert last_line(result.stderr).startswith(message), result.stderr[-1000:]
+        assert step1.main(argv) == 2
+        captured = capfd.readouterr()
+        assert captured.out == ""
+        assert "Traceback" not in captured.err
+        assert last_line(captured.err).startswith(message), captured.err[-1000:]
         assert not (tmp_path / "run").exists()
 
 
@@ -96,14 +91,32 @@ def history(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.slow
-def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatch, capfd):
+def kill_after_new_rows(processes, command: list[str], run_dir: Path, rows: int, log: Path) -> None:
+    """Start `command` (tracked by the `processes` fixture); SIGKILL it once history.csv
+    holds more than `rows` rows (mid-training)."""
+    with open(log, "w") as stderr:
+        process = processes.popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 240
+            while len(history(run_dir)) <= rows and time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.05)
+            assert process.poll() is None, log.read_text()[-2000:]
+        finally:
+            process.kill()  # SIGKILL, also when the test fails
+            process.wait()
+
+
+@pytest.mark.slow  # three trainings, one in a process of its own
+@pytest.mark.timeout(900)  # the killed process may take up to 240 s to write its epoch
+def test_step1_interrupted_refused_killed_then_resumed(tmp_path, monkeypatch, capfd, processes):
     """An interrupted run (Ctrl-C after its first epoch): every --resume refusal leaves it
-    as it is; a resume with a raised --epochs finishes it. The learning rates in
-    history.csv are the schedule's (decay from epoch 1 here), and stdout stays empty."""
+    as it is. A resume with a raised --epochs is SIGKILLed mid-training (in a process of
+    its own); the resume after it lists each epoch once and finishes the run. The learning
+    rates in history.csv are the schedule's (decay from epoch 1 here) in every process,
+    best-only checkpoints hold across the restarts, and stdout stays empty."""
     import keras
 
-    monkeypatch.setattr(training, "LR_CONSTANT_EPOCHS", 1)  # the decay, within 3 epochs
+    monkeypatch.setattr(training, "LR_CONSTANT_EPOCHS", 1)  # the decay, within the 8 epochs
     h5_path = write_h5(tmp_path / "d.h5", patients=(3, 3), slices=2)
     run_dir = tmp_path / "run"
 
@@ -112,8 +125,9 @@ def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatc
             raise KeyboardInterrupt
 
     config = TrainConfig(
-        h5_path, run_dir, backbone="efficientnetb0", weights="none", epochs=2, learning_rate=1e-3
-    )
+        h5_path, run_dir, augmentation="base", backbone="efficientnetb0", weights="none", epochs=2,
+        learning_rate=1e-3, seed=1,
+    )  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         training.train(config, callbacks=[CtrlCAfterFirstEpoch()])
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
@@ -137,7 +151,8 @@ def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatc
     with h5py.File(with_two_sizes, "r+") as h5file:
         for folder in ("gbm", "pcnsl"):
             h5file.copy(h5file[f"{folder}/32_32"], h5file[folder], name="33_33")
-    resume = [*TINY, "--epochs", "3", "--learning-rate", "1e-3", "--resume"]
+    resume = ["--augmentation", "base", *TINY, "--epochs", "8", "--learning-rate", "1e-3", "--seed", "1"]
+    resume.append("--resume")
     refusals = [
         ([*resume, str(changed_pixels), str(run_dir)], "its content changed since the run started"),
         (
@@ -150,7 +165,7 @@ def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatc
             [*resume, "--normalization", "paper", str(h5_path), str(run_dir)],
             "--normalization imagenet (now paper)",
         ),
-        ([*resume, "--seed", "5", str(h5_path), str(run_dir)], "--seed 0 (now 5)"),
+        ([*resume, "--seed", "5", str(h5_path), str(run_dir)], "--seed 1 (now 5)"),
     ]
     for arguments, message in refusals:
         assert step1.main(arguments) == 2
@@ -158,19 +173,49 @@ def test_step1_resume_refusals_then_resume_with_more_epochs(tmp_path, monkeypatc
         assert message in last_line(err), err[-1000:]
         assert folder_snapshot(run_dir) == snapshot
 
+    # The resume, with more epochs, SIGKILLed after at least one epoch of its own.
+    code = (
+        "import sys\nfrom gbmpcnsl import training\ntraining.LR_CONSTANT_EPOCHS = 1\n"
+        "import step1_train_model as step1\nsys.exit(step1.main(sys.argv[1:]))\n"
+    )
+    command = [sys.executable, "-c", code, *resume, str(h5_path), str(run_dir)]
+    kill_after_new_rows(processes, command, run_dir, 1, tmp_path / "stderr.txt")
+    finished = backup_epoch(run_dir / "backup")
+    rows = history(run_dir)
+    assert 2 <= len(rows) < 8 and json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    assert len(rows) in (finished, finished + 1)
+    if len(rows) == finished:  # simulate a kill between CSVLogger's row and the backup
+        with open(run_dir / "history.csv", "a", newline="") as handle:
+            csv.writer(handle).writerow([finished] + ["999"] * (len(rows[0]) - 1))
+
+    # Changed settings are refused before anything is touched.
+    snapshot = folder_snapshot(run_dir)
+    assert step1.main(["--augmentation", "none", *resume[2:], str(h5_path), str(run_dir)]) == 2
+    assert len(history(run_dir)) == finished + 1 and folder_snapshot(run_dir) == snapshot
+    capfd.readouterr()
+
     assert step1.main([*resume, str(h5_path), str(run_dir)]) == 0
     captured = capfd.readouterr()
     assert captured.out == ""  # step1 writes nothing to stdout, also from TensorFlow
     rows = history(run_dir)
-    assert [row["epoch"] for row in rows] == ["0", "1", "2"]
+    assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(8)]
+    assert "999" not in {row["loss"] for row in rows}
     # The schedule written out: 1e-3 for the first LR_CONSTANT_EPOCHS (1 here), then
     # 1e-3 * exp(0.015 * (1 - epoch)).
-    expected = [1e-3, 1e-3, 1e-3 * math.exp(-0.015)]
+    expected = [1e-3 if epoch < 1 else 1e-3 * math.exp(0.015 * (1 - epoch)) for epoch in range(8)]
     assert [float(row["learning_rate"]) for row in rows] == pytest.approx(expected, rel=1e-6)
     assert float(rows[2]["learning_rate"]) < float(rows[1]["learning_rate"])  # decayed after epoch 1
     run = json.loads((run_dir / "run.json").read_text())
-    assert run["status"] == "finished" and run["epochs_done"] == 3 and run["arguments"]["epochs"] == 3
-    assert run["resumed"][0]["after_epoch"] == 1 and run["arguments"]["normalization"] == "imagenet"
+    assert run["status"] == "finished" and run["epochs_done"] == 8 and run["arguments"]["epochs"] == 8
+    assert [entry["after_epoch"] for entry in run["resumed"]] == [1, finished]
+    assert run["arguments"]["normalization"] == "imagenet"
+    assert not (run_dir / "backup").exists()
+    # Best-only holds across the restarts: each checkpoint improves on every earlier epoch.
+    val_losses = [float(row["val_loss"]) for row in rows]
+    for checkpoint in run_dir.glob("ckpt_*.keras"):
+        epoch = int(checkpoint.name[5:8])
+        assert val_losses[epoch - 1] < min(val_losses[: epoch - 1], default=float("inf"))
+    assert step1.main([*resume, str(h5_path), str(run_dir)]) == 2  # finished: nothing to resume
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -343,26 +342,6 @@ def test_original_layout_file_is_read_and_kept(data_dir, tmp_path):
         assert (h5file["gbm/24_32/features"][:] == 7).all()
         records, has_groups = read_hdf5_index(h5file, (16, 16))
     assert has_groups and len(records) == 9
-
-
-def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
-    code = textwrap.dedent(
-        """
-        import sys
-        import step0_convert_images_to_hdf5 as step0
-        for argv in (["--help"], ["only-one-arg"], ["a", "b", "--size", "0", "3"]):
-            try:
-                step0.main(argv)
-            except SystemExit as exit:
-                print("exit", exit.code)
-        print("tensorflow" in sys.modules, "keras" in sys.modules)
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert result.stdout.splitlines()[-4:] == ["exit 0", "exit 2", "exit 2", "False False"], result.stderr
-    assert "usage:" in result.stdout and "DATA/gbm/patient017/slice04.png" in result.stdout
 
 
 PEAK_RSS_SCRIPT = """

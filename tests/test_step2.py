@@ -61,45 +61,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(demo_data, tmp_path_factory) -> Path:
-    """A tiny EfficientNetB0 (64x64) run folder: tiny.keras, tiny.weights.h5 and run.json.
-
-    An untrained network's features hardly differ between images, so its probabilities
-    would all agree to 1e-6 and prove nothing. The BatchNormalization statistics are set
-    from the demo images (one training-mode pass with momentum 0, no dropout) and the head
-    points along the features' first principal axis with logits spread by about +-2.
-    """
-    import keras
-
-    from gbmpcnsl.model import build_model
-    from gbmpcnsl_common import load_image
-
-    keras.utils.set_random_seed(0)
-    model = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)
-    paths = sorted(demo_data.glob("[gp]*/*/*.png"))
-    images = np.stack([load_image(path, (SIZE, SIZE)) for path in paths]).astype(np.float32)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
-        elif isinstance(layer, keras.layers.Dropout):
-            layer.rate = 0.0
-    model(images, training=True)
-    features = keras.Model(model.inputs[0], model.get_layer("avg_pool").output).predict(images, verbose=0)
-    centered = features - features.mean(0)
-    direction = np.linalg.svd(centered, full_matrices=False)[2][0]
-    kernel = (direction * 2.0 / (centered @ direction).std())[:, None].astype(np.float32)
-    bias = np.float32(0.1) - np.median(features @ kernel, keepdims=True)[0]
-    model.get_layer("logit").set_weights([kernel, bias])
-
-    saved = build_model("efficientnetb0", (SIZE, SIZE, 3), weights=None)  # default momentum and rates
-    saved.set_weights(model.get_weights())
-    run_dir = tmp_path_factory.mktemp("step2_run")
-    saved.save(run_dir / "tiny.keras")
-    saved.save_weights(run_dir / "tiny.weights.h5")
-    (run_dir / "run.json").write_text(
-        json.dumps({"backbone": "efficientnetb0", "input_shape": [SIZE, SIZE, 3]})
-    )
-    return run_dir
+def tiny_run(tiny_b0_models) -> Path:
+    """The session's tiny EfficientNetB0 at 64x64 (conftest): tiny.keras, tiny.weights.h5
+    and run.json, its P(PCNSL) clearly different between the demo slices."""
+    return tiny_b0_models(SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -122,24 +87,6 @@ def slices(demo_data) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- interface
-def test_help_and_argument_errors_do_not_import_tensorflow(tmp_path):
-    code = (
-        "import sys, step2_predict\n"
-        "try:\n    step2_predict.main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
-        "try:\n    step2_predict.main(['x.png'])\nexcept SystemExit as exit:\n    assert exit.code == 2\n"
-        f"assert step2_predict.main(['--model-weights', {str(tmp_path / 'no.keras')!r}, 'x.png']) == 2\n"
-        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "False False"
-    assert "--model-weights CKPT" in result.stdout and "--tta" in result.stdout  # the --help text
-    assert "the following arguments are required: --model-weights" in result.stderr
-    assert f"error: --model-weights {tmp_path / 'no.keras'}: no such file" in result.stderr
-
-
 def test_stdout_lines_and_csv_match_per_image_predict(checkpoint, model, slices, tmp_path, capsys):
     csv_path = tmp_path / "predictions.csv"
     assert step2.main(["--model-weights", str(checkpoint), "--csv", str(csv_path), *slices]) == 0
@@ -282,7 +229,7 @@ def test_step1_checkpoint_and_run_json(trained_checkpoint, trained_run, slices, 
     import keras
 
     run = json.loads((trained_run / "run.json").read_text())
-    assert run["backbone"] == "efficientnetb4" and run["input_shape"] == [64, 64, 3]
+    assert run["backbone"] == "efficientnetb0" and run["input_shape"] == [64, 64, 3]
     step1_model = keras.saving.load_model(trained_checkpoint, compile=False)
     run_dir = tmp_path / "run"
     run_dir.mkdir()

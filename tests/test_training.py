@@ -1,8 +1,8 @@
 """gbmpcnsl.training through step1: the learning-rate schedule, --monitor (best epoch,
 checkpoint names, run.json), the warning for a run that did not learn, --batchnorm-momentum
 and --tensorboard (event files that hold the epoch losses); and trainings in a process of
-their own: --resume after a SIGKILL, reproducibility with --deterministic, and
-MirroredStrategy on two logical CPUs (MultiWorkerMirroredStrategy: test_multiworker.py)."""
+their own: reproducibility with --deterministic, and MirroredStrategy on two logical CPUs
+(MultiWorkerMirroredStrategy: test_multiworker.py; --resume after a SIGKILL: test_runs.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ import step1_train_model as step1
 from gbmpcnsl import training
 from gbmpcnsl.augment import StrongAugmentation
 from gbmpcnsl.config import RESUME_MUST_MATCH
-from gbmpcnsl.runs import RunFolder, backup_epoch
+from gbmpcnsl.runs import RunFolder
 from gbmpcnsl.training import finish_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,53 +170,6 @@ def run_python(code: str, tmp_path: Path, env: dict | None = None, timeout: int 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-@pytest.mark.slow  # a training in a process of its own
-@pytest.mark.timeout(600)  # up to 240 s for the first epoch, then the resumed training
-def test_resume_after_sigkill_lists_each_epoch_once(tmp_path, processes):
-    h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
-    run_dir = tmp_path / "run"
-    argv = ["--augmentation", "base", "--epochs", "8", *TINY, "--seed", "1", str(h5_path), str(run_dir)]
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = processes.popen(
-            [sys.executable, "step1_train_model.py", *argv],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-        deadline = time.monotonic() + 240
-        while not history_rows(run_dir) and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.05)
-        assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
-        process.send_signal(signal.SIGKILL)  # mid-training: at least one epoch recorded
-        process.wait(timeout=60)
-    finished = backup_epoch(run_dir / "backup")
-    rows = history_rows(run_dir)
-    assert 1 <= len(rows) < 8 and json.loads((run_dir / "run.json").read_text())["status"] == "running"
-    assert len(rows) in (finished, finished + 1)
-    if len(rows) == finished:  # simulate a kill between CSVLogger's row and the backup
-        with open(run_dir / "history.csv", "a", newline="") as handle:
-            csv.writer(handle).writerow([finished] + ["999"] * (len(rows[0]) - 1))
-
-    # Changed settings are refused before anything is touched.
-    changed = ["--augmentation", "none", *argv[2:], "--resume"]
-    assert step1.main(changed) == 2
-    assert len(history_rows(run_dir)) == finished + 1
-
-    assert step1.main([*argv, "--resume"]) == 0
-    rows = history_rows(run_dir)
-    assert [int(row["epoch"]) for row in rows] == list(range(8))
-    assert "999" not in {row["loss"] for row in rows}
-    run = json.loads((run_dir / "run.json").read_text())
-    assert run["status"] == "finished" and run["resumed"][0]["after_epoch"] == finished
-    assert not (run_dir / "backup").exists()
-    # Best-only holds across the restart: each checkpoint improves on every earlier epoch.
-    val_losses = [float(row["val_loss"]) for row in rows]
-    for checkpoint in run_dir.glob("ckpt_*.keras"):
-        epoch = int(checkpoint.name[5:8])
-        assert val_losses[epoch - 1] < min(val_losses[: epoch - 1], default=float("inf"))
-    assert step1.main([*argv, "--resume"]) == 2  # finished: nothing to resume
 
 
 @pytest.mark.slow  # a training in a process of its own
