@@ -291,29 +291,3 @@ def source_slice_names(names: list[str]) -> list[list[int]]:
             groups.append([position])
         previous = source if index is not None else None
     return groups
-
-
-def find_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders into image paths, in the order given.
-
-    A folder expands recursively to its supported image files, sorted; hidden files and
-    folders are skipped. A file is kept as given (a bad one fails later, when loaded).
-    A path that does not exist raises UserError.
-    """
-    images: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not found:
-                raise UserError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            images.extend(found)
-        elif path.exists():
-            images.append(path)
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    return images

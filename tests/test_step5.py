@@ -459,7 +459,7 @@ def localisation_setup(tmp_path_factory):
     import keras
     import make_demo_data
 
-    from gbmpcnsl.sources import find_images
+    from gbmpcnsl.sources import find_slices
     from gbmpcnsl_common import load_image
 
     root = tmp_path_factory.mktemp("localisation")
@@ -469,7 +469,7 @@ def localisation_setup(tmp_path_factory):
         assert make_demo_data.main([*argv, "--size", str(size), "--seed", str(seed)]) == 0
 
     def load(folder: Path):
-        paths = find_images([folder / "gbm", folder / "pcnsl"])
+        paths = [Path(name) for name in find_slices([folder / "gbm", folder / "pcnsl"]).names]
         images = np.stack([load_image(p, (size, size)) for p in paths]).astype(np.float32)
         labels = np.array([0.0 if p.relative_to(folder).parts[0] == "gbm" else 1.0 for p in paths])
         return images, labels
