@@ -3,14 +3,17 @@ tiny model trained on it by step1 (EfficientNetB0, 64x64, weights=None, 2 epochs
 default EfficientNetB4 is checked without training it, in test_step1.py).
 
 Everything is offline and small; building these takes about a minute on 2 CPU cores and
-is done once per test session. `tiny_b0_models` gives the session's one tiny EfficientNetB0
+is done once per test run, also under pytest-xdist (see built_once). `tiny_b0_models` gives the session's one tiny EfficientNetB0
 (untrained, calibrated on the demo slices) at a given size; `tiny_b0` is it at 32x32 with a
 few images, for the tests of how the steps read checkpoints, fail and stop.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,15 +28,36 @@ import pytest  # noqa: E402
 TINY_SIZE = 64
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by build(folder) once per test run. Under pytest-xdist the
+    workers share it: the first to need it builds it under a file lock, the others wait for
+    it and reuse it, so a session fixture on disk costs one build, not one per worker."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of this run
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A demo cohort: DATA/{gbm,pcnsl}/<patient>/<slice>.png, masks under DATA/masks/."""
     import make_demo_data
 
-    data_dir = tmp_path_factory.mktemp("demo") / "data"
-    argv = [str(data_dir), "--patients-per-class", "8", "--slices-per-patient", "3", "--size", "96"]
-    assert make_demo_data.main([*argv, "--seed", "0"]) == 0
-    return data_dir
+    def build(folder: Path) -> None:
+        cohort = ["--patients-per-class", "8", "--slices-per-patient", "3", "--size", "96"]
+        assert make_demo_data.main([str(folder / "data"), *cohort, "--seed", "0"]) == 0
+
+    return built_once(tmp_path_factory, "demo", build) / "data"
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +65,11 @@ def demo_h5(demo_data, tmp_path_factory) -> Path:
     """The demo cohort converted by step0 at 64x64."""
     import step0_convert_images_to_hdf5 as step0
 
-    h5_path = tmp_path_factory.mktemp("h5") / "demo.h5"
-    assert step0.main([str(demo_data), str(h5_path), "--size", str(TINY_SIZE), str(TINY_SIZE)]) == 0
-    return h5_path
+    def build(folder: Path) -> None:
+        size = ["--size", str(TINY_SIZE), str(TINY_SIZE)]
+        assert step0.main([str(demo_data), str(folder / "demo.h5"), *size]) == 0
+
+    return built_once(tmp_path_factory, "h5", build) / "demo.h5"
 
 
 @pytest.fixture(scope="session")
@@ -51,10 +77,11 @@ def trained_run(demo_h5, tmp_path_factory) -> Path:
     """A run folder written by step1: checkpoints, history.csv, run.json, split.csv."""
     import step1_train_model as step1
 
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    argv = ["--augmentation", "base", "--epochs", "2", "--weights", "none", "--seed", "0"]
-    assert step1.main([*argv, "--backbone", "efficientnetb0", str(demo_h5), str(run_dir)]) == 0
-    return run_dir
+    def build(folder: Path) -> None:
+        argv = ["--augmentation", "base", "--epochs", "2", "--weights", "none", "--seed", "0"]
+        assert step1.main([*argv, "--backbone", "efficientnetb0", str(demo_h5), str(folder / "tiny")]) == 0
+
+    return built_once(tmp_path_factory, "runs", build) / "tiny"
 
 
 @pytest.fixture
@@ -100,15 +127,21 @@ def legacy_checkpoints(demo_data, tmp_path_factory) -> dict[str, tuple[Path, lis
     weights.h5, six demo images, tf-keras's own P(PCNSL) for them). The imagenet ones are
     built with weights="imagenet", so with tf.keras >= 2.9's extra scaling op after
     Normalization."""
-    import json
-    import subprocess
-    import sys
-
     import numpy as np
 
-    root = tmp_path_factory.mktemp("tf_keras")
     paths = sorted(demo_data.glob("gbm/*/*.png"))[:3] + sorted(demo_data.glob("pcnsl/*/*.png"))[:3]
     images = [str(path) for path in paths]
+    root = built_once(
+        tmp_path_factory, "tf_keras", functools.partial(_write_legacy_checkpoints, images=images)
+    )
+    return {name: (root / name, images, np.load(root / name / "expected.npy")) for name in LEGACY_CHECKPOINTS}
+
+
+def _write_legacy_checkpoints(root: Path, images: list[str]) -> None:
+    """tests/original_tf_keras.py writes every LEGACY_CHECKPOINTS entry under root, in one
+    subprocess."""
+    import json
+
     spec = [
         {
             "out_dir": str(root / name),
@@ -125,7 +158,6 @@ def legacy_checkpoints(demo_data, tmp_path_factory) -> dict[str, tuple[Path, lis
     command = [sys.executable, str(script), str(root / "spec.json")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return {name: (root / name, images, np.load(root / name / "expected.npy")) for name in LEGACY_CHECKPOINTS}
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +220,8 @@ def tiny_b0_models(demo_data, tmp_path_factory):
 
     def tiny_b0_at(size: int) -> Path:
         if size not in built:
-            built[size] = _calibrated_b0(demo_data, tmp_path_factory.mktemp(f"tiny_b0_{size}"), size)
+            build = functools.partial(_calibrated_b0, demo_data, size=size)
+            built[size] = built_once(tmp_path_factory, f"tiny_b0_{size}", build)
         return built[size]
 
     return tiny_b0_at
@@ -311,3 +344,17 @@ def _timed_out(item, settings) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+
+
+# ---------------------------------------------------------------------------- order
+def pytest_collection_modifyitems(config, items):
+    """Modules with the most `slow` tests run first, each module's tests in file order.
+    `make test` runs two pytest-xdist workers with --dist loadfile, which hands out whole
+    modules in this order: the long ones start early instead of leaving one worker busy at
+    the end while the other idles."""
+    slow_in = {}
+    for item in items:
+        slow_in[item.module.__name__] = slow_in.get(item.module.__name__, 0) + bool(
+            item.get_closest_marker("slow")
+        )
+    items.sort(key=lambda item: -slow_in[item.module.__name__])  # stable: file order kept
