@@ -5,6 +5,7 @@ nibabel does the reading; the volume is made canonical (RAS+) once, right after 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from gbmpcnsl.limits import check_shape
 from gbmpcnsl_common import UserError, first_line, percentile_window, window_to_uint8
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# nibabel's notes about odd header fields (e.g. qfac) are not ours to print.
+logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -71,9 +74,16 @@ def _load_header(path: Path):
         raise _unreadable(path, error) from error
 
 
-def check_nifti_readable(path: Path) -> None:
-    """UserError ("unreadable NIfTI volume") unless nibabel can read the file's header."""
-    _load_header(path)
+def check_nifti_readable(path: Path):
+    """The file's image (header only), or UserError ("unreadable NIfTI volume") when
+    nibabel cannot read its header or it is not one 3-D volume."""
+    image = _load_header(path)
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        raise _unreadable(
+            path, f"{len(shape)}-D, shape {'x'.join(map(str, shape))}; a 3-D volume is expected"
+        )
+    return image
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
@@ -86,12 +96,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
     percentile window over the whole volume (the window a DICOM series without one gets),
     so all slices of a patient share one scale. A 4-D file (several volumes) is refused.
     """
-    image = _load_header(path)
-    shape = tuple(int(n) for n in image.shape)
-    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
-        raise _unreadable(
-            path, f"{len(shape)}-D, shape {'x'.join(map(str, shape))}; a 3-D volume is expected"
-        )
+    image = check_nifti_readable(path)
     check_shape(image.shape, "GBMPCNSL_MAX_VOXELS", path)  # before anything is decoded
     try:
         return _nifti_display_slices(image)

@@ -81,6 +81,27 @@ def save_png(path: Path, value: int, size: int = 20) -> None:
     Image.fromarray(pixels).save(path)
 
 
+def write_dicom(path, stored: np.ndarray, **tags) -> None:
+    """A small MR file with pydicom, `stored` as its pixel data (int16 or uint16)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "MR", *stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = stored.astype(stored.dtype.newbyteorder("<")).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
 def folder_snapshot(folder: Path) -> dict[str, bytes]:
     return {
         p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()

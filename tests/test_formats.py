@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import write_dicom
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -68,27 +69,6 @@ def test_truncated_file_is_named_with_its_transfer_syntax():
         UserError, match=r"MR_truncated\.dcm: cannot decode DICOM pixels \(transfer syntax Explicit"
     ):
         load_slice(path, (16, 16))
-
-
-def write_dicom(path, stored: np.ndarray, **tags) -> None:
-    """A small MR file with pydicom, `stored` as its pixel data (int16 or uint16)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "MR", *stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
-    ds.PixelData = stored.astype(stored.dtype.newbyteorder("<")).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_rescale_then_window_tags(tmp_path):
