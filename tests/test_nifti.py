@@ -65,3 +65,24 @@ def test_failures_are_remembered_per_file_version(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.float32), np.eye(4)), path)  # rewritten: a new version
     os.utime(path, ns=(1, 10**18))
     assert load_slice(f"{path}#001", None).shape == (4, 4, 3)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs gbmpcnsl/convert.py (h19cohort's) to print each distinct skip message once, as step2 and step5 do",
+)
+def test_step0_reports_an_unreadable_volume_in_one_line(tmp_path, capsys):
+    import step0_convert_images_to_hdf5 as step0
+
+    for folder in ("gbm/p1", "gbm/p2", "pcnsl/p3"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    volume = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "data/gbm/p1/t1.nii.gz")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "data/pcnsl/p3/t1.nii.gz")
+    four_d = tmp_path / "data/gbm/p2/dwi.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 4, 3), np.float32), np.eye(4)), four_d)
+    argv = [str(tmp_path / "data"), str(tmp_path / "out.h5"), "--size", "8", "8", "--workers", "1"]
+    assert step0.main(argv) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if "dwi.nii.gz" in line] == [
+        f"warning: skipped {four_d}: unreadable NIfTI volume (4-D, shape 6x5x4x3; a 3-D volume is expected)"
+    ]
