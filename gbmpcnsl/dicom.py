@@ -203,10 +203,13 @@ def _transfer_syntax(ds) -> str:
 
 
 def problem(error: BaseException) -> str:
-    """An exception's first line with anything quoted in it left out: pydicom quotes the
-    header values it complains about, and no header value may reach any output."""
-    text = re.sub(r"(?<!\w)('[^']*'|\"[^\"]*\")(?!\w)", "'...'", first_line(error))
-    return text if len(text) <= 160 else text[:157] + "..."
+    """An exception's first line (and the next, when the first ends with a colon), with
+    anything quoted in it left out: pydicom quotes the header values it complains about,
+    and no header value may reach any output."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [first_line(error)]
+    text = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
+    text = re.sub(r"(?<!\w)('[^']*'|\"[^\"]*\")(?!\w)", "...", text)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _read_dicom(path: Path):

@@ -355,7 +355,7 @@ def test_any_failure_reading_a_file_is_one_line_naming_it(tmp_path, monkeypatch)
     monkeypatch.setattr(gbmpcnsl.pixels, "read_single_frame", broken)
     with pytest.raises(UserError) as raised:
         load_slice(path, None)
-    assert str(raised.value) == f"{path}: unreadable (ValueError: (0010,0010) '...' is odd)"
+    assert str(raised.value) == f"{path}: unreadable (ValueError: (0010,0010) ... is odd)"
 
 
 # ---------------------------------------------------------------------------- step0 on every test file
