@@ -1,8 +1,8 @@
-"""Helpers shared by the test modules: small HDF5 files in step0's layout, images, fake
-ImageNet weight files, predictions CSVs and scores with correlated slices per patient, and
-the readers of a step's stderr and of a folder's bytes, and the killing of process trees and a
-read from a child's pipe with a deadline. Test files import these from here, never from one
-another."""
+"""Helpers shared by the test modules: small HDF5 files in step0's layout, images, small
+DICOM files, fake ImageNet weight files, predictions CSVs and scores with correlated slices
+per patient, and the readers of a step's stderr and of a folder's bytes, and the killing of
+process trees and a read from a child's pipe with a deadline. Test files import these from
+here, never from one another."""
 
 from __future__ import annotations
 

@@ -86,3 +86,25 @@ def test_step0_reports_an_unreadable_volume_in_one_line(tmp_path, capsys):
     assert [line for line in capsys.readouterr().err.splitlines() if "dwi.nii.gz" in line] == [
         f"warning: skipped {four_d}: unreadable NIfTI volume (4-D, shape 6x5x4x3; a 3-D volume is expected)"
     ]
+
+
+def test_step5_reports_an_unreadable_volume_in_one_line(tmp_path, capsys):
+    from gbmpcnsl.gradcam import GradCamRun
+
+    path = tmp_path / "four_d.nii"
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 3, 2), np.float32), np.eye(4)), path)
+    names = find_slices([path]).names
+
+    class Progress:
+        def write(self, text, file):
+            print(text, file=file)
+
+        def update(self, count):
+            pass
+
+    run = GradCamRun(lambda images: None, (8, 8), tmp_path / "out", annotate=False)
+    assert run.read_batch(names, [tmp_path / f"{k}.png" for k in range(3)], Progress()) == []
+    assert run.results.failed == 3
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}: unreadable NIfTI volume (4-D, shape 6x5x3x2; a 3-D volume is expected)"
+    ]
