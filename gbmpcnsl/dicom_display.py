@@ -2,7 +2,8 @@
 
     frame_views(ds, frames)        per frame: the attributes of its pixel transforms
     voi_to_display(values, view)   VOI window or VOI LUT -> 0-255 (None: no usable VOI)
-    padding_mask(stored, ds)       the PixelPaddingValue pixels
+    series_members(path)           the single-frame files of a file's series
+    unpadded_values(stack, ds, ..) Modality LUT values without PixelPaddingValue pixels
     color_to_uint8(pixels, ds)     RGB / YBR / PALETTE COLOR -> uint8 RGB
 
 The grey pipeline is PS3.3's: Modality LUT (RescaleSlope/RescaleIntercept or a Modality
@@ -90,11 +91,6 @@ def _lut_item(view):
     if item is None or item.get("LUTDescriptor") is None or item.get("LUTData") is None:
         return None
     return item
-
-
-def has_voi(view) -> bool:
-    """True when the view holds a VOI LUT or a window that can be applied."""
-    return voi_to_display(np.zeros(1), view) is not None
 
 
 def voi_to_display(values: np.ndarray, view) -> np.ndarray | None:
