@@ -420,8 +420,11 @@ def test_step0_over_every_test_file_prints_no_traceback_and_no_header_value(tmp_
         WindowCenter=["30", "200"],
         WindowWidth=["60", "400"],
     )
+    command = [sys.executable, "step0_convert_images_to_hdf5.py"]
+    usage = subprocess.run([*command, "--help"], capture_output=True, text=True).stdout
+    every_series = ["--all-series"] if "--all-series" in usage else []  # a folder holds many series
     result = subprocess.run(
-        [sys.executable, "step0_convert_images_to_hdf5.py", str(data), str(tmp_path / "out.h5")]
+        [*command, str(data), str(tmp_path / "out.h5"), *every_series]
         + ["--size", "16", "16", "--workers", "2", "--any-orientation"],
         capture_output=True,
         text=True,
