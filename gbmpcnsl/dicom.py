@@ -177,19 +177,50 @@ def _header_int(ds, keyword: str) -> int:
         raise UserError(f"{ds.filename}: {keyword} is not a number") from error
 
 
+# The pixel part's own imports (kept here, apart from the header part's).
+import functools  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import warnings  # noqa: E402
+
+from gbmpcnsl.dicom_display import (  # noqa: E402
+    color_to_uint8,
+    frame_views,
+    frames_by_view,
+    series_members,
+    unpadded_values,
+    voi_to_display,
+)
+
+
 def _transfer_syntax(ds) -> str:
     uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    return f"transfer syntax {uid.name}" if uid is not None else "no transfer syntax"
+    if uid is None:
+        return "no transfer syntax"
+    return f"transfer syntax {uid.name}" if uid.name != str(uid) else "an unknown transfer syntax"
+
+
+def problem(error: BaseException) -> str:
+    """An exception's first line (and the next, when the first ends with a colon), with
+    anything quoted in it left out: pydicom quotes the header values it complains about,
+    and no header value may reach any output."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [first_line(error)]
+    text = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
+    text = re.sub(r"(?<!\w)('[^']*'|\"[^\"]*\")(?!\w)", "...", text)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _read_dicom(path: Path):
     """The dataset and its decoded pixels (frames first for multi-frame files)."""
     import pydicom
 
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE  # header values unquoted
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_EXTENSIONS)
     except Exception as error:
-        raise UserError(f"{path}: cannot read DICOM ({first_line(error)})") from error
+        raise UserError(f"{path}: cannot read DICOM ({problem(error)})") from error
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UserError(f"{path}: DICOM file without pixel data")
     declared = [
@@ -205,96 +236,110 @@ def _read_dicom(path: Path):
         ) from error
     except Exception as error:  # no decoder, truncated, inconsistent tags
         raise UserError(
-            f"{path}: cannot decode DICOM pixels ({_transfer_syntax(ds)}: {first_line(error)})"
+            f"{path}: cannot decode DICOM pixels ({_transfer_syntax(ds)}: {problem(error)})"
         ) from error
     return ds, pixels
 
 
-def _voi_input_bounds(ds) -> tuple[float, float] | None:
-    """The first VOI window of a dataset as (lowest, highest) input value: the VOI LUT's
-    input range, or the window's edges (PS3.3 C.11.2.1.2); None when there is none."""
-    if ds.get("VOILUTSequence") and ds.VOILUTSequence[0].get("LUTDescriptor") is not None:
-        entries, first_mapped = ds.VOILUTSequence[0].LUTDescriptor[:2]
-        return float(first_mapped), float(first_mapped + (entries or 2**16) - 1)
-    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
-        return None
-    center, width = (
-        v[0] if getattr(v, "VM", 1) > 1 or isinstance(v, list) else v
-        for v in (ds.WindowCenter, ds.WindowWidth)
+def quiet_pydicom() -> None:
+    """Nothing from pydicom on any output: its logger (decoders log whole tracebacks) and
+    its warnings (validation warnings quote header values, e.g. an invalid UID). Run at
+    import, so worker processes inherit it (fork) or repeat it (forkserver, spawn)."""
+    logger = logging.getLogger("pydicom")
+    logger.propagate = False
+    if not any(isinstance(handler, logging.NullHandler) for handler in logger.handlers):
+        logger.addHandler(logging.NullHandler())  # else logging's last resort prints warnings
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    warnings.filterwarnings(
+        "ignore", module=r"gbmpcnsl\.(dicom|sources|convert|pixels)$", category=UserWarning
     )
-    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-    if function == "LINEAR":
-        return float(center) - 0.5 - (float(width) - 1) / 2, float(center) - 0.5 + (float(width) - 1) / 2
-    if function == "SIGMOID":  # never reaches its ends: take them far out
-        return float(center) - 50 * float(width), float(center) + 50 * float(width)
-    return float(center) - float(width) / 2, float(center) + float(width) / 2
+    config = sys.modules.get("pydicom.config")
+    if config is not None:
+        config.settings.reading_validation_mode = config.IGNORE
 
 
-def dicom_gray_to_uint8(stored: np.ndarray, ds, window: tuple[float, float] | None = None) -> np.ndarray:
-    """Stored grey values of a DICOM image -> uint8 display values.
+# ---------------------------------------------------------------------------- grey levels
+_series_lock = threading.Lock()
 
-    Modality LUT first (RescaleSlope/RescaleIntercept: stored values -> scanner units),
-    then the file's first VOI window or VOI LUT (what the radiologist saw), scaled from the
-    window's own output bounds to 0-255 (pydicom maps it onto the stored-bits range);
-    without one, `window` (low, high) in scanner units, or the 0.5-99.5 percentile
-    window 16-bit images get. MONOCHROME1 (0 = white) is inverted.
+
+@functools.lru_cache(maxsize=16)
+def _series_window(members: tuple[Path, ...]) -> tuple[float, float]:
+    """The percentile window of a series of single-frame files: over the Modality LUT
+    values of every grey file of it that decodes, PixelPaddingValue pixels excluded."""
+    values = []
+    for member in members:
+        try:
+            ds, stored = _read_dicom(member)
+        except UserError:
+            continue
+        if int(ds.get("NumberOfFrames", 1) or 1) == 1 and _photometric(ds) in GREY:
+            values.append(unpadded_values(stored[np.newaxis], ds, frame_views(ds, 1)))
+    return percentile_window(np.concatenate(values) if values else np.zeros(0))
+
+
+def _photometric(ds) -> str:
+    return str(ds.get("PhotometricInterpretation", "")).upper()
+
+
+def _gray_to_uint8(stored: np.ndarray, view, window) -> np.ndarray:
+    """Stored grey values -> uint8: the Modality LUT, then the view's first VOI (or, with
+    none, `window()`, the series' or volume's percentile window), MONOCHROME1 inverted.
 
     Integer images are mapped level by level, as viewers do: the pipeline runs once per
     stored value between the image's minimum and maximum and the pixels index that table
     (the same result, several times faster than running it on every pixel).
     """
-    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
-
-    bounds = _voi_input_bounds(ds)
-    if bounds is not None:
-        try:  # a broken window (e.g. width < 1) counts as none
-            apply_voi_lut(np.asarray(bounds, dtype=np.int64 if ds.get("VOILUTSequence") else np.float64), ds)
-        except (ValueError, NotImplementedError, TypeError):
-            bounds = None
-    if bounds is None and window is None:
-        window = percentile_window(apply_modality_lut(stored, ds))
     if np.issubdtype(stored.dtype, np.integer) and stored.size:
         first, last = int(stored.min()), int(stored.max())
         if last - first < stored.size:
             levels = np.arange(first, last + 1).astype(stored.dtype)
-            table = _gray_levels_to_uint8(levels, ds, bounds, window)
-            return table[stored.astype(np.int64) - first]
-    return _gray_levels_to_uint8(stored, ds, bounds, window)
+            return _gray_levels_to_uint8(levels, view, window)[stored.astype(np.int64) - first]
+    return _gray_levels_to_uint8(stored, view, window)
 
 
-def _gray_levels_to_uint8(stored: np.ndarray, ds, bounds, window) -> np.ndarray:
-    """dicom_gray_to_uint8 on every element of `stored`, with the VOI input bounds (None:
-    no usable VOI) or the fallback window already decided."""
-    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+def _gray_levels_to_uint8(stored: np.ndarray, view, window) -> np.ndarray:
+    """_gray_to_uint8 on every element of `stored`."""
+    from pydicom.pixels.processing import apply_modality_lut
 
-    values = apply_modality_lut(stored, ds)
-    if bounds is not None:
-        lut = bool(ds.get("VOILUTSequence"))
-        if lut:  # LUTs index integer values; outside the LUT's inputs, its end entries apply
-            # (clipped here: pydicom's uint8 index array wraps for 8-bit LUTs)
-            values = np.clip(np.rint(values), *bounds).astype(np.int64)
-        windowed = apply_voi_lut(values, ds, index=0)
-        out_low, out_high = apply_voi_lut(
-            np.asarray(bounds, dtype=np.int64 if lut else np.float64), ds, index=0
-        )
-        display = window_to_uint8(windowed, float(out_low), float(out_high))
+    values = apply_modality_lut(stored, view)
+    display = voi_to_display(values, view)
+    if display is None:
+        display = window_to_uint8(values, *window())
     else:
-        display = window_to_uint8(values, *window)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        display = np.clip(np.rint(display), 0, 255).astype(np.uint8)
+    if _photometric(view) == "MONOCHROME1":
         display = 255 - display
     return display
 
 
-def _dicom_color_to_uint8(pixels: np.ndarray, ds) -> np.ndarray:
-    """RGB (pydicom already converted YBR_* to RGB) or PALETTE COLOR -> uint8 RGB."""
-    from pydicom.pixels.processing import apply_color_lut
+def _frames_to_uint8(path: Path, ds, pixels: np.ndarray, frames: int) -> np.ndarray:
+    """All frames as uint8 (F, H, W) or (F, H, W, 3). Grey frames without a VOI of their
+    own share one percentile window: the multi-frame file's, or the series' for a
+    single-frame file."""
+    stack = pixels if frames > 1 else pixels[np.newaxis]
+    if int(ds.get("SamplesPerPixel", 1) or 1) > 1 or _photometric(ds) == "PALETTE COLOR":
+        try:
+            return color_to_uint8(stack, ds)
+        except ValueError as error:
+            raise UserError(f"{path}: {error}") from error
+    if _photometric(ds) not in GREY:
+        raise UserError(f"{path}: unsupported photometric interpretation")
+    views = frame_views(ds, frames)
+    window_cache: list[tuple[float, float]] = []
 
-    if str(ds.PhotometricInterpretation).upper() == "PALETTE COLOR":
-        pixels = apply_color_lut(pixels, ds)
-    if pixels.dtype != np.uint8:  # 16-bit colour or palette entries: keep the top 8 bits
-        bits = 16 if pixels.max(initial=0) > 255 else 8
-        pixels = (pixels.astype(np.uint32) >> (bits - 8)).astype(np.uint8)
-    return pixels
+    def window() -> tuple[float, float]:
+        if not window_cache:
+            if frames > 1:
+                window_cache.append(percentile_window(unpadded_values(stack, ds, views)))
+            else:
+                with _series_lock:
+                    window_cache.append(_series_window(tuple(series_members(path))))
+        return window_cache[0]
+
+    display = np.empty(stack.shape, dtype=np.uint8)
+    for key_frames in frames_by_view(views).values():
+        display[key_frames] = _gray_to_uint8(stack[key_frames], views[key_frames[0]], window)
+    return display
 
 
 def _dicom_spacing(ds) -> tuple[float, float] | None:
@@ -307,35 +352,22 @@ def _dicom_spacing(ds) -> tuple[float, float] | None:
         return None
 
 
-def _dicom_frames_to_uint8(ds, pixels: np.ndarray, frames: int) -> np.ndarray:
-    """All frames as uint8 (F, H, W) or (F, H, W, 3); one percentile window for the whole
-    file when it has no VOI window, so the frames share one intensity scale."""
-    color = (
-        int(ds.get("SamplesPerPixel", 1)) > 1 or str(ds.PhotometricInterpretation).upper() == "PALETTE COLOR"
-    )
-    stack = pixels if frames > 1 else pixels[np.newaxis]
-    if color:
-        return _dicom_color_to_uint8(stack, ds)
-    window = None
-    if frames > 1 and _voi_input_bounds(ds) is None:
-        from pydicom.pixels.processing import apply_modality_lut
-
-        window = percentile_window(apply_modality_lut(stack, ds))
-    return dicom_gray_to_uint8(stack, ds, window)
-
-
 def read_single_frame(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
     """A single-frame DICOM file -> uint8 display pixels (H, W) or (H, W, 3), pixel spacing."""
     ds, pixels = _read_dicom(path)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise UserError(f"{path}: a multi-frame DICOM file ({frames} frames): name a frame as {path}#<k>")
-    return _dicom_frames_to_uint8(ds, pixels, 1)[0], _dicom_spacing(ds)
+    return _frames_to_uint8(path, ds, pixels, 1)[0], _dicom_spacing(ds)
 
 
 def read_multiframe(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
     """A multi-frame DICOM file -> uint8 frames in inferior-to-superior order, spacing."""
     ds, pixels = _read_dicom(path)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    display = _dicom_frames_to_uint8(ds, pixels, frames)
+    display = _frames_to_uint8(path, ds, pixels, frames)
     return display[_frame_order(ds)], _dicom_spacing(ds)
+
+
+GREY = ("MONOCHROME1", "MONOCHROME2")
+quiet_pydicom()

@@ -280,6 +280,7 @@ class GradCamRun:
         self.compute, self.input_size = compute, input_size
         self.output_dir, self.annotate = output_dir, annotate
         self.results = GradCamResults()
+        self.reported: set[str] = set()
 
     def run(self, images: list[str], outputs: list[Path], batch_size: int) -> GradCamResults:
         """Overlays for `images` at `outputs` (plan_outputs' paths), `batch_size` at a time."""
@@ -303,7 +304,9 @@ class GradCamRun:
                 message = (
                     str(error) if isinstance(error, UserError) else f"{path}: cannot read image ({error})"
                 )
-                progress.write(f"error: {message}", file=sys.stderr)
+                if message not in self.reported:  # an unreadable volume: one line
+                    self.reported.add(message)
+                    progress.write(f"error: {message}", file=sys.stderr)
                 self.results.failed += 1
                 progress.update(1)
         return batch

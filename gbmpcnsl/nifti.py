@@ -5,6 +5,7 @@ nibabel does the reading; the volume is made canonical (RAS+) once, right after 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from gbmpcnsl.limits import check_shape
 from gbmpcnsl_common import UserError, first_line, percentile_window, window_to_uint8
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# nibabel's notes about odd header fields (e.g. qfac) are not ours to print.
+logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -57,15 +60,30 @@ def lesion_slices(volume: Path, pattern: str, min_lesion_pixels: int) -> list[in
 
 
 # ---------------------------------------------------------------------------- pixels
-def head_voxels(volume: np.ndarray) -> np.ndarray:
-    """The voxels of a volume that belong to the head: above 10% of its 2-98 percentile
-    range (FSL BET's rough foreground threshold), so that air does not set the window."""
-    finite = volume[np.isfinite(volume)]
-    if finite.size == 0:
-        return finite
-    low, high = np.percentile(finite, [2, 98])
-    head = finite[finite > low + 0.1 * (high - low)]
-    return head if head.size else finite
+def _unreadable(path, error: BaseException | str) -> UserError:
+    reason = error if isinstance(error, str) else first_line(error)
+    return UserError(f"{path}: unreadable NIfTI volume ({reason})")
+
+
+def _load_header(path: Path):
+    import nibabel as nib
+
+    try:
+        return nib.load(path)
+    except Exception as error:
+        raise _unreadable(path, error) from error
+
+
+def check_nifti_readable(path: Path):
+    """The file's image (header only), or UserError ("unreadable NIfTI volume") when
+    nibabel cannot read its header or it is not one 3-D volume."""
+    image = _load_header(path)
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        raise _unreadable(
+            path, f"{len(shape)}-D, shape {'x'.join(map(str, shape))}; a 3-D volume is expected"
+        )
+    return image
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
@@ -75,14 +93,10 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
     Reoriented to the closest canonical orientation (RAS+) first, so every file reads the
     same way whatever its affine; scl_slope/scl_inter applied (get_fdata); windowed by the
     header's display range (cal_min/cal_max) when it has one, else by one 0.5-99.5
-    percentile window over the head voxels, so all slices of a patient share one scale.
+    percentile window over the whole volume (the window a DICOM series without one gets),
+    so all slices of a patient share one scale. A 4-D file (several volumes) is refused.
     """
-    import nibabel as nib
-
-    try:
-        image = nib.load(path)
-    except Exception as error:
-        raise UserError(f"{path}: cannot read NIfTI volume ({first_line(error)})") from error
+    image = check_nifti_readable(path)
     check_shape(image.shape, "GBMPCNSL_MAX_VOXELS", path)  # before anything is decoded
     try:
         return _nifti_display_slices(image)
@@ -93,7 +107,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
 
 
 def _nifti_display_slices(image) -> tuple[np.ndarray, tuple[float, float]]:
-    """read_nifti's work on a loaded (header only) image."""
+    """read_nifti's work on a loaded (header only) 3-D image."""
     import nibabel as nib
 
     path = image.get_filename()
@@ -103,13 +117,10 @@ def _nifti_display_slices(image) -> tuple[np.ndarray, tuple[float, float]]:
     except MemoryError:
         raise
     except Exception as error:
-        raise UserError(f"{path}: cannot read NIfTI volume ({first_line(error)})") from error
-    if volume.ndim == 4 and volume.shape[3] == 1:
-        volume = volume[..., 0]
-    if volume.ndim != 3:
-        raise UserError(f"{path}: expected a 3-D volume, got shape {volume.shape}")
+        raise _unreadable(path, error) from error
+    volume = volume.reshape(volume.shape[:3])
     cal_min, cal_max = float(image.header["cal_min"]), float(image.header["cal_max"])
-    low, high = (cal_min, cal_max) if cal_max > cal_min else percentile_window(head_voxels(volume))
+    low, high = (cal_min, cal_max) if cal_max > cal_min else percentile_window(volume)
     display = window_to_uint8(volume, low, high)
     # RAS+ array (i: to the right, j: to the front, k: up) -> (k, rows, columns) with
     # anterior at the top and the patient's right on the image's left (radiological view).

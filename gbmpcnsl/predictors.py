@@ -316,14 +316,15 @@ def predict_slices(
     paths: list[str], predicts: list[PredictBatch], batches: Iterator[tuple], errors: dict
 ) -> tuple[list[tuple[str, float]], list[np.ndarray]]:
     """Predict batch by batch, printing each readable slice's result_line on stdout as
-    soon as its batch is done; an unreadable one is reported on stderr (errors[index]).
+    soon as its batch is done; an unreadable one is reported on stderr (errors[index]), each
+    message once (all the slices of an unreadable volume share one).
 
     Returns (slice name, mean P(PCNSL)) per predicted slice, and each model's P(PCNSL)
     for the same slices. Ctrl-C is taken at a batch boundary.
     """
     from tqdm import tqdm
 
-    rows, member_rows = [], []
+    rows, member_rows, reported = [], [], set()
     with (
         interrupt_between_batches() as check_interrupt,
         tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None, leave=False) as progress,
@@ -334,7 +335,9 @@ def predict_slices(
             prob_pcnsl = member_probs.mean(axis=0)  # one model: its own float32 values
             for index, prob, readable, members in zip(indices, prob_pcnsl, ok, member_probs.T, strict=True):
                 if not readable:
-                    progress.write(f"error: {errors[int(index)]}", file=sys.stderr)
+                    if errors[int(index)] not in reported:  # an unreadable volume: one line
+                        reported.add(errors[int(index)])
+                        progress.write(f"error: {errors[int(index)]}", file=sys.stderr)
                     continue
                 rows.append((paths[index], float(prob)))
                 member_rows.append(members)

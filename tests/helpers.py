@@ -1,8 +1,8 @@
-"""Helpers shared by the test modules: small HDF5 files in step0's layout, images, fake
-ImageNet weight files, predictions CSVs and scores with correlated slices per patient, and
-the readers of a step's stderr and of a folder's bytes, and the killing of process trees and a
-read from a child's pipe with a deadline. Test files import these from here, never from one
-another."""
+"""Helpers shared by the test modules: small HDF5 files in step0's layout, images, small
+DICOM files, fake ImageNet weight files, predictions CSVs and scores with correlated slices
+per patient, and the readers of a step's stderr and of a folder's bytes, and the killing of
+process trees and a read from a child's pipe with a deadline. Test files import these from
+here, never from one another."""
 
 from __future__ import annotations
 
@@ -79,6 +79,27 @@ def save_png(path: Path, value: int, size: int = 20) -> None:
     pixels = np.full((size, size), value, np.uint8)
     pixels[: size // 2] = 255 - value
     Image.fromarray(pixels).save(path)
+
+
+def write_dicom(path, stored: np.ndarray, **tags) -> None:
+    """A small MR file with pydicom, `stored` as its pixel data (int16 or uint16)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "MR", *stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = stored.astype(stored.dtype.newbyteorder("<")).tobytes()
+    ds.save_as(path, enforce_file_format=True)
 
 
 def folder_snapshot(folder: Path) -> dict[str, bytes]:
