@@ -7,8 +7,8 @@ augmentation named, and prints one line per model: the slice-level AUROC (PCNSL 
 with its DeLong and bootstrap 95% CIs, and the patient-level AUROC (mean probability per
 patient) with its bootstrap 95% CI. When the package offers DeLong's paired test, the
 `strong` model (or the last one named) is compared with each of the others on the same
-slices (slices of one patient are not independent: read the p-values as a guide). Uses gbmpcnsl's
-functions, as step4's notebook does.
+slices by DeLong's paired test, its variance clustered by patient (Obuchowski 1997: slices of
+one patient are not independent). Uses gbmpcnsl's functions, as step4's notebook does.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as demo/...: find gbmpcnsl
-from gbmpcnsl import predictions, report, stats  # noqa: E402
+from gbmpcnsl import delong, predictions, report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,14 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTest AUROC (PCNSL positive) on the demo's unseen test patients, by training augmentation:")
     for augmentation, frame in frames.items():
         row = report.class_metrics(frame, "PCNSL", n_bootstraps=args.n_bootstraps)
+        patients = report.class_metrics(frame, "PCNSL", n_bootstraps=args.n_bootstraps, level="patient")
         print(
             f"  {augmentation:<15} slices: AUROC {row['auc']:.3f} (DeLong 95% CI {row['delong_ci_low']:.3f}-"
             f"{row['delong_ci_high']:.3f}; {row['bootstrap_unit']} bootstrap {row['auc_ci_low']:.3f}-"
             f"{row['auc_ci_high']:.3f}; "
-            f"{row['n_images']} slices)   patients: AUROC {row['patient_auc']:.3f} (bootstrap "
-            f"{row['patient_auc_ci_low']:.3f}-{row['patient_auc_ci_high']:.3f}; {row['n_patients']} patients)"
+            f"{row['n_images']} slices)   patients: AUROC {patients['auc']:.3f} (bootstrap "
+            f"{patients['auc_ci_low']:.3f}-{patients['auc_ci_high']:.3f}; {patients['n_patients']} patients)"
         )
-    paired_test = stats.delong_paired_test
+    paired_test = delong.delong_paired_test
     last = "strong" if "strong" in frames else list(frames)[-1]
     others = [name for name in frames if name != last]
     for other in others:
@@ -60,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         score = report.class_score
-        result = paired_test(a["label"].to_numpy(), score(a, "PCNSL"), score(b, "PCNSL"))
+        groups = a["patient_id"] if "patient_id" in a else None  # slices clustered in patients
+        result = paired_test(a["label"].to_numpy(), score(a, "PCNSL"), score(b, "PCNSL"), groups=groups)
         print(
             f"  {last} - {other}: AUROC difference {result['difference']:+.3f} (95% CI "
-            f"{result['ci_low']:+.3f} to {result['ci_high']:+.3f}), DeLong paired test p = {result['p_value']:.2g}"
+            f"{result['ci_low']:+.3f} to {result['ci_high']:+.3f}), DeLong paired test (clustered by patient) p = {result['p_value']:.2g}"
         )
     return 0
 

@@ -1,4 +1,5 @@
-"""Print where the demo's outputs are and the demo model's test AUROC with its 95% CI.
+"""Print where the demo's outputs are and the demo model's test AUROC with its CIs, the
+patient level (mean probability per patient) first, then the slice level.
 
     python demo/summarize_demo.py demo_output
 
@@ -46,14 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     metrics = pd.read_csv(metrics_csv)
-    print("\nTest set (patients never seen in training):")
+    if "level" not in metrics:
+        metrics["level"] = "slice"  # a table written before the patient level existed
+    metrics = metrics.sort_values("level", key=lambda level: level != "patient", kind="stable")
+    print("\nTest set (patients never seen in training), patients first:")
     for row in metrics.itertuples():
+        ci = f"{100 * getattr(row, 'confidence', 0.95):.10g}%"
+        cases = f"{row.n_patients:.0f} patients" if row.level == "patient" else f"{row.n_images} slices"
+        wilson = " (Wilson CIs count slices as if independent)" if row.level == "slice" else ""
+        chosen = "fixed" if getattr(row, "threshold_from", "") == "fixed" else "chosen on validation"
         print(
-            f"  {row.model}, {row.positive_class} positive: AUROC {row.auc:.3f} "
-            f"(95% {row.bootstrap_unit} bootstrap CI {row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}; "
-            f"DeLong {row.delong_ci_low:.3f}-{row.delong_ci_high:.3f}), "
-            f"{row.n_images} slices, sensitivity {row.sensitivity:.3f}, specificity {row.specificity:.3f} "
-            f"at threshold {row.threshold:.3f} (chosen on validation), Brier {row.brier:.3f}"
+            f"  {row.model}, {row.level} level, {row.positive_class} positive: AUROC {row.auc:.3f} "
+            f"({ci} {row.bootstrap_unit} bootstrap CI {row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}; "
+            f"DeLong {row.delong_ci_low:.3f}-{row.delong_ci_high:.3f}), {cases}, "
+            f"sensitivity {row.sensitivity:.3f}, specificity {row.specificity:.3f} "
+            f"at threshold {row.threshold:.3f} ({chosen}){wilson}, Brier {row.brier:.3f}"
         )
     return 0
 

@@ -3,6 +3,8 @@ bins), Brier score, expected calibration error, calibration intercept and slope.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -56,7 +58,9 @@ def calibration_metrics(
     - calibration_intercept: a with b fixed at 1 (calibration-in-the-large; 0 is ideal,
       below 0, probabilities too high), the root of sum(y - sigmoid(a + logit(y_prob))).
     Probabilities are clipped to [eps, 1 - eps] for the logit. NaN where undefined (one
-    class only).
+    class only). Under perfect separation (every positive's probability at or above every
+    negative's, or at or below) the slope's maximum-likelihood estimate does not exist (it
+    grows without bound): the slope is NaN, with a RuntimeWarning.
     """
     from scipy.optimize import brentq
     from scipy.special import expit, logit
@@ -76,6 +80,14 @@ def calibration_metrics(
         result["calibration_intercept"] = float(
             brentq(lambda a: np.sum(y_true - expit(a + logits)), -bound, bound, xtol=1e-12)
         )
-        fit = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10_000).fit(logits[:, None], y_true)
-        result["calibration_slope"] = float(fit.coef_[0, 0])
+        positive, negative = logits[y_true == 1], logits[y_true == 0]
+        if positive.min() >= negative.max() or positive.max() <= negative.min():
+            warnings.warn(
+                "calibration slope undefined (NaN): the probabilities separate the classes perfectly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            fit = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10_000).fit(logits[:, None], y_true)
+            result["calibration_slope"] = float(fit.coef_[0, 0])
     return result

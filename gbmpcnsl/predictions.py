@@ -12,6 +12,7 @@ from pathlib import PurePosixPath
 import numpy as np
 import pandas as pd
 
+from gbmpcnsl.patients import aggregate_by_patient
 from gbmpcnsl.thresholds import youden_threshold
 from gbmpcnsl_common import CLASS_FOLDERS, CLASS_LABELS, patient_id
 
@@ -172,13 +173,21 @@ def _add_patient_ids(
 # ---------------------------------------------------------------------------- validation threshold
 
 
-def thresholds_from_validation(threshold_from, model_names: Sequence[str]) -> dict[str, tuple[float, str]]:
+def thresholds_from_validation(
+    threshold_from, model_names: Sequence[str], level: str = "slice"
+) -> dict[str, tuple[float, str]]:
     """Model name -> (Youden threshold, validation CSV) from validation predictions.
 
-    threshold_from: one CSV for every model (a path), or model name -> CSV (a dict or a
-    JSON object string). Each CSV is read as read_predictions reads it (its own label
+    threshold_from: model name -> CSV (a dict or a JSON object string), each model's own
+    validation predictions; one CSV (a path) serves one model only, and several models
+    with one CSV raise ValueError (a threshold chosen on one model's predictions does not
+    carry over to another). Each CSV is read as read_predictions reads it (its own label
     column when it has one, as step1's val_predictions.csv, else the gbm/pcnsl folders).
+    level "patient": Youden's threshold on the validation patients' mean probabilities
+    (gbmpcnsl.patients, the patient rule), for calls on patients.
     """
+    if level not in ("slice", "patient"):
+        raise ValueError(f"level {level!r}: expected 'slice' or 'patient'")
     if isinstance(threshold_from, str) and threshold_from.strip().startswith("{"):
         threshold_from = json.loads(threshold_from)
     if isinstance(threshold_from, Mapping):
@@ -186,10 +195,20 @@ def thresholds_from_validation(threshold_from, model_names: Sequence[str]) -> di
         if missing:
             raise ValueError(f"threshold_from has no validation predictions for {', '.join(missing)}")
         sources = {name: str(threshold_from[name]) for name in model_names}
+    elif len(model_names) > 1:
+        raise ValueError(
+            f"threshold_from: one validation CSV ({threshold_from}) for {len(model_names)} models; "
+            "give each model its own: model name -> validation CSV"
+        )
     else:
         sources = dict.fromkeys(model_names, str(threshold_from))
     thresholds = {}
     for name, csv_path in sources.items():
-        validation = read_predictions(csv_path, patient_ids=False)
-        thresholds[name] = (youden_threshold(validation["label"], validation["prob_pcnsl"]), csv_path)
+        validation = read_predictions(csv_path, patient_ids=level == "patient")
+        labels, prob_pcnsl = validation["label"], validation["prob_pcnsl"]
+        if level == "patient":
+            rows = aggregate_by_patient(validation["patient_id"], prob_pcnsl, "mean")
+            labels = validation.groupby("patient_id")["label"].first()[[row[0] for row in rows]]
+            prob_pcnsl = [row[2] for row in rows]
+        thresholds[name] = (youden_threshold(labels, prob_pcnsl), csv_path)
     return thresholds

@@ -1,10 +1,10 @@
 """The AUC and its uncertainty, as pure functions over arrays: the AUC of the data, the slice,
-cluster (patient) and paired bootstraps, DeLong's variance, CI and paired test, and the
-Wilson interval of a proportion.
+cluster (patient) and paired bootstraps (optionally stratified by class, as pROC's), and the
+Wilson interval of a proportion. DeLong's variance and test are in gbmpcnsl.delong.
 
 The AUC is the Mann-Whitney U of the data, ties counted half (sklearn's roc_auc_score). A
 bootstrap resample's AUC comes from counts per score value (no sort), vectorised over
-chunks of resamples. DeLong's method uses midranks (fast DeLong, Sun & Xu 2014). Labels
+chunks of resamples. Labels
 follow gbmpcnsl_common: GBM = 0, PCNSL = 1, the model outputs P(PCNSL).
 """
 
@@ -140,7 +140,7 @@ def percentile_ci(values, confidence: float = 0.95) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _group_codes(groups, n: int) -> tuple[np.ndarray, int]:
+def group_codes(groups, n: int) -> tuple[np.ndarray, int]:
     """Each prediction's group as 0..n_groups-1 in order of first appearance; None: every
     prediction its own group (the slice bootstrap)."""
     if groups is None:
@@ -152,28 +152,56 @@ def _group_codes(groups, n: int) -> tuple[np.ndarray, int]:
 
 
 def resample_weights(
-    groups, n: int, n_bootstraps: int, seed: int | None, max_chunk_elements: int = 100_000
+    groups,
+    n: int,
+    n_bootstraps: int,
+    seed: int | None,
+    max_chunk_elements: int = 100_000,
+    strata=None,
 ) -> Iterator[np.ndarray]:
     """Chunks of bootstrap resamples as weights: an int array (rows, n), how often each of
-    the n predictions is drawn in each resample.
+    the n predictions is drawn in each resample; a chunk holds at most max_chunk_elements
+    weights (at least one row), whatever the number of groups.
 
     Groups (patients) are drawn with replacement, n_groups per resample, and a group's
     predictions come with it (cluster bootstrap); groups=None draws the predictions
     themselves. The draws are `rng.integers(0, n_groups, size=(rows, n_groups))` in chunks
     as bootstrap_auc's, so with one prediction per group (in order) both draw the same
-    resamples.
+    resamples. strata (one class per prediction, constant within a group): pROC's
+    stratified bootstrap, each stratum's groups drawn separately, as many as it holds
+    (`rng.integers(0, n_s, size=(rows, n_s))` per stratum in sorted order, each chunk).
     """
-    codes, n_groups = _group_codes(groups, n)
+    codes, n_groups = group_codes(groups, n)
     if n_bootstraps < 1:
         raise ValueError(f"n_bootstraps must be at least 1 (got {n_bootstraps})")
+    members = [np.arange(n_groups)] if strata is None else _stratum_groups(codes, n_groups, strata)
     rng = np.random.default_rng(seed)
-    rows_per_chunk = max(1, max_chunk_elements // n_groups)
+    rows_per_chunk = max(1, max_chunk_elements // max(n, 1))
     for start in range(0, n_bootstraps, rows_per_chunk):
         rows = min(rows_per_chunk, n_bootstraps - start)
-        drawn = rng.integers(0, n_groups, size=(rows, n_groups))
+        drawn = np.concatenate(
+            [
+                group_ids[rng.integers(0, len(group_ids), size=(rows, len(group_ids)))]
+                for group_ids in members
+            ],
+            axis=1,
+        )
         drawn += n_groups * np.arange(rows)[:, None]
         group_counts = np.bincount(drawn.ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
         yield group_counts[:, codes]
+
+
+def _stratum_groups(codes: np.ndarray, n_groups: int, strata) -> list[np.ndarray]:
+    """The groups of each stratum (sorted strata); ValueError when a group spans two."""
+    strata = np.asarray(strata)
+    if len(strata) != len(codes):
+        raise ValueError(f"strata must have one entry per prediction ({len(strata)} for {len(codes)})")
+    stratum_values, stratum_codes = np.unique(strata, return_inverse=True)
+    group_stratum = np.full(n_groups, -1)
+    group_stratum[codes] = stratum_codes
+    if (group_stratum[codes] != stratum_codes).any():
+        raise ValueError("a stratified bootstrap needs one class per patient (a patient holds both)")
+    return [np.flatnonzero(group_stratum == k) for k in range(len(stratum_values))]
 
 
 def weighted_aucs(y_true, y_score, weights) -> np.ndarray:
@@ -202,6 +230,7 @@ def cluster_bootstrap_auc(
     n_bootstraps: int = 10_000,
     seed: int | None = 0,
     max_chunk_elements: int = 100_000,
+    stratified: bool = False,
 ) -> BootstrapResult:
     """Bootstrap of the slice-level AUC that resamples patients (groups), not slices.
 
@@ -209,7 +238,9 @@ def cluster_bootstrap_auc(
     narrow an interval; drawing whole patients keeps each patient's slices together. The
     AUC of a resample is the slice-level AUC of every slice of the drawn patients (a
     patient drawn twice counts twice). groups=None resamples slices (bootstrap_auc's
-    resamples, bit for bit).
+    resamples, bit for bit). stratified: positives and negatives (positive and negative
+    patients) resampled separately, each keeping its count (pROC's stratified bootstrap;
+    no resample then lacks a class).
     """
     positive, y_score = binary_arrays(y_true, y_score)
     if len(y_score) == 0:
@@ -217,7 +248,9 @@ def cluster_bootstrap_auc(
     aucs = np.concatenate(
         [
             weighted_aucs(positive, y_score, weights)
-            for weights in resample_weights(groups, len(y_score), n_bootstraps, seed, max_chunk_elements)
+            for weights in resample_weights(
+                groups, len(y_score), n_bootstraps, seed, max_chunk_elements, positive if stratified else None
+            )
         ]
     )
     return BootstrapResult(aucs=aucs, n_skipped=int(np.isnan(aucs).sum()), seed=seed)
@@ -253,97 +286,21 @@ def paired_bootstrap_auc_difference(
     n_bootstraps: int = 10_000,
     seed: int | None = 0,
     max_chunk_elements: int = 100_000,
+    stratified: bool = False,
 ) -> PairedBootstrapResult:
     """AUC(score_a) - AUC(score_b) on the same resamples: patients (groups) drawn with
-    replacement, or images when groups is None."""
+    replacement, or images when groups is None; stratified as cluster_bootstrap_auc."""
     positive, score_a = binary_arrays(y_true, score_a)
     _, score_b = binary_arrays(y_true, score_b)
     differences = np.concatenate(
         [
             weighted_aucs(positive, score_a, weights) - weighted_aucs(positive, score_b, weights)
-            for weights in resample_weights(groups, len(score_a), n_bootstraps, seed, max_chunk_elements)
+            for weights in resample_weights(
+                groups, len(score_a), n_bootstraps, seed, max_chunk_elements, positive if stratified else None
+            )
         ]
     )
     return PairedBootstrapResult(differences, int(np.isnan(differences).sum()), seed)
-
-
-# ---------------------------------------------------------------------------- DeLong
-
-
-def delong_variance(y_true, y_score) -> tuple[float, float]:
-    """(AUC, variance of the AUC) by DeLong's method, computed with midranks (Sun & Xu 2014).
-
-    Structural components: V10 for each positive is the share of negatives it outscores,
-    V01 for each negative the share of positives that outscore it (ties count half);
-    variance = var(V10) / n_pos + var(V01) / n_neg, sample variances (ddof 1).
-    Needs at least two positives and two negatives.
-    """
-    positive, y_score = binary_arrays(y_true, y_score)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos < 2 or n_neg < 2:
-        raise ValueError("the DeLong variance needs at least two positives and two negatives")
-    v10, v01 = _delong_components(positive, y_score)
-    auc = float(v10.mean())
-    variance = float(v10.var(ddof=1) / n_pos + v01.var(ddof=1) / n_neg)
-    return auc, variance
-
-
-def delong_ci(y_true, y_score, confidence: float = 0.95) -> tuple[float, float]:
-    """Normal-approximation confidence interval of the AUC from the DeLong variance,
-    clipped to [0, 1]."""
-    auc, variance = delong_variance(y_true, y_score)
-    half_width = norm.ppf(0.5 + confidence / 2) * np.sqrt(variance)
-    return float(max(0.0, auc - half_width)), float(min(1.0, auc + half_width))
-
-
-def _delong_components(positive: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """DeLong's structural components (V10 per positive, V01 per negative) by midranks."""
-    pos_scores, neg_scores = y_score[positive], y_score[~positive]
-    n_pos, n_neg = len(pos_scores), len(neg_scores)
-    ranks_all = rankdata(np.concatenate([pos_scores, neg_scores]))
-    v10 = (ranks_all[:n_pos] - rankdata(pos_scores)) / n_neg
-    v01 = 1.0 - (ranks_all[n_pos:] - rankdata(neg_scores)) / n_pos
-    return v10, v01
-
-
-def delong_paired_test(y_true, score_a, score_b, confidence: float = 0.95) -> dict[str, float]:
-    """DeLong's test of two correlated AUCs (DeLong, DeLong & Clarke-Pearson 1988): two
-    models' scores on the same images.
-
-    The covariance of (AUC_a, AUC_b) is S10 / n_pos + S01 / n_neg, S10 and S01 the sample
-    covariance matrices (ddof 1) of the models' structural components; the difference
-    AUC_a - AUC_b has variance var_a + var_b - 2 cov, a normal-approximation CI and the
-    two-sided p-value of z = difference / its standard error. Returns auc_a, auc_b,
-    difference, variance, ci_low, ci_high, z and p_value (z NaN and p 1 when the
-    variance is 0, e.g. two identical models).
-    """
-    positive, score_a = binary_arrays(y_true, score_a)
-    _, score_b = binary_arrays(y_true, score_b)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos < 2 or n_neg < 2:
-        raise ValueError("the DeLong test needs at least two positives and two negatives")
-    v10_a, v01_a = _delong_components(positive, score_a)
-    v10_b, v01_b = _delong_components(positive, score_b)
-    covariance = np.cov([v10_a, v10_b]) / n_pos + np.cov([v01_a, v01_b]) / n_neg
-    auc_a, auc_b = float(v10_a.mean()), float(v10_b.mean())
-    difference = auc_a - auc_b
-    variance = float(max(0.0, covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1]))
-    half_width = norm.ppf(0.5 + confidence / 2) * np.sqrt(variance)
-    if variance > 0:
-        z = difference / np.sqrt(variance)
-        p_value = float(2 * norm.sf(abs(z)))
-    else:
-        z, p_value = float("nan"), 1.0
-    return {
-        "auc_a": auc_a,
-        "auc_b": auc_b,
-        "difference": difference,
-        "variance": variance,
-        "ci_low": float(difference - half_width),
-        "ci_high": float(difference + half_width),
-        "z": float(z),
-        "p_value": p_value,
-    }
 
 
 # ---------------------------------------------------------------------------- proportions

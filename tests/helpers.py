@@ -158,3 +158,11 @@ def read_until(stream, condition, timeout: float) -> bytes:
             assert chunk, f"the pipe closed first: {data.decode()[-2000:]}"
             data += chunk
     return data
+
+
+def tied_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores with many ties (scores rounded to one decimal)."""
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 2, n)
+    y_score = np.round(1 / (1 + np.exp(-(y_true - 0.5 + rng.normal(0, 1, n)))), 1)
+    return y_true, y_score

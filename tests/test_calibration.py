@@ -3,6 +3,8 @@ calibration intercept and slope against scipy's optimiser on the likelihood."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize
@@ -51,3 +53,24 @@ def test_calibration_intercept_and_slope_by_maximum_likelihood():
     well = calibration.calibration_metrics(y_true, expit(true_logit))
     assert abs(well["calibration_intercept"]) < 0.1 and well["calibration_slope"] == pytest.approx(1, abs=0.1)
     assert np.isnan(calibration.calibration_metrics([1, 1], [0.3, 0.9])["calibration_slope"])
+
+
+def test_calibration_slope_is_nan_with_a_warning_under_perfect_separation():
+    """Separable classes have no finite maximum-likelihood slope (the fit gave 76.5 on 120
+    such cases): NaN and a warning, not an arbitrary number; the intercept stays defined."""
+    rng = np.random.default_rng(0)
+    y_true = np.repeat([0, 1], 60)
+    separable = np.where(y_true == 1, rng.uniform(0.55, 0.99, 120), rng.uniform(0.01, 0.45, 120))
+    for y_prob in (separable, 1 - separable, np.where(y_true == 1, 0.7, 0.3)):
+        with pytest.warns(RuntimeWarning, match="calibration slope undefined"):
+            metrics = calibration.calibration_metrics(y_true, y_prob)
+        assert np.isnan(metrics["calibration_slope"]) and np.isfinite(metrics["calibration_intercept"])
+    touching = separable.copy()
+    touching[0] = touching[60] = 0.5  # one negative ties the lowest positive: still separated
+    with pytest.warns(RuntimeWarning):
+        assert np.isnan(calibration.calibration_metrics(y_true, touching)["calibration_slope"])
+    overlapping = separable.copy()
+    overlapping[0] = 0.9  # one negative above a positive: the slope exists
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(calibration.calibration_metrics(y_true, overlapping)["calibration_slope"])

@@ -1,5 +1,6 @@
-"""Two models compared on the same images: the paired bootstrap and the paired DeLong test
-(gbmpcnsl.stats) and compare_models (gbmpcnsl.comparison).
+"""Two models compared on the same images: the paired bootstrap (gbmpcnsl.stats), the paired
+DeLong test (gbmpcnsl.delong) and compare_models at the patient and slice levels
+(gbmpcnsl.comparison).
 
 Every number is checked against an independent computation: sklearn (roc_auc_score with
 sample weights), textbook formulas and double loops over pairs of images.
@@ -15,7 +16,7 @@ from scipy.special import expit
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from gbmpcnsl import comparison, report, stats
+from gbmpcnsl import comparison, delong, report, stats
 
 
 def test_paired_bootstrap_difference():
@@ -57,7 +58,7 @@ def test_paired_delong_hand_computed_example():
     y_true = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     score_a = np.array([0.9, 0.8, 0.7, 0.4, 0.5, 0.3, 0.2, 0.1])
     score_b = np.array([0.9, 0.6, 0.3, 0.7, 0.5, 0.8, 0.2, 0.1])
-    result = stats.delong_paired_test(y_true, score_a, score_b)
+    result = delong.delong_paired_test(y_true, score_a, score_b)
     assert result["auc_a"] == 15 / 16 and result["auc_b"] == 12 / 16  # counted by hand
     # By hand, V10 per positive (share of negatives below it) and V01 per negative (share of
     # positives above it): V10_a = (1, 1, 1, 3/4), V01_a = (3/4, 1, 1, 1);
@@ -79,14 +80,14 @@ def test_paired_delong_equals_definition_on_random_tied_data():
     score_a = np.round(rng.random(60) + 0.4 * y_true, 1)
     score_b = np.round(score_a + rng.normal(0, 0.3, 60), 1)
     auc_a, auc_b, variance = delong_by_definition(y_true, score_a, score_b)
-    result = stats.delong_paired_test(y_true, score_a, score_b)
+    result = delong.delong_paired_test(y_true, score_a, score_b)
     assert (result["auc_a"], result["auc_b"]) == pytest.approx((auc_a, auc_b), abs=1e-12)
     assert result["variance"] == pytest.approx(variance, abs=1e-12)
     # One model's own variance is delong_variance's; identical models have no difference.
-    assert stats.delong_variance(y_true, score_a)[1] == pytest.approx(
-        stats.delong_paired_test(y_true, score_a, np.zeros(60))["variance"]
+    assert delong.delong_variance(y_true, score_a)[1] == pytest.approx(
+        delong.delong_paired_test(y_true, score_a, np.zeros(60))["variance"]
     )
-    same = stats.delong_paired_test(y_true, score_a, score_a)
+    same = delong.delong_paired_test(y_true, score_a, score_a)
     assert same["difference"] == 0 and same["p_value"] == 1.0
 
 
@@ -116,15 +117,41 @@ def test_compare_models_pairs_scored_on_the_same_images():
         "c": frame(score, np.arange(n - 1)),  # one image fewer: not comparable
     }
     compared = comparison.compare_models(frames, n_bootstraps=200, seed=0)
-    assert compared[["model_a", "model_b"]].values.tolist() == [["a", "b"]]
-    row = compared.iloc[0]
-    delong = stats.delong_paired_test(y_true, score, other)
-    assert row["auc_difference"] == pytest.approx(delong["difference"], abs=1e-12)
-    assert row["delong_p"] == pytest.approx(delong["p_value"], abs=1e-12)
-    assert row["bootstrap_unit"] == "patient" and row["n_patients"] == 20
+    assert compared[["model_a", "model_b", "level"]].values.tolist() == [
+        ["a", "b", "patient"],
+        ["a", "b", "slice"],
+    ]
+    row = compared.iloc[1]  # slices: DeLong clustered by patient (Obuchowski), bootstrap over patients
+    clustered = delong.delong_paired_test(y_true, score, other, groups=groups)
+    assert row["auc_difference"] == pytest.approx(clustered["difference"], abs=1e-12)
+    assert row["delong_p"] == pytest.approx(clustered["p_value"], abs=1e-12)
+    assert (
+        row["delong_p"] > delong.delong_paired_test(y_true, score, other)["p_value"]
+    )  # slices as independent
+    assert row["bootstrap_unit"] == "patient" and row["delong_unit"] == "patient" and row["n_patients"] == 20
     paired = stats.paired_bootstrap_auc_difference(y_true, score, other, groups, n_bootstraps=200, seed=0)
     assert (row["bootstrap_ci_low"], row["bootstrap_ci_high"]) == pytest.approx(paired.ci(), abs=1e-12)
+    # Patients: each patient's mean probability per model, patients as independent cases.
+    patient = compared.iloc[0]
+    means = pd.DataFrame({"a": expit(score), "b": expit(other), "y": y_true, "g": groups}).groupby("g").mean()
+    on_patients = delong.delong_paired_test(means["y"].astype(int), means["a"], means["b"])
+    assert patient["n_cases"] == 20 and patient["auc_difference"] == pytest.approx(on_patients["difference"])
+    assert patient["delong_p"] == pytest.approx(on_patients["p_value"], abs=1e-12)
+    patient_bootstrap = stats.paired_bootstrap_auc_difference(
+        means["y"].astype(int), means["a"], means["b"], None, n_bootstraps=200, seed=0
+    )
+    assert (patient["bootstrap_ci_low"], patient["bootstrap_ci_high"]) == pytest.approx(
+        patient_bootstrap.ci(), abs=1e-12
+    )
+    slices_only = comparison.compare_models(frames, n_bootstraps=200, seed=0, bootstrap_unit="slice")
+    assert slices_only.iloc[1]["delong_p"] == pytest.approx(
+        delong.delong_paired_test(y_true, score, other)["p_value"]
+    )
+    assert slices_only.iloc[1]["delong_unit"] == "slice"
     markdown = report.markdown_table(comparison.comparison_summary(compared))
     assert (
-        markdown.splitlines()[0].startswith("| Model A | Model B | Images |") and "| a | b | 60 |" in markdown
+        markdown.splitlines()[0].startswith("| Model A | Model B | Images |")
+        and "| a | b | 60 | 20 | slice |" in markdown
     )
+    at_90 = comparison.comparison_summary(comparison.compare_models(frames, 50, 0, confidence=0.9))
+    assert "90% CI (DeLong)" in at_90.columns and not any("95%" in c for c in at_90.columns)

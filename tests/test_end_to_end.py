@@ -107,7 +107,7 @@ def test_notebook_outputs(demo_run):
     predictions = pd.read_csv(out / "predictions_test.csv")
     truth = predictions.path.str.contains("/pcnsl/").astype(int)
     metrics = pd.read_csv(figures / "roc_metrics.csv")
-    row = metrics[metrics.positive_class == "PCNSL"].iloc[0]
+    row = metrics[(metrics.positive_class == "PCNSL") & (metrics.level == "slice")].iloc[0]
     assert row.auc == pytest.approx(roc_auc_score(truth, predictions.prob_pcnsl), abs=1e-12)
     assert row.auc_ci_low <= row.auc <= row.auc_ci_high
     assert (figures / "roc_metrics.md").read_text().count("|") > 10

@@ -194,7 +194,8 @@ def test_step4_notebook_writes_roc_figures_and_metrics(step4_predictions, tmp_pa
     check_figure(output_dir / "roc_pcnsl")
 
     metrics = pd.read_csv(output_dir / "roc_metrics.csv")
-    assert len(metrics) == 2 * len(step4_predictions)
+    assert len(metrics) == 4 * len(step4_predictions)  # two levels, two classes
+    assert metrics["level"].tolist()[:4] == ["patient", "patient", "slice", "slice"]  # patients first
     for name, csv_path in step4_predictions.items():
         predictions = pd.read_csv(csv_path)
         is_pcnsl = predictions["path"].str.contains("/pcnsl/").to_numpy()
@@ -222,27 +223,43 @@ def test_step4_notebook_writes_roc_figures_and_metrics(step4_predictions, tmp_pa
                 called_pcnsl,
             ),
         ):
-            row = metrics[(metrics["model"] == name) & (metrics["positive_class"] == positive_class)].iloc[0]
+            rows = metrics[(metrics["model"] == name) & (metrics["positive_class"] == positive_class)]
+            row, patient_row = (
+                rows[rows["level"] == "slice"].iloc[0],
+                rows[rows["level"] == "patient"].iloc[0],
+            )
             assert row["auc"] == pytest.approx(roc_auc_score(is_positive, score), abs=1e-12)
             assert row["auc_ci_low"] < row["auc"] < row["auc_ci_high"]
             assert row["delong_ci_low"] < row["auc"] < row["delong_ci_high"]
             assert row["n_bootstraps"] == N_BOOTSTRAPS and row["n_skipped"] == 0
             assert row["sensitivity"] == pytest.approx((called & is_positive).sum() / is_positive.sum())
             assert row["specificity"] == pytest.approx((~called & ~is_positive).sum() / (~is_positive).sum())
-            assert row["n_patients"] == 20
-            assert row["patient_auc"] == pytest.approx(
+            assert row["n_patients"] == 20 and patient_row["n_patients"] == 20
+            assert patient_row["auc"] == pytest.approx(
                 roc_auc_score(patient_positive, patient_score), abs=1e-12
             )
-            assert row["patient_auc_ci_low"] <= row["patient_auc"] <= row["patient_auc_ci_high"]
+            assert patient_row["auc_ci_low"] <= patient_row["auc"] <= patient_row["auc_ci_high"]
+            patient_called = (patients["prob_pcnsl"] > 0.5) == (positive_class == "PCNSL")
+            assert patient_row["sensitivity"] == pytest.approx(
+                (patient_called & patient_positive).sum() / patient_positive.sum()
+            )
+            assert patient_row["specificity"] == pytest.approx(
+                (~patient_called & ~patient_positive).sum() / (~patient_positive).sum()
+            )
+            assert (row["bootstrap_unit"], row["delong_unit"], row["wilson_unit"]) == (
+                "patient",
+                "patient",
+                "slice",
+            )
 
     markdown = (output_dir / "roc_metrics.md").read_text().splitlines()
-    assert markdown[0].startswith("| Model | Positive class |") and "AUROC" in markdown[0]
+    assert markdown[0].startswith("| Model | Level | Positive class |") and "AUROC" in markdown[0]
     assert len(markdown) == 2 + len(metrics)
     first = metrics.iloc[0]
     assert f"| {first['auc']:.3f} | {first['auc_ci_low']:.3f}-{first['auc_ci_high']:.3f} |" in markdown[2]
 
     reports = (output_dir / "classification_reports.txt").read_text()
-    assert reports.count("precision") == len(step4_predictions) and "true PCNSL" in reports
+    assert reports.count("precision") == 2 * len(step4_predictions) and "true PCNSL" in reports  # two levels
     # The executed notebook shows the AUCs it saved (its outputs are kept in the executed copy).
     shown = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
     assert "model B" in shown
@@ -293,8 +310,9 @@ def test_step4_notebook_threshold_from_validation_calibration_folds_and_comparis
             "predictions": json.dumps(predictions),
             "output_dir": str(output_dir),
             "n_bootstraps": N_BOOTSTRAPS,
-            "threshold_from": str(base / "val.csv"),
+            "threshold_from": json.dumps(dict.fromkeys(predictions, str(base / "val.csv"))),
             "bootstrap_unit": "patient",
+            "stratified_bootstrap": True,
             "calibration_bins": 5,
         },
     )
@@ -312,11 +330,30 @@ def test_step4_notebook_threshold_from_validation_calibration_folds_and_comparis
         )
 
     best_j = max(youden_j(val_pcnsl, val_prob, t) for t in np.concatenate([[-1.0], val_prob]))
+    patient_metrics = metrics[metrics["level"] == "patient"]
+    metrics = metrics[metrics["level"] == "slice"]
     thresholds = metrics["threshold"].unique()
     assert len(thresholds) == 1 and thresholds[0] < 0.4
     assert youden_j(val_pcnsl, val_prob, thresholds[0]) == pytest.approx(best_j)
     assert metrics["threshold_from"].str.startswith("Youden on ").all()
     assert (metrics["bootstrap_unit"] == "patient").all()
+    assert metrics["bootstrap_stratified"].all() and (metrics["n_skipped"] == 0).all()
+    # The patient level's threshold maximises J on the validation patients' mean probabilities.
+    val_patients = (
+        validation.assign(is_pcnsl=val_pcnsl, patient=validation["path"].str.rsplit("/", n=1).str[0])
+        .groupby("patient")[["prob_pcnsl", "is_pcnsl"]]
+        .mean()
+    )
+    patient_pcnsl, patient_prob = (
+        val_patients["is_pcnsl"].to_numpy() == 1,
+        val_patients["prob_pcnsl"].to_numpy(),
+    )
+    best_patient_j = max(
+        youden_j(patient_pcnsl, patient_prob, t) for t in np.concatenate([[-1.0], patient_prob])
+    )
+    patient_thresholds = patient_metrics["threshold"].unique()
+    assert len(patient_thresholds) == 1
+    assert youden_j(patient_pcnsl, patient_prob, patient_thresholds[0]) == pytest.approx(best_patient_j)
 
     for name, csv_path in predictions.items():
         frame = pd.read_csv(csv_path)
@@ -337,14 +374,18 @@ def test_step4_notebook_threshold_from_validation_calibration_folds_and_comparis
     assert cv_row["fold_auc_mean"] == pytest.approx(np.mean(fold_aucs)) and cv_row[
         "fold_auc_sd"
     ] == pytest.approx(np.std(fold_aucs, ddof=1))
-    assert (output_dir / "roc_details.md").read_text().count("\n") == 2 + len(metrics)
+    assert (output_dir / "roc_details.md").read_text().count("\n") == 2 + len(metrics) + len(patient_metrics)
 
     comparison = pd.read_csv(output_dir / "roc_comparison.csv")
-    assert comparison[["model_a", "model_b"]].values.tolist() == [
-        ["model A", "model B"],
-        ["model A", "cv"],
-        ["model B", "cv"],
+    assert comparison[["model_a", "model_b", "level"]].values.tolist() == [
+        [a, b, level]
+        for a, b in (["model A", "model B"], ["model A", "cv"], ["model B", "cv"])
+        for level in ("patient", "slice")
     ]
+    patient_comparison, comparison = (
+        comparison[comparison["level"] == level] for level in ("patient", "slice")
+    )
+    assert (patient_comparison["n_cases"] == 20).all() and (comparison["n_cases"] == 60).all()
     a, b = (pd.read_csv(step4_predictions[name]) for name in ("model A", "model B"))
     first = comparison.iloc[0]
     labels = a["path"].str.contains("/pcnsl/")
@@ -356,4 +397,4 @@ def test_step4_notebook_threshold_from_validation_calibration_folds_and_comparis
         comparison.iloc[1]["auc_difference"] == 0 and comparison.iloc[1]["delong_p"] == 1
     )  # the same scores
     markdown = (output_dir / "roc_comparison.md").read_text().splitlines()
-    assert markdown[0].startswith("| Model A | Model B |") and len(markdown) == 2 + 3
+    assert markdown[0].startswith("| Model A | Model B |") and len(markdown) == 2 + 6

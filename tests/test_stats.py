@@ -1,27 +1,17 @@
-"""gbmpcnsl.stats: the AUC, its bootstrap (per image and per patient cluster) and DeLong
-intervals, weighted AUCs and Wilson intervals, checked against sklearn, textbook formulas
-and numbers computed by hand."""
+"""gbmpcnsl.stats: the AUC, its bootstrap (per image and per patient cluster, stratified or
+not), weighted AUCs and Wilson intervals, checked against sklearn, textbook formulas and
+numbers computed by hand. DeLong's intervals: test_delong.py."""
 
 from __future__ import annotations
-
-from fractions import Fraction
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import correlated_slices
+from helpers import correlated_slices, tied_scores
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from gbmpcnsl import stats
-
-
-def tied_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and scores with many ties (scores rounded to one decimal)."""
-    rng = np.random.default_rng(seed)
-    y_true = rng.integers(0, 2, n)
-    y_score = np.round(1 / (1 + np.exp(-(y_true - 0.5 + rng.normal(0, 1, n)))), 1)
-    return y_true, y_score
 
 
 def test_auc_equals_sklearn_with_ties():
@@ -93,58 +83,6 @@ def test_percentile_ci():
         stats.percentile_ci([0.5], 1.5)
 
 
-def delong_by_definition(y_true, y_score) -> tuple[float, float]:
-    """DeLong (1988) from its definition: psi over every (positive, negative) pair."""
-    positives = [s for s, y in zip(y_score, y_true, strict=True) if y == 1]
-    negatives = [s for s, y in zip(y_score, y_true, strict=True) if y == 0]
-
-    def psi(x, y):
-        return 1.0 if x > y else 0.5 if x == y else 0.0
-
-    v10 = [sum(psi(x, y) for y in negatives) / len(negatives) for x in positives]
-    v01 = [sum(psi(x, y) for x in positives) / len(positives) for y in negatives]
-    auc = sum(v10) / len(v10)
-    s10 = sum((v - auc) ** 2 for v in v10) / (len(v10) - 1)
-    s01 = sum((v - auc) ** 2 for v in v01) / (len(v01) - 1)
-    return auc, s10 / len(positives) + s01 / len(negatives)
-
-
-def test_delong_hand_computed_example():
-    # Positives 0.9, 0.8, 0.4; negatives 0.7, 0.4, 0.2, 0.1 (one tie at 0.4).
-    # V10 = 1, 1, 5/8 (0.4 beats 0.2 and 0.1, ties 0.4): AUC = 21/8 / 3 = 7/8.
-    # V01 = 2/3, 5/6, 1, 1.  S10 = (1/64 + 1/64 + 1/16) / 2 = 3/64.
-    # S01 = ((5/24)^2 + (1/24)^2 + (1/8)^2 + (1/8)^2) / 3 = 11/432.
-    # Var = S10 / 3 + S01 / 4 = 1/64 + 11/1728 = 19/864.
-    y_true = [1, 1, 1, 0, 0, 0, 0]
-    y_score = [0.9, 0.8, 0.4, 0.7, 0.4, 0.2, 0.1]
-    s10 = (Fraction(1, 8) ** 2 * 2 + Fraction(1, 4) ** 2) / 2
-    s01 = (Fraction(5, 24) ** 2 + Fraction(1, 24) ** 2 + 2 * Fraction(1, 8) ** 2) / 3
-    assert (s10, s01, s10 / 3 + s01 / 4) == (Fraction(3, 64), Fraction(11, 432), Fraction(19, 864))
-    auc, variance = stats.delong_variance(y_true, y_score)
-    assert auc == pytest.approx(7 / 8, abs=1e-15)
-    assert variance == pytest.approx(19 / 864, abs=1e-15)
-    low, high = stats.delong_ci(y_true, y_score, 0.95)
-    assert (low, high) == pytest.approx((7 / 8 - 1.959963984540054 * np.sqrt(19 / 864), 1.0))  # clipped at 1
-
-
-def test_delong_equals_definition_on_tied_data():
-    y_true, y_score = tied_scores(60, seed=3)
-    auc, variance = stats.delong_variance(y_true, y_score)
-    expected_auc, expected_variance = delong_by_definition(y_true, y_score)
-    assert auc == pytest.approx(expected_auc, abs=1e-12) and auc == pytest.approx(
-        roc_auc_score(y_true, y_score)
-    )
-    assert variance == pytest.approx(expected_variance, rel=1e-10)
-    low, high = stats.delong_ci(y_true, y_score, 0.95)
-    assert low < auc < high
-    assert (high - low) / 2 == pytest.approx(1.959963984540054 * np.sqrt(variance))
-
-
-def test_delong_needs_two_of_each_class():
-    with pytest.raises(ValueError, match="two positives and two negatives"):
-        stats.delong_variance([1, 0, 0], [0.9, 0.1, 0.2])
-
-
 def test_weighted_aucs_equal_sklearn_with_sample_weights():
     rng = np.random.default_rng(1)
     y_true = rng.integers(0, 2, 40)
@@ -210,3 +148,55 @@ def test_wilson_interval_by_formula():
     assert stats.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook example
     assert stats.wilson_interval(0, 12)[0] == pytest.approx(0, abs=1e-15)
     assert all(np.isnan(stats.wilson_interval(0, 0)))
+
+
+def test_stratified_bootstrap_keeps_each_class_count():
+    """pROC's stratified bootstrap: positives and negatives (patients with a class) drawn
+    separately, each as many as there are, so no resample lacks a class."""
+    y_true = np.array([1, 0, 0, 0, 0, 0])  # one positive: the plain bootstrap skips a third
+    y_score = np.array([0.9, 0.1, 0.2, 0.95, 0.4, 0.5])
+    result = stats.cluster_bootstrap_auc(y_true, y_score, n_bootstraps=300, seed=0, stratified=True)
+    assert result.n_skipped == 0
+    # The documented draws: per chunk, each class's members in sorted class order.
+    rng = np.random.default_rng(0)
+    negatives, positives = np.flatnonzero(y_true == 0), np.flatnonzero(y_true == 1)
+    drawn = np.concatenate(
+        [negatives[rng.integers(0, 5, size=(300, 5))], positives[rng.integers(0, 1, size=(300, 1))]], axis=1
+    )
+    expected = [roc_auc_score(y_true[row], y_score[row]) for row in drawn]
+    np.testing.assert_allclose(result.aucs, expected, rtol=0, atol=1e-12)
+
+    y_true, y_score, groups = correlated_slices(n_patients=9, n_slices=3, seed=1)  # 5 GBM, 4 PCNSL patients
+    for weights in stats.resample_weights(groups, len(y_true), 50, seed=2, strata=y_true):
+        assert ((weights * y_true).sum(axis=1) == 4 * 3).all()  # 4 PCNSL patients of 3 slices
+        assert ((weights * (1 - y_true)).sum(axis=1) == 5 * 3).all()
+        for row in weights:
+            per_patient = pd.Series(row).groupby(groups).agg(["min", "max"])
+            assert (per_patient["min"] == per_patient["max"]).all()  # whole patients
+    paired = stats.paired_bootstrap_auc_difference(
+        y_true, y_score, -y_score, groups, n_bootstraps=50, seed=2, stratified=True
+    )
+    weights = np.concatenate(list(stats.resample_weights(groups, len(y_true), 50, seed=2, strata=y_true)))
+    for row, difference in zip(weights, paired.differences, strict=True):
+        expected = roc_auc_score(y_true, y_score, sample_weight=row) - roc_auc_score(
+            y_true, -y_score, sample_weight=row
+        )
+        assert difference == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="one class per patient"):
+        next(stats.resample_weights(["a", "a", "b"], 3, 5, seed=0, strata=[0, 1, 1]))
+
+
+def test_cluster_bootstrap_chunks_are_sized_by_elements():
+    """A volume cohort, 10 patients of 200 slices: a chunk holds at most max_chunk_elements
+    weights (it held 10,000 resamples x 2,000 slices when sized by patients), and the
+    bootstrap's peak memory stays small."""
+    import tracemalloc
+
+    y_true, y_score, groups = correlated_slices(n_patients=10, n_slices=200, seed=0)
+    chunks = list(stats.resample_weights(groups, len(y_true), 1000, seed=0))
+    assert max(chunk.size for chunk in chunks) <= 100_000 and sum(len(c) for c in chunks) == 1000
+    tracemalloc.start()
+    stats.cluster_bootstrap_auc(y_true, y_score, groups, n_bootstraps=1000, seed=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20e6, f"peak {peak / 1e6:.0f} MB"

@@ -1,13 +1,17 @@
 """gbmpcnsl.thresholds: sensitivity, specificity and the other threshold metrics by hand,
-and Youden's threshold, chosen on validation predictions."""
+and Youden's threshold, chosen on validation predictions (one per model and level:
+gbmpcnsl.predictions.thresholds_from_validation)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.special import expit
 
-from gbmpcnsl import thresholds
+from gbmpcnsl import predictions, thresholds
 
 
 def test_threshold_metrics_by_hand():
@@ -47,3 +51,42 @@ def test_youden_threshold_maximises_j_and_is_chosen_on_validation():
     assert threshold < 0.4 < test_threshold  # validation's choice, not the test set's
     metrics = thresholds.threshold_metrics(test_labels, thresholds.predict_labels(test_prob, threshold))
     assert metrics["sensitivity"] == ((test_prob > threshold) & (test_labels == 1)).sum() / 40
+
+
+def test_thresholds_from_validation_one_per_model_and_per_level(tmp_path):
+    """Each model's threshold comes from its own validation CSV; one CSV for several models
+    is refused (it would give every model the threshold of one model's predictions). At the
+    patient level Youden's J is maximised over the validation patients' mean probabilities."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for folder, label in (("gbm", 0), ("pcnsl", 1)):
+        for patient in range(8):
+            shift = rng.normal(0, 1)
+            for slice_number in range(4):
+                prob = expit(1.2 * (2 * label - 1) + shift + rng.normal(0, 1.5) - 1.0)
+                rows.append((f"val/{folder}/p{patient}/s{slice_number}.png", 1 - prob, prob))
+    val = pd.DataFrame(rows, columns=["path", "prob_gbm", "prob_pcnsl"])
+    val.to_csv(tmp_path / "val.csv", index=False)
+    with pytest.raises(ValueError, match="one validation CSV .* for 2 models; give each model its own"):
+        predictions.thresholds_from_validation(str(tmp_path / "val.csv"), ["a", "b"])
+    mapping = {"a": str(tmp_path / "val.csv"), "b": str(tmp_path / "val.csv")}
+    slice_level = predictions.thresholds_from_validation(mapping, ["a", "b"])
+    patient_level = predictions.thresholds_from_validation(json.dumps(mapping), ["a", "b"], level="patient")
+    is_pcnsl = val["path"].str.contains("/pcnsl/").to_numpy()
+    means = val.assign(y=is_pcnsl, patient=val["path"].str.rsplit("/", n=1).str[0]).groupby("patient")
+    means = means[["prob_pcnsl", "y"]].mean()
+
+    def best_j(labels, prob):
+        def j(t):
+            called = prob > t
+            return (called & labels).sum() / labels.sum() + (~called & ~labels).sum() / (~labels).sum() - 1
+
+        return j, max(j(t) for t in np.concatenate([[-1.0], prob]))
+
+    j, best = best_j(is_pcnsl, val["prob_pcnsl"].to_numpy())
+    assert j(slice_level["a"][0]) == pytest.approx(best) and slice_level["a"] == slice_level["b"]
+    j, best = best_j(means["y"].to_numpy(dtype=bool), means["prob_pcnsl"].to_numpy())
+    assert j(patient_level["a"][0]) == pytest.approx(best) and patient_level["a"][1] == mapping["a"]
+    assert patient_level["a"][0] != slice_level["a"][0]
+    one_model = predictions.thresholds_from_validation(str(tmp_path / "val.csv"), ["only"])
+    assert one_model["only"] == slice_level["a"]
