@@ -69,11 +69,12 @@ def read_cohort(csv_path: Path, labels_required: bool) -> list[CohortRow]:
 
 def cohort_inputs(images: list[str], cohort: Path | None) -> tuple[list[str], dict[str, str]]:
     """step2 and step5: the inputs (the named images, then --cohort's paths) and
-    {input: patient id} for the cohort rows that name a patient."""
+    {input: patient id} for the cohort rows ("" where the row names none: the patient
+    rule on each slice's path, as for a file named on the command line)."""
     if cohort is None:
         return list(images), {}
     rows = read_cohort(cohort, labels_required=False)
-    return [*images, *(row.path for row in rows)], {row.path: row.patient for row in rows if row.patient}
+    return [*images, *(row.path for row in rows)], {row.path: row.patient or "" for row in rows}
 
 
 def step_slices(args, purpose: str, checkpoints: list[Path] | None = None):

@@ -88,7 +88,7 @@ def scan_cohort(
     rows = read_cohort(csv_path, labels_required=True)
     base = csv_path.parent
     found = find_slices(
-        [row.path for row in rows], **(options or {}), patients={r.path: r.patient for r in rows if r.patient}
+        [row.path for row in rows], **(options or {}), patients={r.path: r.patient or "" for r in rows}
     )
     label_of = {row.path: row.label for row in rows}
     given = {row.path for row in rows if row.patient}

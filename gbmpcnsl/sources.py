@@ -257,7 +257,8 @@ def find_slices(
     picks slices within each volume and series; `lesion_masks` (NIfTI) keeps only slices
     with lesion voxels, and the masks are never series. `series_options`: series (a
     compiled --series pattern), all_series, strict, and patients ({input as given:
-    patient id}, --cohort's) - see gbmpcnsl.series.select_series; the one-series-per-
+    patient id}, --cohort's; "": the patient rule without the folder as root) - see
+    gbmpcnsl.series.select_series; the one-series-per-
     patient rule applies to folders, not to files named one by one. A missing path raises
     UserError. `header_map(function, paths)` reads DICOM headers (a process pool's map, in step0).
     """
@@ -278,10 +279,11 @@ def find_slices(
             units = _expand_files([(path, str(item))], options, found)
         else:
             raise UserError(f"{path}: no such file or folder")
-        given = (options.get("patients") or {}).get(str(item))
+        given = (options.get("patients") or {}).get(str(item))  # "": a --cohort row without one
+        root = str(item) if path.is_dir() and given is None else None
         for unit in units:
             if unit.names:
-                unit.patient = given or patient_id(unit.names[0], str(item) if path.is_dir() else None)
+                unit.patient = given or patient_id(unit.names[0], root)
         selected = select_series(
             [unit for unit in units if unit.names],
             {**options, "one_per_patient": path.is_dir()},
