@@ -145,7 +145,7 @@ def slice_selection_attribute(options: dict) -> str:
     pattern = options.get("series")
     return json.dumps(
         {
-            "slices": "all" if selection is None else f"{selection.kind}:{selection.first}:{selection.count}",
+            "slices": selection.text() if selection is not None else "all",
             "lesion_masks": options.get("lesion_masks"),
             "min_lesion_pixels": options.get("min_lesion_pixels", 1),
             "series": pattern.pattern if pattern is not None else None,

@@ -52,6 +52,9 @@ def expand_inputs(inputs: list[str], options: dict | None = None, purpose: str =
         log.warning("warning: skipped %s", line)
     for line in found.warnings:
         log.warning(line)
+    counts = [f"{len(v)} {k}" for k, v in found.skipped.items() if v and k not in ("hidden", "non-axial")]
+    if counts:  # not images (by kind), other series, patients with several series
+        log.info(f"skipped {', '.join(counts)}")
     if not found.names:
         raise UserError(f"{' '.join(inputs)}: no slices to {purpose} (see the warnings above)")
     return found

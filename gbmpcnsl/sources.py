@@ -54,6 +54,12 @@ class SliceSelection:
     first: int = 0
     count: int = 0  # middle: N; range: B
 
+    def text(self) -> str:
+        """The --slices text that gives this selection."""
+        if self.kind == "middle":
+            return f"middle:{self.count}"
+        return f"{self.first}:{self.count}" if self.kind == "range" else "all"
+
     def indices(self, total: int) -> list[int]:
         """The selected positions among `total` slices (inferior to superior)."""
         if self.kind == "middle":

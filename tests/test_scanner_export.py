@@ -180,6 +180,9 @@ def test_step0_default_converts_the_single_series_patients(export, tmp_path, cap
         written = read_group(output, name.split("/")[0])
         assert written["paths"] == t1_files(name) and written["series"] == [T1] * 4
         assert written["groups"] == [name] * 4
+    with h5py.File(output, "r") as h5file:
+        selection = json.loads(h5file["pcnsl/32_32"].attrs["slice_selection"])
+    assert selection == {"slices": "all", "lesion_masks": None, "min_lesion_pixels": 1, "series": None}
     err = capfd.readouterr().err
     assert sum("warning: skipped patient" in line for line in err.splitlines()) == 4
     summary = err[err.index("  skipped ") :]
@@ -203,7 +206,13 @@ def test_step0_series_on_the_export_and_nothing_from_the_headers(export, tmp_pat
         assert written["groups"] == [patient for patient in patients for _ in range(4)]
         assert written["series"] == [T1] * 12
     with h5py.File(output, "r") as h5file:
-        assert json.loads(h5file["gbm/32_32"].attrs["slice_selection"])["series"] == r"t1\s+post"
+        selection = json.loads(h5file["gbm/32_32"].attrs["slice_selection"])
+    assert selection == {
+        "slices": "all",
+        "lesion_masks": None,
+        "min_lesion_pixels": 1,
+        "series": r"t1\s+post",
+    }
     out, err = capfd.readouterr()
     assert "Traceback" not in err and "Invalid value" not in err
     written = out + err + output.read_bytes().decode("latin-1")
@@ -232,6 +241,10 @@ def test_step2_per_patient_on_a_pacs_export_with_series_and_cohort(
     ]
     assert step2.main([*argv, str(pacs), "--series", "t1 post"]) == 0
     out, err = capfd.readouterr()
+    assert "skipped 6 other series" in err  # the FLAIR slices
+    assert "was trained on" not in err  # the demo run was trained on every slice
+    run_json = next(p / "run.json" for p in trained_checkpoint.parents if (p / "run.json").is_file())
+    assert json.loads(run_json.read_text())["hdf5_slice_selection"]["lesion_masks"] is None
     with open(csv_path, newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["path"] for row in rows] == t1_files(f"{pacs}/P018") + t1_files(f"{pacs}/P021")
@@ -286,6 +299,10 @@ def test_cohort_table_in_step0(export, tmp_path, capfd):
         last = capfd.readouterr().err.strip().splitlines()[-1]
         assert last.startswith(f"error: --cohort {table}") and message in last, last
     assert not (tmp_path / "bad.h5").exists()
+    for argv in ([str(tmp_path / "x.h5")], [str(export), str(tmp_path / "x.h5"), "--cohort", str(table)]):
+        with pytest.raises(SystemExit):  # DATA or --cohort: one of them
+            step0.main(argv)
+        assert "give DATA or --cohort FILE.csv" in capfd.readouterr().err
 
 
 def test_symlinked_folders_are_followed_once(export, tmp_path):
@@ -333,6 +350,8 @@ def test_non_image_kinds_by_sop_class_then_modality():
 
 def test_training_on_mask_selected_slices_warns_when_every_slice_is_predicted(tmp_path):
     from gbmpcnsl.sources import parse_slice_selection
+
+    assert [parse_slice_selection(t).text() for t in ("all", "middle:3", "2:5")] == ["all", "middle:3", "2:5"]
 
     checkpoint = tmp_path / "run" / "checkpoints" / "best.keras"
     checkpoint.parent.mkdir(parents=True)
