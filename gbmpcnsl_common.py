@@ -216,7 +216,7 @@ def _source_stem(name: str) -> str:
     return Path(name).stem
 
 
-def patient_id(slice_name: str | Path) -> str:
+def patient_id(slice_name: str | Path, root: str | Path | None = None) -> str:
     """The patient (group) id of a slice, qualified by its class: "gbm/p017".
 
     The one patient rule of every step (step0's groups, step1's split, step2's per-patient
@@ -227,7 +227,12 @@ def patient_id(slice_name: str | Path) -> str:
       pcnsl/001 are two (most exports number patients per class);
     - a source directly in a class folder is its own patient ("gbm/img001.png" ->
       "gbm/img001"), and every slice of one volume or series is one patient;
-    - a path without a class folder: its folder (a volume: the volume itself).
+    - without a class folder, under `root` (the folder named on the command line, which
+      then holds one folder per patient): the folder right under root, so
+      pacs/P017/ST1/SE2/x.dcm is "pacs/P017" for root "pacs";
+    - otherwise (a source directly in root, a file named on the command line): its folder
+      (a volume: the volume itself).
+    The path stays as written: an absolute one keeps its leading "/".
     """
     source, index = split_slice_name(slice_name)
     parts = [part for part in source.split("/") if part not in ("", ".")]
@@ -236,9 +241,14 @@ def patient_id(slice_name: str | Path) -> str:
         if folder in CLASS_LABELS:
             rest = parts[position + 1 :]
             return f"{folder}/{rest[0] if len(rest) > 1 else _source_stem(rest[0])}"
+    lead = "/" if source.startswith("/") else ""
+    if root is not None:
+        top = [part for part in str(root).replace("\\", "/").split("/") if part not in ("", ".")]
+        if parts[: len(top)] == top and len(parts) > len(top) + 1:
+            return lead + "/".join(parts[: len(top) + 1])
     if index is not None or len(parts) < 2:
-        return "/".join(parts)
-    return "/".join(parts[:-1])
+        return lead + "/".join(parts)
+    return lead + "/".join(parts[:-1])
 
 
 # ---------------------------------------------------------------------------- HDF5
@@ -246,9 +256,11 @@ def patient_id(slice_name: str | Path) -> str:
 # /<class>/<H>_<W>/labels    uint8 (N,)
 # /<class>/<H>_<W>/paths     UTF-8 strings (relative to the data folder)
 # /<class>/<H>_<W>/groups    UTF-8 strings (patient id)
+# /<class>/<H>_<W>/series    UTF-8 strings (the slice's series: its SeriesDescription or
+#                            volume file name; "" for a 2-D image); absent in older files
 # Reading and writing it: gbmpcnsl/hdf5.py.
 HDF5_FORMAT_VERSION = 1
-FEATURES, LABELS, PATHS, GROUPS = "features", "labels", "paths", "groups"
+FEATURES, LABELS, PATHS, GROUPS, SERIES = "features", "labels", "paths", "groups", "series"
 
 
 def size_key(size: tuple[int, int]) -> str:

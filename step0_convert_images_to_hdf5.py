@@ -3,7 +3,8 @@
     python step0_convert_images_to_hdf5.py DATA OUT.h5 [--size 380 380] [--workers N]
         [--compression gzip|lzf|none] [--strict] [--overwrite] [--verbose]
         [--slices all|middle:N|A:B] [--lesion-masks PATTERN] [--min-lesion-pixels N]
-        [--any-orientation]
+        [--any-orientation] [--series REGEX | --all-series]
+    python step0_convert_images_to_hdf5.py --cohort FILE.csv OUT.h5 [...]
 
 DATA holds gbm/ and pcnsl/. Sources are 2-D images (.jpg .jpeg .png .tif .tiff .bmp, any
 case), DICOM files (.dcm .dicom .ima or any file with the DICM preamble; a folder's
@@ -29,7 +30,13 @@ Images are decoded and resized by a pool of worker processes and streamed to dis
 memory stays flat however many images there are. Hidden files are skipped; other files
 and unreadable images are skipped with a warning (an error with --strict); every skip is
 counted in the summary on stderr. Non-axial DICOM series and volumes are skipped the same
-way unless --any-orientation. --slices picks slices of each volume and series;
+way unless --any-orientation, and so are DICOM objects that are not images (SEG, SR,
+RTSTRUCT ...; counted by kind). A patient with several series (DICOM series, multi-frame
+files, NIfTI volumes) is skipped with one warning naming them: --series REGEX keeps the
+series whose SeriesDescription (a volume: its file name) matches, --all-series keeps all,
+--strict makes it an error. Each slice's series is written to /<class>/{H}_{W}/series.
+--cohort FILE.csv (path,label,patient_id) names the sources instead of DATA's class
+folders (paths are then relative to the CSV's folder). --slices picks slices of each volume and series;
 --lesion-masks '{stem}_seg.nii.gz' keeps the slices of each NIfTI volume whose mask (beside
 it) has at least --min-lesion-pixels labelled voxels. No DICOM header value is written
 anywhere; two patient folders with DICOM files of one PatientID or StudyInstanceUID get a
@@ -58,7 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("data_dir", type=Path, metavar="DATA", help="folder holding gbm/ and pcnsl/")
+    parser.add_argument(
+        "data_dir",
+        type=Path,
+        nargs="?",
+        metavar="DATA",
+        help="folder holding gbm/ and pcnsl/ (not with --cohort)",
+    )
     parser.add_argument("output", type=Path, metavar="OUT.h5", help="HDF5 file to write or add a size to")
     output = parser.add_argument_group("output")
     run = parser.add_argument_group("run")
@@ -75,11 +88,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     output.add_argument(
         "--compression", choices=("gzip", "lzf", "none"), default="gzip", help="default: gzip"
     )
-    run.add_argument("--strict", action="store_true", help="stop at the first unreadable or non-image file")
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable or non-image file or multi-series patient",
+    )
     output.add_argument("--overwrite", action="store_true", help="replace this size if OUT.h5 already has it")
     run.add_argument("--verbose", action="store_true", help="also list hidden files that were skipped")
-    add_slice_arguments(parser)
+    add_slice_arguments(parser, strict=False)
     args = parser.parse_args(argv)
+    if (args.data_dir is None) == (args.cohort is None):
+        parser.error("give DATA or --cohort FILE.csv (one of them)")
+    args.data_dir = args.cohort.parent if args.cohort is not None else args.data_dir
     if min(args.size) < 1:
         parser.error("--size: H and W must be positive")
     if args.workers is None:
@@ -105,6 +125,7 @@ def _main(argv: list[str] | None) -> int:
         strict=args.strict,
         overwrite=args.overwrite,
         slice_options=slice_options(args),
+        cohort=args.cohort,
     )
     convert(settings)
     return 0

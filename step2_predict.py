@@ -20,11 +20,11 @@ Images are read at the model's input size with the loader that step0 used for tr
 A folder expands recursively to its images (.jpg .jpeg .png .tif .tiff .bmp, sorted).
 DICOM files, DICOM series folders and NIfTI volumes (.nii, .nii.gz) are read too: every
 slice of a volume gets its own line, named "<path>#<k>" (k: 0-based, inferior to superior);
-a series is listed in position order. --slices, --lesion-masks and --any-orientation pick
-slices as in step0.
+a series is listed in position order. --slices, --lesion-masks, --any-orientation,
+--series/--all-series/--strict (one series per patient) and --cohort FILE.csv pick slices as in step0.
 
 --csv also writes path,prob_gbm,prob_pcnsl (full float precision) for the predicted
-images; an existing file is kept unless --overwrite.
+images, and a last column series for DICOM and NIfTI inputs; an existing file is kept unless --overwrite.
 
 An image that cannot be read is reported on stderr and skipped (no line, no CSV row);
 the others are still predicted. Exit codes: 0 all predicted, 1 some images could not be
@@ -43,7 +43,8 @@ given; the names are logged on stderr). One model: the output is exactly as abov
 Patients: --per-patient FILE also writes patient_id,n_slices,prob_gbm,prob_pcnsl, one row
 per patient in order of first appearance (the patient rule of step0: the folder under the
 gbm/ or pcnsl/ folder, qualified by its class, e.g. gbm/p017; an image directly in a
-class folder is its own patient). --aggregate says how a patient's slice probabilities
+class folder is its own patient; without class folders, the folder under the one named on
+the command line, pacs/P017 for pacs/P017/<study>/<series>/; --cohort's patient_id first). --aggregate says how a patient's slice probabilities
 combine: mean (default), median, or max (the most extreme call: the slice probability
 farthest from 0.5). --per-patient - prints one line per patient, in the slice lines'
 format, after the slice lines.
@@ -59,17 +60,17 @@ import time
 from pathlib import Path
 
 from gbmpcnsl.checkpoints import ensemble_checkpoints, split_model_arguments
+from gbmpcnsl.cohort_table import step_slices
 from gbmpcnsl.files import write_csv
 from gbmpcnsl.patients import AGGREGATES
 from gbmpcnsl.predictors import (
-    expand_inputs,
     load_ensemble,
     predict_slices,
     prediction_table,
     report_patients,
     slice_batches,
 )
-from gbmpcnsl.sources import add_slice_arguments, slice_options
+from gbmpcnsl.sources import add_slice_arguments
 from gbmpcnsl_common import UserError, log, run_main, setup_logging
 
 
@@ -131,8 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)
-    if not args.images:
-        parser.error("the following arguments are required: IMAGE_OR_FOLDER")
+    if not args.images and args.cohort is None:
+        parser.error("the following arguments are required: IMAGE_OR_FOLDER (or --cohort FILE.csv)")
     return args
 
 
@@ -157,7 +158,8 @@ def _predict(argv: list[str] | None) -> int:
         check_output("--csv", args.csv, args.overwrite)
     if args.per_patient not in (None, "-"):
         check_output("--per-patient", Path(args.per_patient), args.overwrite)
-    paths = expand_inputs(args.images, slice_options(args))
+    found = step_slices(args, "predict", [path for _, path in checkpoints])
+    paths = found.names
 
     # Load the models; their input size is the image size. Exported models (.onnx, .xml)
     # run in their own runtime and never import TensorFlow.
@@ -174,10 +176,11 @@ def _predict(argv: list[str] | None) -> int:
 
     if args.csv is not None:
         member_names = [name for name, _ in checkpoints]
-        write_csv(args.csv, *prediction_table(rows, member_rows, member_names, args.per_model), private=True)
+        table = prediction_table(rows, member_rows, member_names, args.per_model, found.lookup("series"))
+        write_csv(args.csv, *table, private=True)
         log.info(f"wrote {args.csv}")
     if args.per_patient is not None:
-        report_patients(rows, args.per_patient, args.aggregate)
+        report_patients(rows, args.per_patient, args.aggregate, found.lookup("patients"))
     elapsed = time.perf_counter() - started
     log.info(
         f"predicted {len(rows)} of {len(paths)} images in {elapsed:.1f} s ({len(rows) / elapsed:.1f} images/s)"

@@ -20,8 +20,8 @@ Inputs are image files and folders (searched recursively for .jpg .jpeg .png .ti
 .bmp). Outputs mirror the inputs' paths relative to their common parent folder, so
 `data/gbm/p01/s1.jpg` and `data/pcnsl/p01/s1.jpg` give `DIR/gbm/p01/s1.png` and
 `DIR/pcnsl/p01/s1.png` (inputs that differ only by extension keep it: `s1.jpg.png`).
-DICOM files, DICOM series folders and NIfTI volumes are read too (--slices, --lesion-masks
-and --any-orientation as in step0); slice k of a volume `data/gbm/p01/t1c.nii.gz` gives
+DICOM files, DICOM series folders and NIfTI volumes are read too (--slices, --lesion-masks,
+--any-orientation, --series/--all-series/--strict and --cohort FILE.csv as in step0); slice k of a volume `data/gbm/p01/t1c.nii.gz` gives
 `DIR/gbm/p01/t1c_<k>.png` (k zero-padded to 3 digits), drawn at the slice's own size.
 An existing output is an error unless --overwrite, checked before any work. Unreadable
 images are reported on stderr and skipped; the exit code is then 1.
@@ -43,6 +43,7 @@ import sys
 from pathlib import Path
 
 from gbmpcnsl.checkpoints import ensemble_checkpoints, split_model_arguments
+from gbmpcnsl.cohort_table import step_slices
 from gbmpcnsl.gradcam import (
     EXPLAIN_CHOICES,
     HEATMAPS_FILE,
@@ -53,8 +54,7 @@ from gbmpcnsl.gradcam import (
     write_heatmaps,
 )
 from gbmpcnsl.model import LAST_CONV_LAYER
-from gbmpcnsl.predictors import expand_inputs
-from gbmpcnsl.sources import add_slice_arguments, slice_options
+from gbmpcnsl.sources import add_slice_arguments
 from gbmpcnsl_common import UserError, import_tensorflow, log, run_main, setup_logging
 
 
@@ -110,8 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)
-    if not args.images:
-        parser.error("the following arguments are required: images")
+    if not args.images and args.cohort is None:
+        parser.error("the following arguments are required: images (or --cohort FILE.csv)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     return args
@@ -122,7 +122,7 @@ def _explain(argv: list[str] | None) -> int:
     setup_logging(args.verbose)
 
     # Plan every output first: a clash or an existing file stops us before any work.
-    slices = expand_inputs(args.images, slice_options(args), purpose="explain")
+    slices = step_slices(args, "explain").names
     images = list(dict.fromkeys(slices))  # a file given twice is done once
     outputs = plan_outputs(images, args.output_dir, args.save_heatmaps, args.overwrite)
 

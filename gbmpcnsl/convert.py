@@ -1,7 +1,8 @@
-"""Step 0's machinery: scanning the class folders, checking what was found, and converting
-every slice to an HDF5 row with a pool of worker processes.
+"""Step 0's machinery: checking the paths, scanning (gbmpcnsl.scan), and converting every
+slice to an HDF5 row with a pool of worker processes.
 
-    convert(settings)   DATA/gbm + DATA/pcnsl -> OUT.h5 (one size group), summary on stderr
+    convert(settings)   DATA/gbm + DATA/pcnsl (or --cohort FILE.csv) -> OUT.h5 (one size
+                        group), summary on stderr
 
 Images are decoded and resized by the workers and streamed to disk, so memory stays flat
 however many images there are; OUT.h5 is written beside itself and renamed at the end.
@@ -26,7 +27,6 @@ import h5py
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gbmpcnsl.dicom import dicom_identities, is_dicom
 from gbmpcnsl.files import atomic_write
 from gbmpcnsl.hdf5 import (
     GZIP_LEVEL,
@@ -34,19 +34,17 @@ from gbmpcnsl.hdf5 import (
     copy_other_content,
     existing_sizes,
     hdf5_root_attributes,
-    single_slice_groups_warning,
+    slice_selection_attribute,
 )
 from gbmpcnsl.pixels import load_slice
-from gbmpcnsl.sources import ALL_SLICES, find_slices, source_slice_names
+from gbmpcnsl.scan import Candidate, report_skipped, scan_class_folder, scan_cohort, warn_about_patients
+from gbmpcnsl.sources import source_slice_names
 from gbmpcnsl_common import (
     CLASS_FOLDERS,
     CLASS_LABELS,
-    IMAGE_EXTENSIONS,
     UserError,
     log,
-    patient_id,
     size_key,
-    split_slice_name,
 )
 
 
@@ -62,6 +60,7 @@ class ConvertSettings:
     strict: bool = False
     overwrite: bool = False
     slice_options: dict = field(default_factory=dict)  # find_slices keywords (--slices ...)
+    cohort: Path | None = None  # --cohort FILE.csv: the sources instead of DATA's class folders
 
 
 def convert(settings: ConvertSettings) -> None:
@@ -69,16 +68,19 @@ def convert(settings: ConvertSettings) -> None:
     Raises UserError for an expected failure (nothing is then written)."""
     start = time.perf_counter()
     check_paths(settings)
-    scanned = {
-        folder: scan_class_folder(settings.data_dir, folder, settings.slice_options)
-        for folder in CLASS_FOLDERS
-    }
-    candidates = {folder: class_candidates for folder, (class_candidates, _) in scanned.items()}
-    skipped: dict[str, list[str]] = {"hidden": [], "not an image": [], "non-axial": [], "unreadable": []}
-    for _, class_skipped in scanned.values():
-        for reason, files in class_skipped.items():
-            skipped[reason].extend(files)
-    report_skipped(settings, skipped)
+    if settings.cohort is not None:
+        candidates, skipped = scan_cohort(settings.cohort, settings.slice_options)
+    else:
+        scanned = {
+            folder: scan_class_folder(settings.data_dir, folder, settings.slice_options)
+            for folder in CLASS_FOLDERS
+        }
+        candidates = {folder: class_candidates for folder, (class_candidates, _) in scanned.items()}
+        skipped = {}
+        for _, class_skipped in scanned.values():
+            for reason, files in class_skipped.items():
+                skipped.setdefault(reason, []).extend(files)
+    report_skipped(settings.data_dir, settings.strict, skipped)
     warn_about_patients(settings.data_dir, candidates)
     counts, skipped["unreadable"] = write_output(settings, candidates)
     log_summary(settings, counts, skipped, time.perf_counter() - start)
@@ -88,123 +90,14 @@ def convert(settings: ConvertSettings) -> None:
 def check_paths(settings: ConvertSettings) -> None:
     """Everything that can fail cheaply, before a single image is decoded."""
     data_dir, output, key = settings.data_dir, settings.output, size_key(settings.size)
+    if settings.cohort is not None and not settings.cohort.is_file():
+        raise UserError(f"--cohort {settings.cohort}: no such file")
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: no such folder")
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: no such folder for the output file")
     if output.exists() and key in existing_sizes(output) and not settings.overwrite:
         raise UserError(f"{output}: already holds size {key} (use --overwrite to replace it)")
-
-
-def scan_class_folder(
-    data_dir: Path, folder: str, options: dict | None = None
-) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
-    """Slices of one class as (name relative to DATA, group id), in path order (a series
-    in position order, a volume's slices "#k" in order), and the files skipped while
-    scanning: {"hidden": [...], "not an image": [...], "non-axial": ["path: why", ...]}.
-    `options`: find_slices keywords (--slices, --lesion-masks ...)."""
-    class_dir = data_dir / folder
-    if not class_dir.is_dir():
-        raise UserError(f"{class_dir}: no such folder (DATA must hold gbm/ and pcnsl/)")
-    options = options or {}
-    found = find_slices([class_dir], **options)
-    filtered = bool(found.skipped["non-axial"] or options.get("lesion_masks")) or (
-        options.get("selection", ALL_SLICES) != ALL_SLICES
-    )
-    candidates = []
-    for name in found.names:  # the one patient rule: gbm/<patient folder>, or gbm/<stem> for a flat source
-        source, index = split_slice_name(name)
-        relative = Path(source).relative_to(data_dir).as_posix() + (
-            f"#{index:03d}" if index is not None else ""
-        )
-        candidates.append((relative, patient_id(relative)))
-    skipped = {
-        "hidden": [Path(p).relative_to(data_dir).as_posix() for p in found.skipped["hidden"]],
-        "not an image": [Path(p).relative_to(data_dir).as_posix() for p in found.skipped["not an image"]],
-        "non-axial": found.skipped["non-axial"],
-    }
-    if not candidates:
-        raise UserError(
-            f"{class_dir}: no images ({' '.join(IMAGE_EXTENSIONS)}), DICOM files or NIfTI volumes "
-            "directly inside or in patient folders"
-            + (" left by --slices, --lesion-masks and orientation" if filtered else "")
-        )
-    return candidates, skipped
-
-
-def report_skipped(settings: ConvertSettings, skipped: dict[str, list[str]]) -> None:
-    """Warn about files that are not images and non-axial sources (--strict: refuse them);
-    list hidden files at --verbose."""
-    data_dir = settings.data_dir
-    for name in skipped["not an image"]:
-        if settings.strict:
-            raise UserError(
-                f"{data_dir / name}: not a supported image ({' '.join(IMAGE_EXTENSIONS)}); --strict: nothing written"
-            )
-        log.warning("warning: skipped %s: not a supported image file", data_dir / name)
-    for line in skipped["non-axial"]:
-        if settings.strict:
-            raise UserError(f"{line}; --strict: nothing written")
-        log.warning("warning: skipped %s", line)
-    for name in skipped["hidden"]:
-        log.debug("skipped hidden file %s", data_dir / name)
-
-
-def warn_about_patients(data_dir: Path, candidates: dict[str, list[tuple[str, str]]]) -> None:
-    """Warnings about the patient groups: one folder name under both classes, mostly
-    single-slice groups (a flat folder), and DICOM files of one person in two folders."""
-    # Patients are numbered per class in most exports: gbm/001 and pcnsl/001 stay two patients.
-    folder_names = [
-        {
-            group.split("/", 1)[1]
-            for name, group in class_candidates
-            if len(Path(split_slice_name(name)[0]).parts) > 2
-        }
-        for class_candidates in candidates.values()
-    ]
-    for name in sorted(set.intersection(*folder_names)):
-        log.warning(
-            "warning: patient folder %s is under both gbm/ and pcnsl/; kept as two patients "
-            "(gbm/%s, pcnsl/%s): rename one if they are the same person",
-            name,
-            name,
-            name,
-        )
-    single_slice = single_slice_groups_warning(
-        [g for class_candidates in candidates.values() for _, g in class_candidates]
-    )
-    if single_slice:
-        log.warning(single_slice)
-    # One person under two patient folders leaks across the split: say so, never the value.
-    all_candidates = [candidate for class_candidates in candidates.values() for candidate in class_candidates]
-    for keyword, first, second in shared_dicom_identities(data_dir, all_candidates):
-        log.warning(
-            "warning: patient folders %s and %s hold DICOM files with the same %s: "
-            "if they are one patient, put them in one folder",
-            first,
-            second,
-            keyword,
-        )
-
-
-def shared_dicom_identities(data_dir: Path, candidates: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
-    """(keyword, patient a, patient b) for patient folders whose DICOM files share a
-    PatientID or StudyInstanceUID (one file per folder is read; values stay in memory)."""
-    first_file: dict[tuple[str, str], Path] = {}
-    for name, group_id in candidates:
-        source = Path(split_slice_name(name)[0])
-        if is_dicom(data_dir / source):
-            first_file.setdefault((group_id, source.parent.as_posix()), data_dir / source)
-    owners: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
-    for (group_id, _), path in first_file.items():
-        for keyword, values in dicom_identities([path]).items():
-            for value in values:
-                owners[(keyword, value)].add(group_id)
-    shared = set()
-    for (keyword, _), groups in owners.items():
-        ordered = sorted(groups)
-        shared.update((keyword, a, b) for i, a in enumerate(ordered) for b in ordered[i + 1 :])
-    return sorted(shared)
 
 
 # ---------------------------------------------------------------------------- workers
@@ -296,7 +189,7 @@ def encoded_images(
 
 # ---------------------------------------------------------------------------- writing
 def write_output(
-    settings: ConvertSettings, candidates: dict[str, list[tuple[str, str]]]
+    settings: ConvertSettings, candidates: dict[str, list[Candidate]]
 ) -> tuple[dict[str, tuple[int, int]], list[str]]:
     """Write OUT.h5: the new size group, and every other size already in the file, to a
     temporary file beside it, renamed over it at the end (an interrupted or failed run
@@ -319,12 +212,15 @@ def write_output(
                 executor,
                 max_in_flight=4 * settings.workers,
             )
+            for folder in CLASS_FOLDERS:
+                group = h5file[f"{folder}/{size_key(settings.size)}"]
+                group.attrs["slice_selection"] = slice_selection_attribute(settings.slice_options)
     return counts, unreadable
 
 
 def convert_images(
     h5file: h5py.File,
-    candidates: dict[str, list[tuple[str, str]]],
+    candidates: dict[str, list[Candidate]],
     data_dir: Path,
     size: tuple[int, int],
     compression: str,
@@ -332,16 +228,16 @@ def convert_images(
     executor=None,
     max_in_flight: int = 1,
 ) -> tuple[dict[str, tuple[int, int]], list[str]]:
-    """Write /<class>/<H>_<W>/{features,labels,paths,groups} for every class, loading the
+    """Write /<class>/<H>_<W>/{features,labels,paths,groups,series} for every class, loading the
     images with `executor` (a process pool, or None: in this process). Returns
     {class: (images, patients)} and the unreadable files as "path: reason". Candidates are
-    (slice name relative to DATA, group id)."""
+    (slice name relative to DATA, group id, series)."""
     writer = SizeGroupWriter(
         h5file, size, {folder: len(candidates[folder]) for folder in CLASS_FOLDERS}, compression
     )
-    jobs = [(folder, name, group_id) for folder in CLASS_FOLDERS for name, group_id in candidates[folder]]
+    jobs = [(folder, *candidate) for folder in CLASS_FOLDERS for candidate in candidates[folder]]
     unreadable: list[str] = []
-    sources = source_slice_names([name for _, name, _ in jobs])  # a volume's slices: one job
+    sources = source_slice_names([job[1] for job in jobs])  # a volume's slices: one job
     results = encoded_images(
         [[str(data_dir / jobs[position][1]) for position in source] for source in sources],
         size,
@@ -353,7 +249,7 @@ def convert_images(
     progress = tqdm(total=len(jobs), desc="images", unit="img", file=sys.stderr, leave=False)
     with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
         try:
-            for (folder, name, group_id), (payload, error) in zip(jobs, slice_results, strict=True):
+            for (folder, name, group_id, series), (payload, error) in zip(jobs, slice_results, strict=True):
                 progress.update()
                 if error is not None:
                     if strict:
@@ -361,7 +257,7 @@ def convert_images(
                     log.warning("warning: skipped %s", error)
                     unreadable.append(error)
                     continue
-                writer.add(folder, name, group_id, payload)
+                writer.add(folder, name, group_id, payload, series)
         finally:
             progress.close()
             results.close()

@@ -110,6 +110,9 @@ class DicomHeader:
     position: np.ndarray | None
     instance_number: int | None
     series_uid: str  # groups files into series; never shown or written
+    description: str = ""  # SeriesDescription: the series' name in messages and outputs
+    sop_class: str = ""  # SOPClassUID and Modality: tell images from SEG, SR, RTSTRUCT ...
+    modality: str = ""
 
 
 def _dicom_header(path: Path) -> DicomHeader:
@@ -122,6 +125,12 @@ def _dicom_header(path: Path) -> DicomHeader:
         position=np.asarray(position, float) if position is not None and len(position) == 3 else None,
         instance_number=int(number) if number is not None else None,
         series_uid=str(header.get("SeriesInstanceUID", "")),
+        description=" ".join(str(header.get("SeriesDescription", "") or "").split()),
+        sop_class=str(
+            header.get("SOPClassUID", "")
+            or getattr(getattr(header, "file_meta", None), "MediaStorageSOPClassUID", "")
+        ),
+        modality=str(header.get("Modality", "") or "").strip().upper(),
     )
 
 

@@ -21,6 +21,7 @@ from gbmpcnsl_common import (
     HDF5_FORMAT_VERSION,
     LABELS,
     PATHS,
+    SERIES,
     UserError,
     __version__,
     parse_size_key,
@@ -57,8 +58,12 @@ def choose_hdf5_size(h5file, size: tuple[int, int] | None, filename: str | Path)
     return sizes[0]
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def read_hdf5_index(h5file, size: tuple[int, int]) -> tuple[list[dict], bool]:
-    """One record per image {class, row, label, path, group}, and whether the file has groups.
+    """One record per image {class, row, label, path, group, series}, and whether the file has groups.
 
     A file in the original layout (features + labels only) gets synthetic paths
     "<class>/<row>" and each slice becomes its own group (has_groups is then False).
@@ -74,19 +79,21 @@ def read_hdf5_index(h5file, size: tuple[int, int]) -> tuple[list[dict], bool]:
                 check_count(
                     "rows", dataset.shape[0], "GBMPCNSL_MAX_ROWS", f"{h5file.filename}: {dataset.name}"
                 )
-                if dataset.shape[0] != count and name in (PATHS, GROUPS, LABELS):
+                if dataset.shape[0] != count and name in (PATHS, GROUPS, LABELS, SERIES):
                     raise UserError(
                         f"{h5file.filename}: {dataset.name} has {dataset.shape[0]} rows, {FEATURES} {count}"
                     )
         if PATHS in group and GROUPS in group:
-            paths = [p.decode() if isinstance(p, bytes) else str(p) for p in group[PATHS][:]]
-            groups = [g.decode() if isinstance(g, bytes) else str(g) for g in group[GROUPS][:]]
+            paths = [_text(p) for p in group[PATHS][:]]
+            groups = [_text(g) for g in group[GROUPS][:]]
             # Files from step0 1.0 hold unqualified folder names: qualify them by class.
             groups = [g if g.startswith(f"{folder}/") else f"{folder}/{g}" for g in groups]
         else:
             has_groups = False
             paths = [f"{folder}/{row}" for row in range(count)]
             groups = list(paths)
+        # The series dataset (step0 2.x): absent in older files, read as "".
+        series = [_text(s) for s in group[SERIES][:]] if SERIES in group else [""] * count
         for row in range(count):
             records.append(
                 {
@@ -95,6 +102,7 @@ def read_hdf5_index(h5file, size: tuple[int, int]) -> tuple[list[dict], bool]:
                     "label": CLASS_LABELS[folder],
                     "path": paths[row],
                     "group": groups[row],
+                    "series": series[row],
                 }
             )
     return records, has_groups
@@ -117,6 +125,31 @@ def single_slice_groups_warning(groups: list[str]) -> str | None:
         f"warning: {single} of {len(sizes)} patient groups hold a single slice: is each class folder flat? "
         "The split is then by slice, not by patient; put each patient's slices in a folder of its "
         "own (DATA/gbm/<patient>/<slice>.png)"
+    )
+
+
+def hdf5_slice_selection(path: Path, size: tuple[int, int]) -> dict | None:
+    """How step0 picked the slices of a size group ({"slices", "lesion_masks",
+    "min_lesion_pixels", "series"}, its "slice_selection" attribute), None for older files."""
+    try:
+        with h5py.File(path, "r") as h5file:
+            text = h5file[f"{CLASS_FOLDERS[0]}/{size_key(size)}"].attrs.get("slice_selection")
+        return json.loads(text) if text is not None else None
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def slice_selection_attribute(options: dict) -> str:
+    """step0's find_slices options as the JSON "slice_selection" attribute of a size group."""
+    selection = options.get("selection")
+    pattern = options.get("series")
+    return json.dumps(
+        {
+            "slices": selection.text() if selection is not None else "all",
+            "lesion_masks": options.get("lesion_masks"),
+            "min_lesion_pixels": options.get("min_lesion_pixels", 1),
+            "series": pattern.pattern if pattern is not None else None,
+        }
     )
 
 
@@ -167,7 +200,7 @@ def write_image(features: h5py.Dataset, row: int, payload: object) -> None:
 
 
 class SizeGroupWriter:
-    """Writes /<class>/<H>_<W>/{features,labels,paths,groups} of one size, row by row.
+    """Writes /<class>/<H>_<W>/{features,labels,paths,groups,series} of one size, row by row.
 
     `capacity`: the most rows of each class. The features datasets are created at that
     length; rows of skipped images are trimmed by finish() (unwritten chunks take no
@@ -194,16 +227,18 @@ class SizeGroupWriter:
             )
         self.paths: dict[str, list[str]] = {folder: [] for folder in CLASS_FOLDERS}
         self.groups: dict[str, list[str]] = {folder: [] for folder in CLASS_FOLDERS}
+        self.series: dict[str, list[str]] = {folder: [] for folder in CLASS_FOLDERS}
 
     def rows(self, folder: str) -> int:
         """Rows written so far for a class."""
         return len(self.paths[folder])
 
-    def add(self, folder: str, name: str, group_id: str, payload: object) -> None:
+    def add(self, folder: str, name: str, group_id: str, payload: object, series: str = "") -> None:
         """Write one encoded image (write_image) as the next row of its class."""
         write_image(self.features[folder], self.rows(folder), payload)
         self.paths[folder].append(name)
         self.groups[folder].append(group_id)
+        self.series[folder].append(series)
 
     def finish(self) -> dict[str, tuple[int, int]]:
         """Trim the features, write labels, paths and groups; {class: (images, patients)}."""
@@ -215,5 +250,6 @@ class SizeGroupWriter:
             group.create_dataset(LABELS, data=np.full(count, CLASS_LABELS[folder], dtype=np.uint8))
             group.create_dataset(PATHS, data=self.paths[folder], dtype=h5py.string_dtype("utf-8"))
             group.create_dataset(GROUPS, data=self.groups[folder], dtype=h5py.string_dtype("utf-8"))
+            group.create_dataset(SERIES, data=self.series[folder], dtype=h5py.string_dtype("utf-8"))
             counts[folder] = (count, len(set(self.groups[folder])))
         return counts

@@ -50,8 +50,12 @@ def aggregate_by_patient(
 
 
 def aggregate_patients(
-    rows: list[tuple[str, float]], aggregate: str = "mean"
+    rows: list[tuple[str, float]], aggregate: str = "mean", patient_of: dict[str, str] | None = None
 ) -> list[tuple[str, int, float]]:
     """aggregate_by_patient for (slice name, prob_pcnsl) rows, each slice's patient taken
-    by the patient rule (gbmpcnsl_common.patient_id)."""
-    return aggregate_by_patient([patient_id(path) for path, _ in rows], [prob for _, prob in rows], aggregate)
+    from `patient_of` ({slice name: patient}, as find_slices gives them: the rule with
+    the command line's folders, or --cohort's patient_id), else by the patient rule
+    (gbmpcnsl_common.patient_id)."""
+    patient_of = patient_of or {}
+    patients = [patient_of.get(path) or patient_id(path) for path, _ in rows]
+    return aggregate_by_patient(patients, [prob for _, prob in rows], aggregate)

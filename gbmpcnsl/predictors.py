@@ -24,7 +24,7 @@ from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
 from gbmpcnsl.files import write_csv
 from gbmpcnsl.patients import PATIENT_COLUMNS, aggregate_patients
 from gbmpcnsl.pixels import load_slice
-from gbmpcnsl.sources import find_slices
+from gbmpcnsl.sources import FoundSlices, find_slices
 from gbmpcnsl_common import CLASS_NAMES, UserError, import_tensorflow, interrupt_between_batches, log
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
@@ -40,18 +40,24 @@ def result_line(path: str, prob_pcnsl: float) -> str:
     return LINE_FORMAT.format(path=str(path), percent=100 * (1 - prob_pcnsl), name=CLASS_NAMES[0])
 
 
-def expand_inputs(inputs: list[str], options: dict | None = None, purpose: str = "predict") -> list[str]:
-    """Slice names, as given: a file stays the string the user typed (a volume becomes
-    "<file>#<k>" per slice), a folder expands to its slices (sorted, recursive, series in
-    position order). `options`: gbmpcnsl.sources.find_slices keywords. A missing path raises
-    UserError, and so does finding no slice ("no slices to <purpose>"); non-axial series
-    and volumes are skipped with a warning."""
+def expand_inputs(inputs: list[str], options: dict | None = None, purpose: str = "predict") -> FoundSlices:
+    """Slice names (`.names`), as given: a file stays the string the user typed (a volume
+    becomes "<file>#<k>" per slice), a folder expands to its slices (sorted, recursive,
+    series in position order), with each slice's series and patient. `options`:
+    gbmpcnsl.sources.find_slices keywords. A missing path raises UserError, and so does
+    finding no slice ("no slices to <purpose>"); non-axial series and volumes, and patients
+    with several series, are skipped with a warning."""
     found = find_slices(inputs, **(options or {}))
     for line in found.skipped["non-axial"]:
         log.warning("warning: skipped %s", line)
+    for line in found.warnings:
+        log.warning(line)
+    counts = [f"{len(v)} {k}" for k, v in found.skipped.items() if v and k not in ("hidden", "non-axial")]
+    if counts:  # not images (by kind), other series, patients with several series
+        log.info(f"skipped {', '.join(counts)}")
     if not found.names:
         raise UserError(f"{' '.join(inputs)}: no slices to {purpose} (see the warnings above)")
-    return found.names
+    return found
 
 
 # ---------------------------------------------------------------------------- Keras models
@@ -349,27 +355,38 @@ def predict_slices(
 
 # ---------------------------------------------------------------------------- outputs
 def prediction_table(
-    rows: list[tuple[str, float]], member_rows: list[np.ndarray], member_names: list[str], per_model: bool
+    rows: list[tuple[str, float]],
+    member_rows: list[np.ndarray],
+    member_names: list[str],
+    per_model: bool,
+    series: dict[str, str] | None = None,
 ) -> tuple[list[str], list[list]]:
     """(header, rows) of step2's --csv: path,prob_gbm,prob_pcnsl for one model; an
     ensemble (or --per-model) adds prob_pcnsl_std, and with per_model one
-    prob_pcnsl_<name> column per model."""
+    prob_pcnsl_<name> column per model. `series` ({slice name: series}) adds a last
+    column `series` when any slice has one (DICOM and NIfTI inputs)."""
+    named = series is not None and any(series.get(path) for path, _ in rows)
+    last = (lambda path: [series.get(path, "")]) if named else (lambda path: [])
     if len(member_names) == 1 and not per_model:
-        return ["path", "prob_gbm", "prob_pcnsl"], [[path, 1.0 - prob, prob] for path, prob in rows]
+        header = ["path", "prob_gbm", "prob_pcnsl"] + ["series"] * named
+        return header, [[path, 1.0 - prob, prob, *last(path)] for path, prob in rows]
     header = ["path", "prob_gbm", "prob_pcnsl", "prob_pcnsl_std"]
     if per_model:
         header += [f"prob_pcnsl_{name}" for name in member_names]
     table = []
     for (path, prob), members in zip(rows, member_rows, strict=True):
         extra = [float(value) for value in members] if per_model else []
-        table.append([path, 1.0 - prob, prob, float(np.std(members)), *extra])
-    return header, table
+        table.append([path, 1.0 - prob, prob, float(np.std(members)), *extra, *last(path)])
+    return header + ["series"] * named, table
 
 
-def report_patients(rows: list[tuple[str, float]], destination: str, aggregate: str) -> None:
+def report_patients(
+    rows: list[tuple[str, float]], destination: str, aggregate: str, patient_of: dict[str, str] | None = None
+) -> None:
     """--per-patient: the patients of `rows` (slice name, P(PCNSL)) as lines on stdout in
-    result_line's format (destination "-"), else as a CSV file (PATIENT_COLUMNS)."""
-    patients = aggregate_patients(rows, aggregate)
+    result_line's format (destination "-"), else as a CSV file (PATIENT_COLUMNS).
+    `patient_of`: {slice name: patient} (find_slices'); else the patient rule."""
+    patients = aggregate_patients(rows, aggregate, patient_of)
     if destination == "-":
         for patient, _, prob in patients:
             print(result_line(patient, prob))

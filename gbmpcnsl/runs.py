@@ -25,6 +25,7 @@ import numpy as np
 import gbmpcnsl_common as common
 from gbmpcnsl.config import TrainConfig
 from gbmpcnsl.files import atomic_write, file_sha256, write_csv, write_json
+from gbmpcnsl.hdf5 import hdf5_slice_selection
 from gbmpcnsl.outputs import move_aside, refuse_unsafe_folder
 
 if TYPE_CHECKING:
@@ -247,6 +248,7 @@ def new_run_info(config: TrainConfig, cohort: Cohort, is_val: np.ndarray, hdf5_s
         "hdf5_size_key": common.size_key(cohort.size),
         "hdf5_sha256": hdf5_sha256,
         "hdf5_has_groups": cohort.has_groups,
+        "hdf5_slice_selection": hdf5_slice_selection(cohort.hdf5, cohort.size),  # step0's --lesion-masks ...
         "class_labels": dict(common.CLASS_LABELS),
         "split_seed": config.seed,
         "split": {

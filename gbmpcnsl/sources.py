@@ -21,7 +21,15 @@ import numpy as np
 from gbmpcnsl.dicom import DicomHeader, is_dicom, plane_name, read_dicom_header, series_sort_key
 from gbmpcnsl.limits import check_count, check_shape
 from gbmpcnsl.nifti import is_nifti, lesion_mask_path, lesion_slices
-from gbmpcnsl_common import IMAGE_EXTENSIONS, UserError, split_slice_name
+from gbmpcnsl.series import (
+    Unit,
+    add_series_arguments,
+    non_image_kind,
+    select_series,
+    series_label,
+    walk_folder,
+)
+from gbmpcnsl_common import IMAGE_EXTENSIONS, UserError, patient_id, split_slice_name
 
 NON_AXIAL_HINT = "use --any-orientation to read it anyway"
 
@@ -45,6 +53,12 @@ class SliceSelection:
     kind: str = "all"  # "all", "middle" or "range"
     first: int = 0
     count: int = 0  # middle: N; range: B
+
+    def text(self) -> str:
+        """The --slices text that gives this selection."""
+        if self.kind == "middle":
+            return f"middle:{self.count}"
+        return f"{self.first}:{self.count}" if self.kind == "range" else "all"
 
     def indices(self, total: int) -> list[int]:
         """The selected positions among `total` slices (inferior to superior)."""
@@ -81,9 +95,10 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
+def add_slice_arguments(parser: argparse.ArgumentParser, strict: bool = True) -> None:
     """The source options step0, step2 and step5 share: --slices, --lesion-masks,
-    --min-lesion-pixels, --any-orientation."""
+    --min-lesion-pixels, --any-orientation; --series, --all-series, --cohort and (unless
+    the step has its own) --strict."""
     group = parser.add_argument_group("volumes and DICOM series")
     group.add_argument(
         "--slices",
@@ -110,28 +125,46 @@ def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also read sagittal and coronal DICOM series and volumes",
     )
+    add_series_arguments(parser.add_argument_group("series and cohort"), strict)
 
 
 def slice_options(args: argparse.Namespace) -> dict:
-    """The slice-selection flags of add_slice_arguments, as find_slices' keyword arguments."""
+    """The flags of add_slice_arguments but --cohort, as find_slices' keyword arguments."""
     return {
         "selection": args.slices,
         "lesion_masks": args.lesion_masks,
         "min_lesion_pixels": args.min_lesion_pixels,
         "any_orientation": args.any_orientation,
+        "series": args.series,
+        "all_series": args.all_series,
+        "strict": args.strict,
     }
 
 
 # ---------------------------------------------------------------------------- expansion
 @dataclass
 class FoundSlices:
-    """Slice names in input order, and the files left out by reason ("hidden", "not an
-    image", "non-axial"; the last as "path: why" lines)."""
+    """Slice names in input order, each slice's series name ("" for a 2-D image) and
+    patient (the patient rule, or --cohort's patient_id), the files left out by reason
+    ("hidden", "not an image", "non-axial" as "path: why" lines, "DICOM SEG" and the
+    other non-image kinds, "other series", "several series"), and warning lines."""
 
     names: list[str] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(
         default_factory=lambda: {"hidden": [], "not an image": [], "non-axial": []}
     )
+    series: list[str] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def lookup(self, what: str) -> dict[str, str]:
+        """{slice name: its series} (what="series") or {slice name: its patient} ("patients")."""
+        return dict(zip(self.names, getattr(self, what), strict=True))
+
+    def add(self, unit: Unit) -> None:
+        self.names.extend(unit.names)
+        self.series.extend([unit.series] * len(unit.names))
+        self.patients.extend([unit.patient] * len(unit.names))
 
 
 def _nifti_slices(path: Path, path_text: str, options: dict, found: FoundSlices) -> list[str]:
@@ -165,44 +198,49 @@ def _nifti_slices(path: Path, path_text: str, options: dict, found: FoundSlices)
     return [f"{path_text}#{k:03d}" for k in chosen]
 
 
-def _dicom_slices(files: list[tuple[Path, str]], options: dict, found: FoundSlices) -> list[str]:
-    """Slice names of DICOM files found together (one folder, or given one by one): each
+def _dicom_units(files: list[tuple[Path, str]], options: dict, found: FoundSlices) -> list[Unit]:
+    """The DICOM files found together (one folder, or given one by one) as units: each
     multi-frame file is a volume ("path#k"), single-frame files are grouped into series by
     folder and SeriesInstanceUID and ordered along the slice normal (ImagePositionPatient
-    on the ImageOrientationPatient normal; InstanceNumber, then the name, as fallbacks)."""
+    on the ImageOrientationPatient normal; InstanceNumber, then the name, as fallbacks).
+    Objects that are not images (SEG, SR ...) are skipped by kind, and so is every
+    non-axial file (its plane decided by its own orientation) unless --any-orientation."""
     series: dict[tuple, list[tuple[str, DicomHeader | None]]] = {}
-    names: list[str] = []
+    non_axial: dict[tuple[str, str], int] = {}
     # Only the few values of DicomHeader are kept, so memory stays flat in the number of files.
     headers = options["header_map"](read_dicom_header, [path for path, _ in files])
     for (path, path_text), header in zip(files, headers, strict=True):
         if header is None:
             series.setdefault(("unreadable", path_text), []).append((path_text, None))
             continue
-        if header.frames > 1:
-            series.setdefault(("volume", path_text), []).append((path_text, header))
+        kind = non_image_kind(header)
+        if kind is not None:
+            found.skipped.setdefault(f"DICOM {kind}", []).append(path_text)
             continue
-        series.setdefault(("series", str(path.parent), header.series_uid), []).append((path_text, header))
-    for key, members in series.items():
-        if key[0] == "unreadable":
-            names.append(key[1])  # load_slice reports why it cannot be read
-            continue
-        normal = members[0][1].normal
-        plane = plane_name(normal)
+        volume = header.frames > 1
+        plane = plane_name(header.normal)
         if plane != "axial" and not options["any_orientation"]:
-            where = key[1] if key[0] == "volume" else str(Path(members[0][0]).parent)
-            found.skipped["non-axial"].append(
-                f"{where}: {plane} DICOM ({len(members)} file(s)); {NON_AXIAL_HINT}"
-            )
+            where = (path_text if volume else str(Path(path_text).parent), plane)
+            non_axial[where] = non_axial.get(where, 0) + 1
             continue
-        if key[0] == "volume":
-            count = members[0][1].frames
-            check_count("frames", count, "GBMPCNSL_MAX_SLICES", key[1])
-            names.extend(f"{key[1]}#{k:03d}" for k in options["selection"].indices(count))
-            continue
-        members.sort(key=lambda member: series_sort_key(member, normal))
-        chosen = options["selection"].indices(len(members))
-        names.extend(members[i][0] for i in chosen)
-    return names
+        key = ("volume", path_text) if volume else ("series", str(path.parent), header.series_uid)
+        series.setdefault(key, []).append((path_text, header))
+    for (where, plane), count in non_axial.items():
+        found.skipped["non-axial"].append(f"{where}: {plane} DICOM ({count} file(s)); {NON_AXIAL_HINT}")
+    units = []
+    for key, members in series.items():
+        header = members[0][1]
+        if header is None:
+            units.append(Unit([key[1]]))  # load_slice reports why it cannot be read
+        elif key[0] == "volume":
+            check_count("frames", header.frames, "GBMPCNSL_MAX_SLICES", key[1])
+            names = [f"{key[1]}#{k:03d}" for k in options["selection"].indices(header.frames)]
+            units.append(Unit(names, series_label(header.description or Path(key[1]).name), True))
+        else:
+            members.sort(key=lambda member: series_sort_key(member, header.normal))
+            names = [members[i][0] for i in options["selection"].indices(len(members))]
+            units.append(Unit(names, series_label(header.description or Path(key[1]).name), True))
+    return units
 
 
 def find_slices(
@@ -212,17 +250,23 @@ def find_slices(
     min_lesion_pixels: int = 1,
     any_orientation: bool = False,
     header_map=map,
+    **series_options,
 ) -> FoundSlices:
     """Expand files and folders into slice names, in the order given.
 
     A file stays the text given (a 2-D image or single-frame DICOM), or becomes its
-    slices "<file>#<k>" (NIfTI volume, multi-frame DICOM). A folder expands recursively,
-    sorted: 2-D images, volumes, and DICOM series (the single-frame DICOM files of one
-    folder and series, in position order). Hidden and unknown files are skipped and listed
-    in `.skipped`; so are non-axial DICOM and NIfTI sources unless any_orientation.
-    --slices (`selection`) picks slices within each volume and series; `lesion_masks`
-    (NIfTI) keeps only slices with lesion voxels. A missing path raises UserError.
-    `header_map(function, paths)` reads DICOM headers (a process pool's map, in step0).
+    slices "<file>#<k>" (NIfTI volume, multi-frame DICOM). A folder expands recursively
+    (following symlinks), sorted: 2-D images, volumes, and DICOM series (the single-frame
+    DICOM files of one folder and series, in position order). Hidden and unknown files,
+    DICOM objects that are not images, and non-axial DICOM files and NIfTI volumes
+    (unless any_orientation) are skipped and listed in `.skipped`. --slices (`selection`)
+    picks slices within each volume and series; `lesion_masks` (NIfTI) keeps only slices
+    with lesion voxels, and the masks are never series. `series_options`: series (a
+    compiled --series pattern), all_series, strict, and patients ({input as given:
+    patient id}, --cohort's; "": the patient rule without the folder as root) - see
+    gbmpcnsl.series.select_series; the one-series-per-
+    patient rule applies to folders, not to files named one by one. A missing path raises
+    UserError. `header_map(function, paths)` reads DICOM headers (a process pool's map, in step0).
     """
     options = {
         "selection": selection,
@@ -230,52 +274,69 @@ def find_slices(
         "min_lesion_pixels": min_lesion_pixels,
         "any_orientation": any_orientation,
         "header_map": header_map,
+        **series_options,
     }
     found = FoundSlices()
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = []
-            for candidate in sorted(path.rglob("*")):
-                if not candidate.is_file():
-                    continue
-                if any(part.startswith(".") for part in candidate.relative_to(path).parts):
-                    found.skipped["hidden"].append(str(candidate))
-                elif is_slice_source(candidate):
-                    files.append(candidate)
-                else:
-                    found.skipped["not an image"].append(str(candidate))
-            if not files:
-                raise UserError(
-                    f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), DICOM files or NIfTI volumes"
-                )
-            masks = (
-                {lesion_mask_path(p, lesion_masks) for p in files if is_nifti(p)} if lesion_masks else set()
-            )
-            found.names.extend(_expand_files([(p, str(p)) for p in files if p not in masks], options, found))
+            units = _expand_files(_folder_files(path, lesion_masks, found), options, found)
         elif path.exists():
-            found.names.extend(_expand_files([(path, str(item))], options, found))
+            units = _expand_files([(path, str(item))], options, found)
         else:
             raise UserError(f"{path}: no such file or folder")
+        given = (options.get("patients") or {}).get(str(item))  # "": a --cohort row without one
+        root = str(item) if path.is_dir() and given is None else None
+        for unit in units:
+            if unit.names:
+                unit.patient = given or patient_id(unit.names[0], root)
+        selected = select_series(
+            [unit for unit in units if unit.names],
+            {**options, "one_per_patient": path.is_dir()},
+            found.skipped,
+            found.warnings,
+        )
+        for unit in selected:
+            found.add(unit)
     return found
 
 
-def _expand_files(files: list[tuple[Path, str]], options: dict, found: FoundSlices) -> list[str]:
-    """Slice names of files (sorted, from one input): DICOM files are collected into
-    series, which take the place of their first file."""
-    names: list[str] = []
+def _folder_files(folder: Path, lesion_masks: str | None, found: FoundSlices) -> list[tuple[Path, str]]:
+    """The readable sources under a folder as (path, text), sorted, without the lesion
+    masks that --lesion-masks names; hidden and unknown files go to found.skipped."""
+    files = []
+    for candidate in walk_folder(folder):
+        if any(part.startswith(".") for part in candidate.relative_to(folder).parts):
+            found.skipped["hidden"].append(str(candidate))
+        elif is_slice_source(candidate):
+            files.append(candidate)
+        else:
+            found.skipped["not an image"].append(str(candidate))
+    if not files:
+        raise UserError(
+            f"{folder}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), DICOM files or NIfTI volumes"
+        )
+    masks = {lesion_mask_path(p, lesion_masks) for p in files if is_nifti(p)} if lesion_masks else set()
+    return [(p, str(p)) for p in files if p not in masks]
+
+
+def _expand_files(files: list[tuple[Path, str]], options: dict, found: FoundSlices) -> list[Unit]:
+    """Units of files (sorted, from one input): DICOM files are collected into series,
+    which take the place of their first file."""
+    units: list[Unit] = []
     dicom_files = [(p, t) for p, t in files if is_dicom(p)]
     dicom_done = False
     for path, path_text in files:
         if is_nifti(path):
-            names.extend(_nifti_slices(path, path_text, options, found))
+            names = _nifti_slices(path, path_text, options, found)
+            units.append(Unit(names, series_label(path.name), names != [path_text]))
         elif is_dicom(path):
             if not dicom_done:
-                names.extend(_dicom_slices(dicom_files, options, found))
+                units.extend(_dicom_units(dicom_files, options, found))
                 dicom_done = True
         else:
-            names.append(path_text)
-    return names
+            units.append(Unit([path_text]))
+    return units
 
 
 def source_slice_names(names: list[str]) -> list[list[int]]:

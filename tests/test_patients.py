@@ -35,6 +35,24 @@ def test_patient_id(slice_name, expected):
     assert patient_id(slice_name) == expected
 
 
+@pytest.mark.parametrize(
+    ("slice_name", "root", "expected"),
+    [
+        ("pacs/P017/ST1/SE2/IM1.dcm", "pacs", "pacs/P017"),  # one patient, not one per series
+        ("pacs/P017/ST1/SE3/IM1.dcm", "pacs/", "pacs/P017"),
+        ("./pacs/P017/t1.nii.gz#004", "pacs", "pacs/P017"),
+        ("/data/pacs/P017/ST1/SE2/IM1.dcm", "/data/pacs", "/data/pacs/P017"),  # absolute stays absolute
+        ("pacs/IM1.dcm", "pacs", "pacs"),  # directly in the named folder: its folder, as before
+        ("pacs/v.nii.gz#002", "pacs", "pacs/v.nii.gz"),
+        ("pacs/gbm/p01/s/IM1.dcm", "pacs", "gbm/p01"),  # a class folder still wins
+        ("/scans/p9/slice.png", None, "/scans/p9"),
+        ("/scans/vol.nii.gz#003", None, "/scans/vol.nii.gz"),
+    ],
+)
+def test_patient_id_under_the_folder_named_on_the_command_line(slice_name, root, expected):
+    assert patient_id(slice_name, root) == expected
+
+
 def test_split_slice_name():
     assert split_slice_name("gbm/p1/t1c.nii.gz#045") == ("gbm/p1/t1c.nii.gz", 45)
     assert split_slice_name("gbm/p1/a#b.png") == ("gbm/p1/a#b.png", None)
