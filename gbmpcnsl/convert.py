@@ -254,7 +254,8 @@ def convert_images(
                 if error is not None:
                     if strict:
                         raise UserError(f"{error}; --strict: nothing written")
-                    log.warning("warning: skipped %s", error)
+                    if error not in unreadable:  # a volume's slices share one message
+                        log.warning("warning: skipped %s", error)
                     unreadable.append(error)
                     continue
                 writer.add(folder, name, group_id, payload, series)

@@ -67,10 +67,6 @@ def test_failures_are_remembered_per_file_version(tmp_path):
     assert load_slice(f"{path}#001", None).shape == (4, 4, 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs gbmpcnsl/convert.py (h19cohort's) to print each distinct skip message once, as step2 and step5 do",
-)
 def test_step0_reports_an_unreadable_volume_in_one_line(tmp_path, capsys):
     import step0_convert_images_to_hdf5 as step0
 
