@@ -57,17 +57,14 @@ import time
 from pathlib import Path
 
 from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
+from gbmpcnsl.cli import make_parser
 from gbmpcnsl.export import CHECK_IMAGES, FORMATS, check_destination, export_model
 from gbmpcnsl_common import import_tensorflow, log, run_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     """step6's command line, its options in groups."""
-    parser = argparse.ArgumentParser(
-        prog="step6_export_model.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = make_parser("step6_export_model.py", __doc__)
     parser.add_argument("out", type=Path, metavar="OUT", help="SavedModel folder, .onnx or .xml file")
     export = parser.add_argument_group("export")
     export.add_argument(

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
+from gbmpcnsl.cli import Progress
 from gbmpcnsl.files import write_csv
 from gbmpcnsl.patients import PATIENT_COLUMNS, aggregate_patients
 from gbmpcnsl.pixels import load_slice
@@ -321,20 +322,15 @@ def predict_slices(
     Returns (slice name, mean P(PCNSL)) per predicted slice, and each model's P(PCNSL)
     for the same slices. Ctrl-C is taken at a batch boundary.
     """
-    from tqdm import tqdm
-
     rows, member_rows = [], []
-    with (
-        interrupt_between_batches() as check_interrupt,
-        tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None, leave=False) as progress,
-    ):
+    with interrupt_between_batches() as check_interrupt, Progress(len(paths), "predicted") as progress:
         for indices, images, ok in batches:
             check_interrupt()
             member_probs = member_probabilities(predicts, images)
             prob_pcnsl = member_probs.mean(axis=0)  # one model: its own float32 values
             for index, prob, readable, members in zip(indices, prob_pcnsl, ok, member_probs.T, strict=True):
                 if not readable:
-                    progress.write(f"error: {errors[int(index)]}", file=sys.stderr)
+                    progress.write(f"error: {errors[int(index)]}")
                     continue
                 rows.append((paths[index], float(prob)))
                 member_rows.append(members)

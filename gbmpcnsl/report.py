@@ -320,3 +320,39 @@ def as_mapping(value) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- training history (step 3)
+
+
+# ---------------------------------------------------------------------------- report.html's summary
+def data_summary(sets: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Images and patients per class of each set of predictions (read_predictions' frames):
+    what report.html's reader needs first."""
+    rows = []
+    for name, frame in sets.items():
+        for label, class_name in enumerate(CLASS_NAMES):
+            part = frame[frame["label"] == label]
+            patients = part["patient_id"].nunique() if "patient_id" in part else "n/a"
+            rows.append({"Set": name, "Class": class_name, "Images": len(part), "Patients": patients})
+    return pd.DataFrame(rows)
+
+
+def levels_table(metrics: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """The AUROC at both levels, one row per model, positive class and level: images
+    (slices) and patients (mean probability per patient), each with its bootstrap CI."""
+    rows = []
+    for _, row in metrics.iterrows():
+        for level, prefix in (("image", ""), ("patient", "patient_")):
+            auc, low, high = (row.get(f"{prefix}{key}") for key in ("auc", "auc_ci_low", "auc_ci_high"))
+            n = row["n_positive"] + row["n_negative"] if level == "image" else row.get("n_patients")
+            rows.append(
+                {
+                    "Model": row["model"],
+                    "Positive class": row["positive_class"],
+                    "Level": level,
+                    "N": "n/a" if n is None or pd.isna(n) else int(n),
+                    "AUROC": format_number(auc, digits),
+                    "95% CI": "n/a"
+                    if low is None or pd.isna(low)
+                    else f"{format_number(low, digits)}-{format_number(high, digits)}",
+                }
+            )
+    return pd.DataFrame(rows)

@@ -265,6 +265,28 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, monkeypatch, 
     assert second["arguments"]["epochs"] == 4 and second["best_epoch"] == 1
 
 
+@pytest.mark.slow
+def test_step1_config_replays_a_run(tmp_path):
+    """step1 --config RUN/run.json trains the same run again: with the original moved
+    aside and the replay written where it was, run.json is the original's but for the
+    times and the command line (deterministic 1-epoch tiny B0s)."""
+    h5_path = write_h5(tmp_path / "d.h5", patients=(3, 3), slices=2)
+    run_dir, original = tmp_path / "run", tmp_path / "original"
+    argv = ["--backbone", "efficientnetb0", "--weights", "none", "--epochs", "1", "--seed", "3"]
+    assert step1.main([*argv, "--deterministic", "--batch-size", "4", str(h5_path), str(run_dir)]) == 0
+    run_dir.rename(original)
+    assert step1.main(["--config", str(original / "run.json"), str(h5_path), str(run_dir)]) == 0
+    first, replay = (json.loads((folder / "run.json").read_text()) for folder in (original, run_dir))
+    assert first["command"][0] == "step1_train_model.py" and first["command"][-1] == str(run_dir)
+    assert replay["command"][1:3] == ["--config", str(original / "run.json")]
+    assert replay["arguments"]["batch_size"] == 4 and replay["arguments"]["deterministic"]
+    for info in (first, replay):
+        for key in ("command", "start_time", "end_time"):
+            del info[key]
+    assert replay == first
+    assert (run_dir / "history.csv").read_text() == (original / "history.csv").read_text()
+
+
 def test_a_run_from_before_the_new_settings_can_be_resumed(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
