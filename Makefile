@@ -32,4 +32,4 @@ test-fast: $(VENV)/.requirements-dev
 	$(BIN)/python -m pytest -m "not slow"
 
 clean-demo:
-	rm -rf demo_output
+	rm -rf demo_output recipe_output

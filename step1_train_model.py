@@ -61,7 +61,7 @@ from pathlib import Path
 
 import gbmpcnsl.model
 import gbmpcnsl_common as common
-from gbmpcnsl import cross_validation, training
+from gbmpcnsl import cross_validation, tracking, training
 from gbmpcnsl.augment import AUGMENTATIONS, StrongAugmentation
 from gbmpcnsl.cli import (
     below_one,
@@ -234,6 +234,9 @@ def _add_run_folder_arguments(run) -> None:
         "--overwrite", action="store_true", help="delete an existing run folder (with run.json) first"
     )
     run.add_argument("--verbose", action="store_true", help="show TensorFlow's own log messages")
+    run.add_argument(
+        "--mlflow", metavar="URI", help="also log to this MLflow store, e.g. file:mlruns (optional)"
+    )
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
@@ -271,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(config: TrainConfig) -> int:
-    if config.folds is None:
-        training.train(config)
-    else:
-        cross_validation.train_cross_validation(config)
+    with tracking.mlflow_run(config) as callbacks:
+        if config.folds is None:
+            training.train(config, callbacks)
+        else:
+            cross_validation.train_cross_validation(config, callbacks)
     return 0
 
 

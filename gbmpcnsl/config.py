@@ -65,8 +65,10 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     verbose: bool = False
-    # The exact command line (run.json's "command"), not a setting: not in "arguments".
+    # Not settings (not in run.json's "arguments"): the exact command line (its "command"),
     command: tuple[str, ...] = dataclasses.field(default=(), compare=False, metadata={"setting": False})
+    # --mlflow URI (gbmpcnsl.tracking): where the run is reported, not how it trains.
+    mlflow: str | None = dataclasses.field(default=None, compare=False, metadata={"setting": False})
 
     @property
     def strong(self) -> StrongAugmentation:
@@ -115,7 +117,7 @@ def jsonable(value):
 
 # ---------------------------------------------------------------------------- --config FILE
 # Not taken from a settings file: where the data and the run are, and what to do with the folder.
-NOT_FROM_CONFIG = ("hdf5", "run_dir", "resume", "overwrite", "command")
+NOT_FROM_CONFIG = ("hdf5", "run_dir", "resume", "overwrite", "command", "mlflow")
 
 
 def config_file_flags(path: Path) -> list[str]:

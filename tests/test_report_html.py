@@ -51,6 +51,7 @@ def test_step4_report_is_one_self_contained_file_with_every_figure(tmp_path):
     ]
     predictions = pd.DataFrame(rows).assign(prob_gbm=lambda frame: 1 - frame["prob_pcnsl"])
     predictions.to_csv(tmp_path / "test.csv", index=False)
+    predictions.head(16).to_csv(tmp_path / "val.csv", index=False)  # chooses the threshold
     for index in range(3):
         save_png(tmp_path / "gradcam" / "gbm" / f"overlay{index}.png", 40 * index + 30, size=48)
     command = [
@@ -68,6 +69,7 @@ def test_step4_report_is_one_self_contained_file_with_every_figure(tmp_path):
         "n_bootstraps",
         "50",
     ]
+    parameters += ["-p", "threshold_from", str(tmp_path / "val.csv")]
     report = tmp_path / "report.html"
     result = subprocess.run(
         [*command, *parameters, "-p", "output_dir", str(tmp_path / "figures")]
@@ -99,5 +101,6 @@ def test_step4_report_is_one_self_contained_file_with_every_figure(tmp_path):
     assert len(embedded) == len(figures) + 1 and montage.width == 4 * 192
     text = page.split("Summary for the report")[1]
     assert "Images" in text and "Patients" in text and "<td>patient</td>" in text and "Grad-CAM" in text
+    assert "<td>validation: val.csv</td>" in text  # the data of every set, the validation one too
     for code in ("read_predictions(", "import ", "levels_table("):  # no code cells
         assert code not in page
