@@ -96,6 +96,15 @@ fraction = checked("fraction", float, lambda v: 0 < v < 1, "a fraction between 0
 
 
 # ---------------------------------------------------------------------------- progress
+def progress_interval() -> float:
+    """Seconds between progress lines: GBMPCNSL_PROGRESS_SECONDS, else PROGRESS_INTERVAL_S
+    (also when the variable is not a number)."""
+    try:
+        return float(os.environ.get("GBMPCNSL_PROGRESS_SECONDS", PROGRESS_INTERVAL_S))
+    except ValueError:
+        return PROGRESS_INTERVAL_S
+
+
 class Progress:
     """A progress report over `total` items: a tqdm bar on a terminal, else a log line
     about every interval. update(n), write(message) (above the bar), close(); a context
@@ -107,7 +116,7 @@ class Progress:
         self.total, self.desc, self.unit, self.done = total, desc, unit, 0
         self.stream = stream if stream is not None else sys.stderr
         if interval_s is None:
-            interval_s = float(os.environ.get("GBMPCNSL_PROGRESS_SECONDS", PROGRESS_INTERVAL_S))
+            interval_s = progress_interval()
         self.interval_s, self.started = interval_s, time.monotonic()
         self.last_line, self.bar, self.redirect = self.started, None, None
         if getattr(self.stream, "isatty", lambda: False)():
