@@ -275,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(config: TrainConfig) -> int:
     with tracking.mlflow_run(config) as callbacks:
+        extra = {"callbacks": callbacks} if callbacks else {}  # as before without --mlflow
         if config.folds is None:
-            training.train(config, callbacks)
+            training.train(config, **extra)
         else:
-            cross_validation.train_cross_validation(config, callbacks)
+            cross_validation.train_cross_validation(config, **extra)
     return 0
 
 
