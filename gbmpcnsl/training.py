@@ -102,7 +102,8 @@ def progress_callback(epochs: int, steps_per_epoch: int):
     class EpochProgress(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.perf_counter()
-            self.bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", unit="batch")
+            # "batches of ...": not "epoch ...", the per-epoch log line that scripts grep for
+            self.bar = Progress(steps_per_epoch, f"batches of epoch {epoch + 1}/{epochs}", unit="batch")
 
         def on_train_batch_end(self, batch, logs=None):
             self.bar.update(1)
