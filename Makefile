@@ -36,4 +36,4 @@ test-fast: $(VENV)/.requirements-dev
 	$(PYTEST) -m "not slow"
 
 clean-demo:
-	rm -rf demo_output
+	rm -rf demo_output recipe_output

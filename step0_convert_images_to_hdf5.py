@@ -1,6 +1,6 @@
 """Step 0: convert a folder of GBM / PCNSL slices into one HDF5 file for training.
 
-    python step0_convert_images_to_hdf5.py DATA OUT.h5 [--size 380 380] [--workers N]
+    python step0_convert_images_to_hdf5.py DATA OUT.h5 [--resize 380 380] [--workers N]
         [--compression gzip|lzf|none] [--strict] [--overwrite] [--verbose]
         [--slices all|middle:N|A:B] [--lesion-masks PATTERN] [--min-lesion-pixels N]
         [--any-orientation] [--series REGEX | --all-series]
@@ -43,7 +43,8 @@ anywhere; two patient folders with DICOM files of one PatientID or StudyInstance
 warning (without the value). OUT.h5 is written to a temporary file beside it and
 renamed at the end: an interrupted or failed run leaves the previous OUT.h5 untouched.
 Sizes already in OUT.h5 are kept; converting a size that is already there is an error
-unless --overwrite.
+unless --overwrite. --resize was called --size before version 1.1 (still accepted, for one
+release: step1's --size picks one of the sizes stored in OUT.h5).
 
 Docs: docs/data.md
 """
@@ -55,16 +56,18 @@ import os
 import sys
 from pathlib import Path
 
+from gbmpcnsl.cli import hidden_alias, make_parser, positive_int
 from gbmpcnsl.convert import ConvertSettings, convert
 from gbmpcnsl.sources import add_slice_arguments, slice_options
 from gbmpcnsl_common import DEFAULT_SIZE, run_main, setup_logging
 
+SKIPPED = "Skipped inputs (exit 1): unreadable images, DICOM files and volumes; hidden files,\n\
+other files and non-axial series (without --any-orientation) are skipped but do not count."
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; --workers defaults to the cores this process may use."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = make_parser("step0_convert_images_to_hdf5.py", __doc__, SKIPPED)
     parser.add_argument(
         "data_dir",
         type=Path,
@@ -77,14 +80,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run = parser.add_argument_group("run")
     # Added in the original order, so that the usage line reads as it always did.
     output.add_argument(
-        "--size",
-        type=int,
+        "--resize",
+        type=positive_int,
         nargs=2,
         default=DEFAULT_SIZE,
         metavar=("H", "W"),
-        help="image size (default: 380 380)",
+        help="size every slice is resized to (default: 380 380)",
     )
-    run.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    hidden_alias(output, "--size", "--resize", type=positive_int, nargs=2)
+    run.add_argument(
+        "--workers", type=positive_int, default=None, help="worker processes (default: all cores)"
+    )
     output.add_argument(
         "--compression", choices=("gzip", "lzf", "none"), default="gzip", help="default: gzip"
     )
@@ -100,26 +106,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.data_dir is None) == (args.cohort is None):
         parser.error("give DATA or --cohort FILE.csv (one of them)")
     args.data_dir = args.cohort.parent if args.cohort is not None else args.data_dir
-    if min(args.size) < 1:
-        parser.error("--size: H and W must be positive")
     if args.workers is None:
         args.workers = (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         )
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    args.size = tuple(args.size)
+    args.resize = tuple(args.resize)
     return args
 
 
 def _main(argv: list[str] | None) -> int:
-    """Parse, convert, return 0; expected failures raise UserError (run_main reports them)."""
+    """Parse, convert, return 0 (1 if some were unreadable); expected failures raise
+    UserError (run_main reports them)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
     settings = ConvertSettings(
         data_dir=args.data_dir,
         output=args.output,
-        size=args.size,
+        size=args.resize,
         workers=args.workers,
         compression=args.compression,
         strict=args.strict,
@@ -127,12 +130,12 @@ def _main(argv: list[str] | None) -> int:
         slice_options=slice_options(args),
         cohort=args.cohort,
     )
-    convert(settings)
-    return 0
+    return 1 if convert(settings) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Step 0's entry point: the exit code (0, 2 for an expected failure, 130 on Ctrl-C)."""
+    """Step 0's entry point: the exit code (0; 1 some sources unreadable; 2 an expected
+    failure; 130 Ctrl-C)."""
     return run_main(_main, argv)
 
 

@@ -61,47 +61,34 @@ from pathlib import Path
 
 import gbmpcnsl.model
 import gbmpcnsl_common as common
-from gbmpcnsl import cross_validation, training
+from gbmpcnsl import cross_validation, tracking, training
 from gbmpcnsl.augment import AUGMENTATIONS, StrongAugmentation
-from gbmpcnsl.config import DEFAULTS, MONITORS, TrainConfig
+from gbmpcnsl.cli import (
+    below_one,
+    fraction,
+    make_parser,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    probability,
+)
+from gbmpcnsl.config import DEFAULTS, MONITORS, TrainConfig, config_file_flags
 
-
-def _checked(name: str, convert, test, expected: str):
-    """An argparse type: `convert`, then `test`, else 'TEXT: expected ...'."""
-
-    def check(text: str):
-        value = convert(text)
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
-        return value
-
-    check.__name__ = name  # argparse names it in "invalid ... value"
-    return check
-
-
-_positive_int = _checked("_positive_int", int, lambda v: v >= 1, "an integer >= 1")
-_positive_float = _checked("_positive_float", float, lambda v: v > 0, "a number > 0")
-_non_negative_float = _checked("_non_negative_float", float, lambda v: v >= 0, "a number >= 0")
-_below_one = _checked("_below_one", float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-_probability = _checked("_probability", float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
-_fraction = _checked("_fraction", float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (exclusive)")
 STRONG_FLAGS = (
-    ("--rotation-degrees", "DEG", _non_negative_float, "strong: rotation by up to +-DEG degrees"),
-    ("--scale", "S", _below_one, "strong: isotropic zoom by a factor in 1 +- S"),
-    ("--shift", "F", _below_one, "strong: translation by up to +-F of the image size per axis"),
-    ("--contrast", "C", _below_one, "strong: contrast factor in 1 +- C about the image mean"),
-    ("--brightness", "B", _non_negative_float, "strong: brightness +- B grey levels"),
-    ("--gamma", "G", _below_one, "strong: gamma in 1 +- G"),
-    ("--noise-std", "STD", _non_negative_float, "strong: std of the Gaussian noise, grey levels"),
-    ("--noise-fraction", "P", _probability, "strong: fraction of images that get the noise"),
+    ("--rotation-degrees", "DEG", non_negative_float, "strong: rotation by up to +-DEG degrees"),
+    ("--scale", "S", below_one, "strong: isotropic zoom by a factor in 1 +- S"),
+    ("--shift", "F", below_one, "strong: translation by up to +-F of the image size per axis"),
+    ("--contrast", "C", below_one, "strong: contrast factor in 1 +- C about the image mean"),
+    ("--brightness", "B", non_negative_float, "strong: brightness +- B grey levels"),
+    ("--gamma", "G", below_one, "strong: gamma in 1 +- G"),
+    ("--noise-std", "STD", non_negative_float, "strong: std of the Gaussian noise, grey levels"),
+    ("--noise-fraction", "P", probability, "strong: fraction of images that get the noise"),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """step1's command line (defaults: TrainConfig's)."""
-    parser = argparse.ArgumentParser(
-        prog="step1_train_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = make_parser("step1_train_model.py", __doc__)
     parser.add_argument("hdf5", type=Path, help="HDF5 file written by step0")
     parser.add_argument("run_dir", type=Path, help="run folder to create (must not exist, unless --resume)")
     _add_augmentation_arguments(parser.add_argument_group("augmentation"))
@@ -110,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     folds = parser.add_argument_group("cross-validation (docs/cross-validation.md)")
     folds.add_argument(
         "--folds",
-        type=_positive_int,
+        type=positive_int,
         metavar="K",
         help="K-fold cross-validation by patient into RUN_DIR/fold_<i>/ (K >= 2; default: one split)",
     )
@@ -122,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_device_arguments(parser.add_argument_group("speed and devices"))
     _add_run_folder_arguments(parser.add_argument_group("the run folder"))
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="settings from a run's run.json (replay it) or a JSON object of settings, "
+        'e.g. {"epochs": 50}; flags given as well override them',
+    )
     parser.set_defaults(**DEFAULTS)
     return parser
 
@@ -165,13 +159,13 @@ def _add_model_arguments(model) -> None:
     model.add_argument(
         "--size",
         nargs=2,
-        type=_positive_int,
+        type=positive_int,
         metavar=("H", "W"),
         help="image size to train on, when the HDF5 file holds several (default: the only one)",
     )
     model.add_argument(
         "--batchnorm-momentum",
-        type=_probability,
+        type=probability,
         metavar="M",
         help="momentum of every BatchNormalization layer's moving statistics, for training from "
         "scratch (e.g. 0.9); default: Keras's 0.99, as in ImageNet fine-tuning",
@@ -179,17 +173,17 @@ def _add_model_arguments(model) -> None:
 
 
 def _add_training_arguments(train) -> None:
-    train.add_argument("--epochs", type=_positive_int, help="number of epochs (default 300)")
-    train.add_argument("--batch-size", type=_positive_int, help="batch size per replica (default 8)")
+    train.add_argument("--epochs", type=positive_int, help="number of epochs (default 300)")
+    train.add_argument("--batch-size", type=positive_int, help="batch size per replica (default 8)")
     train.add_argument(
         "--learning-rate",
-        type=_positive_float,
+        type=positive_float,
         help=f"initial learning rate, decayed by exp(-{training.LR_DECAY}) per epoch after epoch "
         f"{training.LR_CONSTANT_EPOCHS} (default 1e-4)",
     )
     train.add_argument(
         "--val-fraction",
-        type=_fraction,
+        type=fraction,
         help="fraction of each class's slices held out for validation, whole patients at a time "
         "(default 0.15)",
     )
@@ -198,7 +192,7 @@ def _add_training_arguments(train) -> None:
     )
     train.add_argument(
         "--early-stopping",
-        type=_positive_int,
+        type=positive_int,
         metavar="PATIENCE",
         help="stop when the monitored metric has not improved for PATIENCE epochs (default: off)",
     )
@@ -240,12 +234,24 @@ def _add_run_folder_arguments(run) -> None:
         "--overwrite", action="store_true", help="delete an existing run folder (with run.json) first"
     )
     run.add_argument("--verbose", action="store_true", help="show TensorFlow's own log messages")
+    run.add_argument(
+        "--mlflow", metavar="URI", help="also log to this MLflow store, e.g. file:mlruns (optional)"
+    )
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
     """The command line as a TrainConfig; argument errors exit 2 with argparse's message."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(item) for item in argv]
+    config_file = argparse.ArgumentParser(add_help=False)
+    config_file.add_argument("--config", type=Path)
+    known, _ = config_file.parse_known_args(argv)
+    try:
+        from_file = [] if known.config is None else config_file_flags(known.config)
+    except ValueError as error:
+        parser.error(str(error))
+    args = parser.parse_args(from_file + argv)
+    args.command = (parser.prog, *argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     if args.folds is not None and args.folds < 2:
@@ -256,6 +262,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
         parser.error(f"--fold {args.fold}: expected 0 ... {args.folds - 1} (--folds {args.folds})")
     if args.size is not None:
         args.size = tuple(args.size)
+    del args.config
     return TrainConfig(**vars(args))
 
 
@@ -267,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(config: TrainConfig) -> int:
-    if config.folds is None:
-        training.train(config)
-    else:
-        cross_validation.train_cross_validation(config)
+    with tracking.mlflow_run(config) as callbacks:
+        extra = {"callbacks": callbacks} if callbacks else {}  # as before without --mlflow
+        if config.folds is None:
+            training.train(config, **extra)
+        else:
+            cross_validation.train_cross_validation(config, **extra)
     return 0
 
 

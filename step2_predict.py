@@ -26,8 +26,10 @@ a series is listed in position order. --slices, --lesion-masks, --any-orientatio
 --csv also writes path,prob_gbm,prob_pcnsl (full float precision) for the predicted
 images, and a last column series for DICOM and NIfTI inputs; an existing file is kept unless --overwrite.
 
+CKPT may also be a run folder of step1: its best checkpoint (run.json's best_checkpoint).
+
 An image that cannot be read is reported on stderr and skipped (no line, no CSV row);
-the others are still predicted. Exit codes: 0 all predicted, 1 some images could not be
+the others are still predicted. Exit status: 0 all predicted, 1 some images could not be
 read, 2 bad arguments, missing files or an unusable checkpoint.
 
 --tta averages P(PCNSL) over the four flips that training augmentation draws from:
@@ -59,7 +61,8 @@ import sys
 import time
 from pathlib import Path
 
-from gbmpcnsl.checkpoints import ensemble_checkpoints, split_model_arguments
+from gbmpcnsl.checkpoints import ensemble_checkpoints, parse_models_and_images
+from gbmpcnsl.cli import make_parser, positive_int
 from gbmpcnsl.cohort_table import step_slices
 from gbmpcnsl.files import write_csv
 from gbmpcnsl.patients import AGGREGATES
@@ -74,21 +77,9 @@ from gbmpcnsl.sources import add_slice_arguments
 from gbmpcnsl_common import UserError, log, run_main, setup_logging
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """step2's command line, its options in groups."""
-    parser = argparse.ArgumentParser(
-        prog="step2_predict.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = make_parser("step2_predict.py", __doc__)
     parser.add_argument("images", nargs="*", metavar="IMAGE_OR_FOLDER", help="image files or folders")
     models = parser.add_argument_group("model")
     models.add_argument(
@@ -96,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         metavar="CKPT",
-        help="checkpoint to predict with; several checkpoints or a CV run folder: their mean",
+        help="checkpoint (or run folder: its best) to predict with; several, or a CV run folder: their mean",
     )
     models.add_argument("--tta", action="store_true", help="average over the 4 training flips")
     models.add_argument(
@@ -129,12 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The parsed command line; checkpoints given before the images are told apart from them."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)
-    if not args.images and args.cohort is None:
-        parser.error("the following arguments are required: IMAGE_OR_FOLDER (or --cohort FILE.csv)")
-    return args
+    return parse_models_and_images(build_parser(), argv, "IMAGE_OR_FOLDER")
 
 
 def check_output(flag: str, path: Path, overwrite: bool) -> None:

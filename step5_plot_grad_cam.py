@@ -42,7 +42,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gbmpcnsl.checkpoints import ensemble_checkpoints, split_model_arguments
+from gbmpcnsl.checkpoints import ensemble_checkpoints, parse_models_and_images
+from gbmpcnsl.cli import make_parser, positive_int
 from gbmpcnsl.cohort_table import step_slices
 from gbmpcnsl.gradcam import (
     EXPLAIN_CHOICES,
@@ -55,13 +56,13 @@ from gbmpcnsl.gradcam import (
 )
 from gbmpcnsl.model import LAST_CONV_LAYER
 from gbmpcnsl.sources import add_slice_arguments
-from gbmpcnsl_common import UserError, import_tensorflow, log, run_main, setup_logging
+from gbmpcnsl_common import import_tensorflow, log, run_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     """step5's command line, its options in groups."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = make_parser(
+        "step5_plot_grad_cam.py", __doc__, "Skipped inputs (exit 1): unreadable images, unwritable overlays."
     )
     parser.add_argument("images", nargs="*", help="image files and/or folders")
     models = parser.add_argument_group("model")
@@ -70,13 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         metavar="CKPT",
-        help="checkpoint (.keras, .weights.h5, .h5); several, or a CV run folder: an ensemble",
+        help="checkpoint (.keras, .weights.h5, .h5) or run folder (its best); several, or a CV run "
+        "folder: an ensemble",
     )
     models.add_argument(
         "--layer", default=LAST_CONV_LAYER, help=f"convolutional layer to explain (default {LAST_CONV_LAYER})"
     )
     models.add_argument(
-        "--batch-size", type=int, default=8, metavar="N", help="images per gradient batch (default 8)"
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="images per gradient batch (default 8)",
     )
     explained = parser.add_argument_group("what is explained and drawn")
     explained.add_argument(
@@ -107,14 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The parsed command line; checkpoints given before the images are told apart from them."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)
-    if not args.images and args.cohort is None:
-        parser.error("the following arguments are required: images (or --cohort FILE.csv)")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    return args
+    return parse_models_and_images(build_parser(), argv, "images")
 
 
 def _explain(argv: list[str] | None) -> int:

@@ -23,14 +23,19 @@ FORMAT and OUT:
     openvino     OUT is a .xml file, with its weights in the .bin beside it (float32,
                  converted by openvino.convert_model from the same frozen function).
 For onnx and openvino the metadata goes beside OUT, named OUT plus .json
-(model.onnx.json, model.xml.json).
+(model.onnx.json, model.xml.json), and the model card as OUT plus .MODEL_CARD.md; a
+SavedModel holds both (OUT/gbmpcnsl_model.json, OUT/MODEL_CARD.md).
 
-Preprocessing is the training one and is not part of the graph: read each image with
-gbmpcnsl_common.load_image (Image.convert("RGB"), LANCZOS resize to the model's H x W;
-16-bit images windowed first), and pass RGB values 0-255 as float32 (or uint8 for
-serve_uint8); the network normalizes them itself. The metadata file records this, the
-class mapping (GBM = 0, PCNSL = 1; the output is P(PCNSL)), the input size, the source
-checkpoint's SHA-256 and the tool versions.
+Preprocessing is the training one and is not part of the graph: read each slice with
+gbmpcnsl.pixels.load_slice (2-D files: gbmpcnsl_common.load_image, Image.convert("RGB")
+and a LANCZOS resize to the model's H x W; DICOM and NIfTI: their window rules first), and
+pass RGB values 0-255 as float32 (or uint8 for serve_uint8); the network normalizes them
+itself. The metadata records this, the class mapping (GBM = 0, PCNSL = 1; the output is
+P(PCNSL)), the input size, the source checkpoint's SHA-256, the tool versions and the
+model card: the training cohort's counts, settings and validation metrics (from run.json
+and split.csv beside the checkpoint), the input pipeline of the sources it was trained on
+(image files, DICOM, NIfTI: the exact slice and window rules) and the intended use (a
+research tool, not a medical device).
 
 Every export is checked before it is kept: the exported model is loaded back in its own
 runtime (TensorFlow, ONNX Runtime or OpenVINO) and run on a few test images, and must agree
@@ -57,17 +62,14 @@ import time
 from pathlib import Path
 
 from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
+from gbmpcnsl.cli import make_parser
 from gbmpcnsl.export import CHECK_IMAGES, FORMATS, check_destination, export_model
 from gbmpcnsl_common import import_tensorflow, log, run_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     """step6's command line, its options in groups."""
-    parser = argparse.ArgumentParser(
-        prog="step6_export_model.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = make_parser("step6_export_model.py", __doc__)
     parser.add_argument("out", type=Path, metavar="OUT", help="SavedModel folder, .onnx or .xml file")
     export = parser.add_argument_group("export")
     export.add_argument(

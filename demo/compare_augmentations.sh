@@ -26,7 +26,7 @@ run python demo/make_demo_data.py "$OUT/data_train" --patients-per-class "$TRAIN
     --slices-per-patient "$SLICES" --size 256 --seed 1
 run python demo/make_demo_data.py "$OUT/data_test" --patients-per-class "$TEST_PATIENTS" \
     --slices-per-patient "$SLICES" --size 256 --seed 2
-run python step0_convert_images_to_hdf5.py "$OUT/data_train" "$OUT/train.h5" --size "$SIZE" "$SIZE"
+run python step0_convert_images_to_hdf5.py "$OUT/data_train" "$OUT/train.h5" --resize "$SIZE" "$SIZE"
 
 for AUGMENTATION in $AUGMENTATIONS; do
     # Same seed: same split, same initial weights, same order of the slices.

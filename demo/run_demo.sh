@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole gbm-pcnsl pipeline on synthetic demo data, on CPU (about 10 minutes on 2 cores):
-# demo cohort (separate train and test patients) -> step0 -> step1 -> step2 -> step3/step4
-# notebooks -> step5. Everything is written under demo_output/ (DEMO_OUTPUT), which this
+# demo cohort (separate train and test patients) -> step0 -> step1 -> step2 -> step5 -> step3/step4
+# notebooks and report.html. Everything is written under demo_output/ (DEMO_OUTPUT), which this
 # script replaces on every run (only when it holds the .gbmpcnsl-demo marker the demo writes).
 # The model trains from scratch (--weights none) so that the
 # demo runs offline; it is a demonstration, not the paper's ImageNet-initialised model.
@@ -27,7 +27,7 @@ run python demo/make_demo_data.py "$OUT/data_train" --patients-per-class "$TRAIN
 run python demo/make_demo_data.py "$OUT/data_test" --patients-per-class "$TEST_PATIENTS" \
     --slices-per-patient "$SLICES" --size 256 --seed 2
 
-run python step0_convert_images_to_hdf5.py "$OUT/data_train" "$OUT/train.h5" --size "$SIZE" "$SIZE"
+run python step0_convert_images_to_hdf5.py "$OUT/data_train" "$OUT/train.h5" --resize "$SIZE" "$SIZE"
 
 # strong augmentation: the demo's patients differ in pose, size and intensity, as real scans
 # do (demo/compare_augmentations.sh shows what base does instead); BatchNorm momentum 0.9:
@@ -37,25 +37,28 @@ run python step0_convert_images_to_hdf5.py "$OUT/data_train" "$OUT/train.h5" --s
 run python step1_train_model.py --augmentation strong --epochs "$EPOCHS" --weights none \
     --backbone "$BACKBONE" --learning-rate 1e-3 --batchnorm-momentum 0.9 --head-init glorot --seed 0 \
     "$OUT/train.h5" "$OUT/run"
-CHECKPOINT="$(ls "$OUT"/run/ckpt_*.keras | sort | tail -n 1)"
 
-# One line per slice, then (--per-patient) one mean probability per test patient.
-run python step2_predict.py --model-weights "$CHECKPOINT" --csv "$OUT/predictions_test.csv" \
+# One line per slice, then (--per-patient) one mean probability per test patient; the run
+# folder as --model-weights: its best checkpoint (run.json).
+run python step2_predict.py --model-weights "$OUT/run" --csv "$OUT/predictions_test.csv" \
     --per-patient "$OUT/patients_test.csv" "$OUT/data_test/gbm" "$OUT/data_test/pcnsl" \
     > "$OUT/predictions_test.txt"
-
-# --execution-timeout: a cell still running after 30 minutes is hung; papermill then fails.
-run papermill --log-level WARNING --execution-timeout 1800 \
-    step3_plot_training_metrics.ipynb "$OUT/step3_plot_training_metrics.ipynb" \
-    -p run_dirs "[\"$OUT/run\"]" -p output_dir "$OUT/figures"
-run papermill --log-level WARNING --execution-timeout 1800 step4_plot_roc.ipynb "$OUT/step4_plot_roc.ipynb" \
-    -p predictions "{\"demo model\": \"$OUT/predictions_test.csv\"}" -p output_dir "$OUT/figures" \
-    -p threshold_from "$OUT/run/val_predictions.csv" -p n_bootstraps "$BOOTSTRAPS"
 
 # Grad-CAM for the first slice of two test patients per class.
 mapfile -t GRADCAM_SLICES < <(ls "$OUT"/data_test/gbm/*/slice00.png | head -n 2
                               ls "$OUT"/data_test/pcnsl/*/slice00.png | head -n 2)
-run python step5_plot_grad_cam.py --model-weights "$CHECKPOINT" --output-dir "$OUT/gradcam" --annotate \
+run python step5_plot_grad_cam.py --model-weights "$OUT/run" --output-dir "$OUT/gradcam" --annotate \
     "${GRADCAM_SLICES[@]}"
+
+# The notebooks through gbmpcnsl.notebooks (papermill, the kernel over IPC: no TCP port);
+# --execution-timeout: a cell still running after 30 minutes is hung, and the run fails.
+# step4 also writes report.html: every table and figure, no code, the Grad-CAM montage.
+run python -m gbmpcnsl.notebooks --execution-timeout 1800 \
+    step3_plot_training_metrics.ipynb "$OUT/step3_plot_training_metrics.ipynb" \
+    -p run_dirs "[\"$OUT/run\"]" -p output_dir "$OUT/figures"
+run python -m gbmpcnsl.notebooks --execution-timeout 1800 step4_plot_roc.ipynb "$OUT/step4_plot_roc.ipynb" \
+    -p predictions "{\"demo model\": \"$OUT/predictions_test.csv\"}" -p output_dir "$OUT/figures" \
+    -p threshold_from "$OUT/run/val_predictions.csv" -p n_bootstraps "$BOOTSTRAPS" \
+    --report "$OUT/report.html" --gradcam "$OUT/gradcam" > /dev/null
 
 python demo/summarize_demo.py "$OUT"

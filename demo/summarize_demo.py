@@ -25,6 +25,7 @@ OUTPUTS = [
     ("step3/step4 executed notebooks", "step3_plot_training_metrics.ipynb", "step4_plot_roc.ipynb"),
     ("step5 Grad-CAM overlays", "gradcam"),
 ]
+REPORT = "report.html"  # step4's report: the one file to send a co-author
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: missing outputs: {', '.join(missing) or metrics_csv}", file=sys.stderr)
         return 1
 
+    if not (args.output_dir / REPORT).is_file():
+        print(f"error: missing outputs: {args.output_dir / REPORT}", file=sys.stderr)
+        return 1
+    print(f"\nReport (tables and figures, one file): {args.output_dir / REPORT}")
     metrics = pd.read_csv(metrics_csv)
     if "level" not in metrics:
         metrics["level"] = "slice"  # a table written before the patient level existed

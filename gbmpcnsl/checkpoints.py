@@ -241,13 +241,27 @@ def load_model_for_inference(path: str | Path):
 
 
 # ---------------------------------------------------------------------------- ensembles
+def run_best_checkpoint(path: Path) -> Path:
+    """The best checkpoint of step1's run folder `path`, as its run.json names it."""
+    run_json = path / "run.json"
+    if not run_json.is_file():
+        raise UserError(f"--model-weights {path}: a folder, but not a run folder (no run.json or {CV_JSON})")
+    try:
+        best = json.loads(run_json.read_text()).get("best_checkpoint")
+    except (OSError, ValueError, AttributeError) as error:
+        raise UserError(f"{run_json}: cannot read ({error})") from error
+    if not best:
+        raise UserError(f"--model-weights {path}: the run has no best checkpoint yet (run.json)")
+    return path / best
+
+
 def ensemble_checkpoints(items: list[str | Path]) -> list[tuple[str, Path]]:
     """The checkpoints of --model-weights as (name, path), in order; their models' P(PCNSL)
     is averaged.
 
-    An item is a checkpoint file, or a cross-validation run folder (step1 --folds: its
-    cv.json lists each fold's best checkpoint); a folder whose folds are not all trained
-    raises UserError. Names are "fold<i>" for a single CV folder and "model<i>" otherwise
+    An item is a checkpoint file, a run folder (run.json names its best checkpoint), or a
+    cross-validation run folder (step1 --folds: its cv.json lists each fold's best
+    checkpoint); a folder whose folds are not all trained raises UserError. Names are "fold<i>" for a single CV folder and "model<i>" otherwise
     (step2's per-model CSV columns). Existence and type of the files are checked when
     each is loaded (load_model_for_inference).
     """
@@ -259,9 +273,8 @@ def ensemble_checkpoints(items: list[str | Path]) -> list[tuple[str, Path]]:
             continue
         cv_json = path / CV_JSON
         if not cv_json.is_file():
-            raise UserError(
-                f"--model-weights {path}: a folder, but not a cross-validation run (no {CV_JSON})"
-            )
+            checkpoints.append((None, run_best_checkpoint(path)))
+            continue
         try:
             cv = json.loads(cv_json.read_text())
         except (OSError, ValueError) as error:
@@ -293,11 +306,28 @@ def split_model_arguments(model_weights: list[str], inputs: list[str]) -> tuple[
     --model-weights takes several values, so argparse also hands it the images that
     follow it on the command line (`--model-weights m.keras scan.png`, the original
     usage). Its first value is always a model; later values stay models while they look
-    like one (a checkpoint file name, or a folder with a cv.json), and the rest are
+    like one (a checkpoint file name, or a folder with a cv.json or run.json), and the rest are
     inputs, put before the ones argparse already found.
     """
     models = list(model_weights[:1])
     rest = list(model_weights[1:])
-    while rest and (rest[0].lower().endswith(CHECKPOINT_SUFFIXES) or (Path(rest[0]) / CV_JSON).is_file()):
+
+    def is_model(item: str) -> bool:
+        folder = Path(item)
+        return item.lower().endswith(CHECKPOINT_SUFFIXES) or any(
+            (folder / name).is_file() for name in (CV_JSON, "run.json")
+        )
+
+    while rest and is_model(rest[0]):
         models.append(rest.pop(0))
     return models, [*rest, *inputs]
+
+
+def parse_models_and_images(parser, argv: list[str] | None, images_name: str):
+    """step2's and step5's command line parsed: --model-weights and the images told apart
+    (split_model_arguments); no image and no --cohort is argparse's error for `images_name`."""
+    args = parser.parse_args(argv)
+    args.model_weights, args.images = split_model_arguments(args.model_weights, args.images)
+    if not args.images and getattr(args, "cohort", None) is None:
+        parser.error(f"the following arguments are required: {images_name} (or --cohort FILE.csv)")
+    return args

@@ -9,6 +9,7 @@ added after the first runs were written: a run.json without it stands for its de
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -64,6 +65,10 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     verbose: bool = False
+    # Not settings (not in run.json's "arguments"): the exact command line (its "command"),
+    command: tuple[str, ...] = dataclasses.field(default=(), compare=False, metadata={"setting": False})
+    # --mlflow URI (gbmpcnsl.tracking): where the run is reported, not how it trains.
+    mlflow: str | None = dataclasses.field(default=None, compare=False, metadata={"setting": False})
 
     @property
     def strong(self) -> StrongAugmentation:
@@ -77,7 +82,9 @@ class TrainConfig:
 
     def arguments(self) -> dict:
         """Every setting as run.json records it ("arguments")."""
-        return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
+        return {
+            f.name: jsonable(getattr(self, f.name)) for f in fields(self) if f.metadata.get("setting", True)
+        }
 
     def resume_arguments(self) -> dict:
         """The settings a resume must keep, as run.json and cv.json record them."""
@@ -106,6 +113,41 @@ def jsonable(value):
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+# ---------------------------------------------------------------------------- --config FILE
+# Not taken from a settings file: where the data and the run are, and what to do with the folder.
+NOT_FROM_CONFIG = ("hdf5", "run_dir", "resume", "overwrite", "command", "mlflow")
+
+
+def config_file_flags(path: Path) -> list[str]:
+    """step1 flags for the settings in `path`: a run.json (its "arguments") or a JSON object
+    of settings (TrainConfig's names, '-' or '_'). Put before the command line's own flags,
+    they act as defaults that those override (an on/off flag set there stays on).
+    Raises ValueError naming the file and the key for what is not a setting."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--config {path}: cannot read ({error})") from None
+    settings = data.get("arguments", data) if isinstance(data, dict) else None
+    if not isinstance(settings, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of settings or a run.json")
+    known = {f.name: f for f in fields(TrainConfig)}
+    flags: list[str] = []
+    for key, value in settings.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"--config {path}: {key!r} is not a step1 setting")
+        if name in NOT_FROM_CONFIG or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, list):
+            flags.extend([flag, *(str(item) for item in value)])
+        else:
+            flags.extend([flag, str(value)])
+    return flags
 
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not dataclasses.MISSING}

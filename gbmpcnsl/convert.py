@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
+from gbmpcnsl.cli import Progress
 from gbmpcnsl.files import atomic_write
 from gbmpcnsl.hdf5 import (
     GZIP_LEVEL,
@@ -63,9 +62,10 @@ class ConvertSettings:
     cohort: Path | None = None  # --cohort FILE.csv: the sources instead of DATA's class folders
 
 
-def convert(settings: ConvertSettings) -> None:
+def convert(settings: ConvertSettings) -> int:
     """Step 0 from its settings: check cheaply, scan, warn, write OUT.h5, log the summary.
-    Raises UserError for an expected failure (nothing is then written)."""
+    Returns the number of unreadable sources skipped (step0 then exits 1). Raises
+    UserError for an expected failure (nothing is then written)."""
     start = time.perf_counter()
     check_paths(settings)
     if settings.cohort is not None:
@@ -84,6 +84,7 @@ def convert(settings: ConvertSettings) -> None:
     warn_about_patients(settings.data_dir, candidates)
     counts, skipped["unreadable"] = write_output(settings, candidates)
     log_summary(settings, counts, skipped, time.perf_counter() - start)
+    return len(skipped["unreadable"])
 
 
 # ---------------------------------------------------------------------------- scan
@@ -246,9 +247,8 @@ def convert_images(
         max_in_flight,
     )
     slice_results = (result for source_results in results for result in source_results)
-    progress = tqdm(total=len(jobs), desc="images", unit="img", file=sys.stderr, leave=False)
-    with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
-        try:
+    try:
+        with Progress(len(jobs), "images") as progress:  # warnings print above a bar
             for (folder, name, group_id, series), (payload, error) in zip(jobs, slice_results, strict=True):
                 progress.update()
                 if error is not None:
@@ -259,9 +259,8 @@ def convert_images(
                     unreadable.append(error)
                     continue
                 writer.add(folder, name, group_id, payload, series)
-        finally:
-            progress.close()
-            results.close()
+    finally:
+        results.close()
     for folder in CLASS_FOLDERS:
         if writer.rows(folder) == 0:
             raise UserError(

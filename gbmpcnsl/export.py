@@ -12,6 +12,7 @@ import numpy as np
 
 from gbmpcnsl.checkpoints import model_input_size
 from gbmpcnsl.files import file_sha256, private_mode, write_json
+from gbmpcnsl.model_card import card_markdown, card_metadata, card_path
 from gbmpcnsl.outputs import check_replaceable, discard, move_aside, restore
 from gbmpcnsl.predictors import load_exported_model
 from gbmpcnsl_common import CLASS_NAMES, UserError, __version__, log
@@ -27,9 +28,10 @@ METADATA_NAME = "gbmpcnsl_model.json"  # inside a SavedModel folder
 INPUT_NAME, OUTPUT_NAME = "images", "prob_pcnsl"
 PREPROCESSING = (
     "RGB values 0-255 as float32, shape (N, H, W, 3), no scaling (the network normalizes "
-    "itself); images read as in training by gbmpcnsl_common.load_image: "
-    'Image.convert("RGB") then resize((W, H), Image.LANCZOS), 16-bit and float images '
-    "first windowed to 0-255 at their 0.5-99.5 percentiles"
+    "itself); slices read as in training by gbmpcnsl.pixels.load_slice(name, (H, W)): 2-D image "
+    'files through gbmpcnsl_common.load_image (Image.convert("RGB") then resize((W, H), '
+    "Image.LANCZOS), 16-bit and float images first windowed to 0-255 at their 0.5-99.5 "
+    "percentiles), DICOM and NIfTI slices through their own window rules first (input_pipeline)"
 )
 
 
@@ -42,7 +44,7 @@ def output_files(out: Path, export_format: str) -> list[Path]:
     suffix = {"onnx": ".onnx", "openvino": ".xml"}[export_format]
     if out.suffix.lower() != suffix:
         raise UserError(f"{out}: --format {export_format} writes a {suffix} file; name OUT *{suffix}")
-    files = [out, out.with_name(out.name + ".json")]
+    files = [out, card_path(out, export_format), out.with_name(out.name + ".json")]
     if export_format == "openvino":
         files.insert(1, out.with_suffix(".bin"))
     return files
@@ -209,6 +211,7 @@ def export_metadata(
         "check": {"images": CHECK_IMAGES, "max_abs_difference": difference, "tolerance": TOLERANCE},
         "tool": f"step6_export_model.py (gbm-pcnsl {__version__})",
         "versions": versions,
+        **card_metadata(checkpoint, (height, width)),  # training, input_pipeline, intended_use
     }
 
 
@@ -274,6 +277,8 @@ def export_model(model, checkpoint: Path, out: Path, export_format: str, files: 
         write_json(
             target / METADATA_NAME if export_format == "saved_model" else staging / files[-1].name, metadata
         )
+        card = card_path(target if export_format == "saved_model" else staging / out.name, export_format)
+        card.write_text(card_markdown(metadata))
         move_into_place(staging, files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -8,7 +8,6 @@ convolutional activation; the overlay is drawn on each slice at its own size.
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
+from gbmpcnsl.cli import Progress
 from gbmpcnsl.files import atomic_write
 from gbmpcnsl.model import LAST_CONV_LAYER, LOGIT_LAYER
 from gbmpcnsl.nifti import is_nifti, nifti_stem
@@ -284,9 +284,7 @@ class GradCamRun:
 
     def run(self, images: list[str], outputs: list[Path], batch_size: int) -> GradCamResults:
         """Overlays for `images` at `outputs` (plan_outputs' paths), `batch_size` at a time."""
-        from tqdm import tqdm
-
-        with tqdm(total=len(images), desc="Grad-CAM", unit="img", file=sys.stderr) as progress:
+        with Progress(len(images), "Grad-CAM") as progress:
             for start in range(0, len(images), batch_size):
                 stop = start + batch_size
                 batch = self.read_batch(images[start:stop], outputs[start:stop], progress)
@@ -306,7 +304,7 @@ class GradCamRun:
                 )
                 if message not in self.reported:  # an unreadable volume: one line
                     self.reported.add(message)
-                    progress.write(f"error: {message}", file=sys.stderr)
+                    progress.write(f"error: {message}")
                 self.results.failed += 1
                 progress.update(1)
         return batch
@@ -334,6 +332,6 @@ class GradCamRun:
                 self.results.written += 1
                 self.results.heatmaps[out.relative_to(self.output_dir).as_posix()] = heatmap
             except OSError as error:
-                progress.write(f"error: {out}: cannot write ({error})", file=sys.stderr)
+                progress.write(f"error: {out}: cannot write ({error})")
                 self.results.failed += 1
             progress.update(1)

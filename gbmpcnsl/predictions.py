@@ -14,7 +14,7 @@ import pandas as pd
 
 from gbmpcnsl.patients import aggregate_by_patient
 from gbmpcnsl.thresholds import youden_threshold
-from gbmpcnsl_common import CLASS_FOLDERS, CLASS_LABELS, patient_id
+from gbmpcnsl_common import CLASS_FOLDERS, CLASS_LABELS, CLASS_NAMES, patient_id
 
 
 def _path_parts(path: str | os.PathLike) -> tuple[str, ...]:
@@ -212,3 +212,15 @@ def thresholds_from_validation(
             prob_pcnsl = [row[2] for row in rows]
         thresholds[name] = (youden_threshold(labels, prob_pcnsl), csv_path)
     return thresholds
+
+
+def data_summary(sets: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Images and patients per class of each set of predictions (read_predictions' frames):
+    what report.html's reader needs first."""
+    rows = []
+    for name, frame in sets.items():
+        for label, class_name in enumerate(CLASS_NAMES):
+            part = frame[frame["label"] == label]
+            patients = part["patient_id"].nunique() if "patient_id" in part else "n/a"
+            rows.append({"Set": name, "Class": class_name, "Images": len(part), "Patients": patients})
+    return pd.DataFrame(rows)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
+from gbmpcnsl.cli import Progress
 from gbmpcnsl.files import write_csv
 from gbmpcnsl.patients import PATIENT_COLUMNS, aggregate_patients
 from gbmpcnsl.pixels import load_slice
@@ -328,13 +329,8 @@ def predict_slices(
     Returns (slice name, mean P(PCNSL)) per predicted slice, and each model's P(PCNSL)
     for the same slices. Ctrl-C is taken at a batch boundary.
     """
-    from tqdm import tqdm
-
     rows, member_rows, reported = [], [], set()
-    with (
-        interrupt_between_batches() as check_interrupt,
-        tqdm(total=len(paths), unit="img", file=sys.stderr, disable=None, leave=False) as progress,
-    ):
+    with interrupt_between_batches() as check_interrupt, Progress(len(paths), "predicted") as progress:
         for indices, images, ok in batches:
             check_interrupt()
             member_probs = member_probabilities(predicts, images)
@@ -343,7 +339,7 @@ def predict_slices(
                 if not readable:
                     if errors[int(index)] not in reported:  # an unreadable volume: one line
                         reported.add(errors[int(index)])
-                        progress.write(f"error: {errors[int(index)]}", file=sys.stderr)
+                        progress.write(f"error: {errors[int(index)]}")
                     continue
                 rows.append((paths[index], float(prob)))
                 member_rows.append(members)

@@ -241,6 +241,7 @@ def new_run_info(config: TrainConfig, cohort: Cohort, is_val: np.ndarray, hdf5_s
     """run.json of a run that starts now (before its status and strategy)."""
     train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     return {
+        "command": list(config.command),
         "arguments": config.arguments(),
         "backbone": config.backbone,
         "input_shape": [*cohort.size, 3],
@@ -285,7 +286,12 @@ def open_run_folder(
         write_split_csv(run.split_csv, cohort.records, is_val)
     info = run.previous or new_run_info(config, cohort, is_val, hdf5_sha256)
     if run.previous is not None:
-        resumed = {"time": now(), "after_epoch": first_epoch, "arguments": config.arguments()}
+        resumed = {
+            "time": now(),
+            "after_epoch": first_epoch,
+            "command": list(config.command),
+            "arguments": config.arguments(),
+        }
         info.setdefault("resumed", []).append(resumed)
         info["arguments"]["epochs"] = config.epochs
     info.update(

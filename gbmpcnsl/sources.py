@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gbmpcnsl.cli import non_negative_int
 from gbmpcnsl.dicom import DicomHeader, is_dicom, plane_name, read_dicom_header, series_sort_key
 from gbmpcnsl.limits import check_count, check_shape
 from gbmpcnsl.nifti import is_nifti, lesion_mask_path, lesion_slices
@@ -88,13 +89,6 @@ def parse_slice_selection(text: str) -> SliceSelection:
     raise argparse.ArgumentTypeError(f"{text!r}: expected all, middle:N (N >= 1) or A:B (0 <= A < B)")
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 0")
-    return value
-
-
 def add_slice_arguments(parser: argparse.ArgumentParser, strict: bool = True) -> None:
     """The source options step0, step2 and step5 share: --slices, --lesion-masks,
     --min-lesion-pixels, --any-orientation; --series, --all-series, --cohort and (unless
@@ -115,7 +109,7 @@ def add_slice_arguments(parser: argparse.ArgumentParser, strict: bool = True) ->
     )
     group.add_argument(
         "--min-lesion-pixels",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=1,
         metavar="N",
         help="with --lesion-masks: labelled voxels a slice needs (default 1)",

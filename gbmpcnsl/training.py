@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 import gbmpcnsl.checkpoints
 import gbmpcnsl.model
+from gbmpcnsl.cli import Progress
 from gbmpcnsl.config import MONITORS, TrainConfig
 from gbmpcnsl.data import Cohort, HDF5Images, log_split, make_dataset, read_cohort, split_by_group
 from gbmpcnsl.distributed import MULTI_WORKER, Distribution, WorkerLoop, start_tensorflow, writes_run_folder
@@ -95,22 +95,15 @@ def set_batchnorm_momentum(model, momentum: float) -> int:
 
 # ---------------------------------------------------------------------------- callbacks
 def progress_callback(epochs: int, steps_per_epoch: int):
-    """One log line per epoch on stderr (metrics and seconds), a tqdm bar while it runs
-    (on a terminal only)."""
+    """One log line per epoch on stderr (metrics and seconds), and while it runs a tqdm
+    bar on a terminal, else a progress line about every minute (gbmpcnsl.cli.Progress)."""
     import keras
-    from tqdm import tqdm
 
     class EpochProgress(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.perf_counter()
-            self.bar = tqdm(
-                total=steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{epochs}",
-                unit="batch",
-                leave=False,
-                file=sys.stderr,
-                disable=None,
-            )
+            # "batches of ...": not "epoch ...", the per-epoch log line that scripts grep for
+            self.bar = Progress(steps_per_epoch, f"batches of epoch {epoch + 1}/{epochs}", unit="batch")
 
         def on_train_batch_end(self, batch, logs=None):
             self.bar.update(1)

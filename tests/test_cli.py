@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,7 @@ def step2_case(tmp_path: Path) -> dict:
             (["--model-weights", str(tmp_path / "no.keras"), "x.png"], "return 2"),
             (["--model-weights", str(cv_dir), str(image)], "return 2"),
             (["--model-weights", str(plain), str(image)], "return 2"),
+            (["--model-weights", str(cv_dir / "fold_1"), str(image)], "return 2"),
         ],
         "out": ["--model-weights CKPT", "--tta"],
         "err": ["the following arguments are required: --model-weights"],
@@ -82,7 +84,8 @@ def step2_case(tmp_path: Path) -> dict:
             f"error: --model-weights {tmp_path / 'no.keras'}: no such file",
             f"error: --model-weights {cv_dir}: cross-validation run incomplete (1 of 2 folds have a best "
             "checkpoint); train the remaining folds first",
-            f"error: --model-weights {plain}: a folder, but not a cross-validation run (no cv.json)",
+            f"error: --model-weights {plain}: a folder, but not a run folder (no run.json or cv.json)",
+            f"error: --model-weights {cv_dir / 'fold_1'}: the run has no best checkpoint yet (run.json)",
         ],
     }
 
@@ -93,11 +96,11 @@ def step5_case(tmp_path: Path) -> dict:
         "calls": [
             (["--help"], "exit 0"),
             (["--model-weights", "x", "a.png"], "exit 2"),
-            (bad_batch, "return 2"),
+            (bad_batch, "exit 2"),
         ],
         "out": ["--model-weights CKPT --output-dir DIR"],
-        "err": ["the following arguments are required: --output-dir"],
-        "err_tail": ["error: --batch-size 0: must be at least 1"],
+        "err": ["the following arguments are required: --output-dir", "usage: step5_plot_grad_cam.py"],
+        "err_tail": ["step5_plot_grad_cam.py: error: argument --batch-size: 0: expected an integer >= 1"],
     }
 
 
@@ -134,7 +137,9 @@ CASES = {
 
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_help_and_argument_errors_do_not_import_tensorflow(script, tmp_path):
+    """Also --version (first: its line is the first on stdout) and the exit status in --help."""
     case = CASES[script](tmp_path)
+    case["calls"].insert(0, (["--version"], "exit 0"))
     argvs = [argv for argv, _ in case["calls"]]
     work = tmp_path / "cwd"  # relative paths (o, m.xml) land here, not in the repository
     work.mkdir()
@@ -151,9 +156,62 @@ def test_help_and_argument_errors_do_not_import_tensorflow(script, tmp_path):
     report = json.loads(result.stdout.splitlines()[-1])
     assert report == {"ends": [end for _, end in case["calls"]], "imported": []}, result.stderr[-3000:]
     assert all(text in result.stdout for text in case["out"])
+    versions = r"\(gbm-pcnsl \d+\.\d+\.\d+\): TensorFlow 2\.\d+\.\d+, Keras 3\.\d+\.\d+, numpy \d+\.\d+\.\d+"
+    assert re.fullmatch(f"{script}.py {versions}", result.stdout.splitlines()[0])
+    assert (
+        "Exit status:\n  0    everything asked for was done\n  1    finished, but some inputs"
+        in result.stdout
+    )
     assert all(text in result.stderr for text in case.get("err", []))
     errors = result.stderr.strip().splitlines()
     tail = case.get("err_tail", [])
     assert errors[len(errors) - len(tail) :] == tail
     if "err_all" in case:
         assert result.stderr.splitlines() == case["err_all"]
+
+
+# ---------------------------------------------------------------------------- progress
+def test_progress_is_a_bar_on_a_terminal_and_a_line_a_minute_in_a_log(tmp_path, monkeypatch):
+    """gbmpcnsl.cli.Progress: tqdm's bar only on a TTY; on a pipe no bar text at all, a
+    line once the interval has passed (60 s; GBMPCNSL_PROGRESS_SECONDS overrides it)."""
+    import io
+
+    from gbmpcnsl.cli import PROGRESS_INTERVAL_S, Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    with Progress(4, "images", stream=terminal) as bar, Progress(4, "images", stream=pipe) as lines:
+        for _ in range(4):
+            bar.update()
+            lines.update()
+        lines.write("error: x.png: cannot read")
+    assert "images:   0%|" in terminal.getvalue() and "\r" in terminal.getvalue()  # tqdm's bar
+    assert pipe.getvalue() == "error: x.png: cannot read\n" and PROGRESS_INTERVAL_S == 60
+    monkeypatch.setenv("GBMPCNSL_PROGRESS_SECONDS", "0")
+    with Progress(2, "images", stream=pipe) as lines:
+        lines.update(2)
+    assert re.fullmatch(r"images: 2/2 \[100%, \d+\.\d img/s\]", pipe.getvalue().splitlines()[-1])
+
+
+def test_no_bar_text_in_piped_stderr_and_step0_exits_1_after_skipping(tmp_path):
+    """step0 with stderr to a pipe: no tqdm text (carriage returns, bars); an unreadable
+    image is named and the exit status is 1 (the other images are converted)."""
+    for folder in ("gbm", "pcnsl"):
+        for index in range(2):
+            save_png(tmp_path / "data" / folder / f"p{index}" / "s.png", 60 * index + 20)
+    (tmp_path / "data" / "gbm" / "p1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    command = [sys.executable, str(ROOT / "step0_convert_images_to_hdf5.py"), "data", "out.h5"]
+    result = subprocess.run(
+        [*command, "--resize", "16", "16", "--workers", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "\r" not in result.stderr and "img/s]" not in result.stderr and "it/s" not in result.stderr
+    assert "warning: skipped " in result.stderr and "broken.png" in result.stderr
+    assert (tmp_path / "out.h5").is_file()

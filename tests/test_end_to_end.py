@@ -139,3 +139,24 @@ def test_tensorflow_start_up_chatter_is_silenced(demo_run):
     assert "+ python step1_train_model.py" in result.stderr  # the commands are echoed
     assert "absl::InitializeLog" not in result.stderr
     assert "oneDNN custom operations" not in result.stderr
+
+
+def test_report_html_is_written_and_printed_and_logs_are_clean(demo_run):
+    """The demo's report.html: its path printed, every figure of the executed step4
+    notebook embedded, the Grad-CAM montage after them, nothing loaded from elsewhere; no
+    papermill TCP warning and no progress-bar text in the piped log."""
+    import nbformat
+
+    out, result = demo_run
+    report = out / "report.html"
+    assert f"Report (tables and figures, one file): {report}" in result.stdout
+    page = report.read_text()
+    sources = re.findall(r'<img[^>]* src="([^"]*)"', page)
+    executed = nbformat.read(out / "step4_plot_roc.ipynb", as_version=4)
+    figures = [
+        o for cell in executed.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
+    assert len(sources) == len(figures) + 1 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    assert "without encryption" not in result.stderr
+    assert "\r" not in result.stderr and "it/s]" not in result.stderr

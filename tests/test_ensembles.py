@@ -164,6 +164,10 @@ def test_split_model_arguments(tmp_path):
     assert split_model_arguments(["m.bin", "x.png"], []) == (["m.bin"], ["x.png"])  # the first is a model
     assert split_model_arguments([str(cv_dir), "scans/"], []) == ([str(cv_dir)], ["scans/"])
     assert split_model_arguments(["a.keras", str(cv_dir), "s"], []) == (["a.keras", str(cv_dir)], ["s"])
+    run_dir = tmp_path / "run"  # a single run folder (run.json) is a model too
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")
+    assert split_model_arguments(["a.keras", str(run_dir), "s"], []) == (["a.keras", str(run_dir)], ["s"])
 
 
 def test_aggregate_patients_by_hand():

@@ -55,6 +55,7 @@ def exports(checkpoint, tmp_path_factory) -> dict[str, Path]:
         assert step6.main(argv) == 0
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["saved_model", "tiny.onnx", "tiny.onnx.json", "tiny.xml", "tiny.bin", "tiny.xml.json"]
+        + ["tiny.onnx.MODEL_CARD.md", "tiny.xml.MODEL_CARD.md"]
     )  # and no staging folder left behind
     return paths
 
@@ -141,6 +142,12 @@ def test_export_round_trips_and_agrees_with_keras(exports, export_format, checkp
     assert "LANCZOS" in metadata["preprocessing"] and "0-255" in metadata["preprocessing"]
     assert metadata["source_checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert 0 <= metadata["check"]["max_abs_difference"] <= export.TOLERANCE == metadata["check"]["tolerance"]
+    # The model card: in the metadata and beside the export (this checkpoint has no split.csv).
+    card = (path / "MODEL_CARD.md" if path.is_dir() else Path(f"{path}.MODEL_CARD.md")).read_text()
+    assert metadata["intended_use"].startswith("Research tool only: not a medical device")
+    assert metadata["intended_use"] in card and "load_slice" in metadata["preprocessing"]
+    assert metadata["input_pipeline"]["trained_on"].startswith("not recorded")
+    assert f"Input {SIZE} x {SIZE} RGB" in card and metadata["source_checkpoint"]["sha256"] in card
     if export_format == "openvino":  # float32 weights, not openvino's default fp16
         weights = (path.parent / "tiny.bin").stat().st_size
         assert weights > 4 * model.count_params() * 0.9

@@ -101,7 +101,9 @@ def test_step0_dicom_headers_never_reach_outputs_and_shared_patients_warn(cohort
     (data / "gbm/extra_c").mkdir()
     shutil.copy(get_testdata_file("MR_truncated.dcm"), data / "gbm/extra_c/broken.dcm")
     capfd.readouterr()
-    assert step0.main([str(data), str(tmp_path / "out.h5"), "--size", "32", "32", "--workers", "1"]) == 0
+    assert (
+        step0.main([str(data), str(tmp_path / "out.h5"), "--size", "32", "32", "--workers", "1"]) == 1
+    )  # finished, 1 unreadable skipped
     err = capfd.readouterr().err
     for keyword in ("PatientID", "StudyInstanceUID"):
         assert (

@@ -78,7 +78,7 @@ def test_step0_reports_an_unreadable_volume_in_one_line(tmp_path, capsys):
     four_d = tmp_path / "data/gbm/p2/dwi.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((6, 5, 4, 3), np.float32), np.eye(4)), four_d)
     argv = [str(tmp_path / "data"), str(tmp_path / "out.h5"), "--size", "8", "8", "--workers", "1"]
-    assert step0.main(argv) == 0
+    assert step0.main(argv) == 1  # finished, one source skipped
     assert [line for line in capsys.readouterr().err.splitlines() if "dwi.nii.gz" in line] == [
         f"warning: skipped {four_d}: unreadable NIfTI volume (4-D, shape 6x5x4x3; a 3-D volume is expected)"
     ]

@@ -28,19 +28,11 @@ CELL_TIMEOUT = 120  # seconds for one cell (papermill's execution_timeout): a hu
 
 
 def run_notebook(name: str, executed_path: Path, parameters: dict) -> nbformat.NotebookNode:
-    """Execute a notebook from the repository root with papermill; return the executed copy."""
-    import papermill
+    """Execute a notebook from the repository root with papermill (gbmpcnsl.notebooks: the
+    kernel over IPC, as the demo runs it); return the executed copy."""
+    from gbmpcnsl.notebooks import run_notebook as run
 
-    papermill.execute_notebook(
-        str(ROOT / name),
-        str(executed_path),
-        parameters=parameters,
-        cwd=str(ROOT),
-        kernel_name="python3",
-        progress_bar=False,
-        execution_timeout=CELL_TIMEOUT,
-    )
-    return nbformat.read(executed_path, as_version=4)
+    return run(ROOT / name, executed_path, parameters, cwd=ROOT, timeout=CELL_TIMEOUT)
 
 
 def check_figure(stem: Path) -> None:

@@ -37,7 +37,8 @@ def save_image(path: Path, seed: int, size=(40, 30), mode="L") -> Path:
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
     """Patient folders and flat files, with one hidden file, one text file and one
-    truncated image in each class; visible, readable images: gbm 5, pcnsl 4."""
+    truncated image in each class; visible, readable images: gbm 5, pcnsl 4. step0 exits
+    1 on it (finished, but the truncated images were skipped)."""
     data = tmp_path / "data"
     save_image(data / "gbm" / "patient01" / "slice01.png", 1)
     save_image(data / "gbm" / "patient01" / "slice02.jpg", 2, mode="RGB")
@@ -81,7 +82,7 @@ def files_in(folder: Path) -> list[str]:
 
 def test_layout_pixels_paths_groups_and_summary(data_dir, tmp_path, capsys):
     output = tmp_path / "out.h5"
-    assert run(data_dir, output) == 0
+    assert run(data_dir, output) == 1
     err = capsys.readouterr().err
 
     gbm, pcnsl = read_class(output, "gbm"), read_class(output, "pcnsl")
@@ -125,7 +126,7 @@ def test_parallel_workers_write_the_same_pixels(data_dir, tmp_path, start_method
     """Workers write what one process writes, forked by a process with no other thread (a
     fresh step0 process; in this one, the timeout's and tqdm's threads run), from a
     forkserver by a process with threads (TensorFlow, a notebook)."""
-    assert run(data_dir, tmp_path / "one.h5") == 0
+    assert run(data_dir, tmp_path / "one.h5") == 1
     argv = [str(data_dir), str(tmp_path / "two.h5"), "--size", "24", "32", "--workers", "2"]
     if start_method == "fork":
         result = subprocess.run(
@@ -135,14 +136,14 @@ def test_parallel_workers_write_the_same_pixels(data_dir, tmp_path, start_method
             text=True,
             timeout=120,
         )
-        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.returncode == 1, result.stderr[-2000:]
         err = result.stderr
     else:
         stop = threading.Event()
         threading.Thread(target=stop.wait, daemon=True).start()
         try:
             capsys.readouterr()
-            assert step0.main(argv) == 0
+            assert step0.main(argv) == 1
         finally:
             stop.set()
         err = capsys.readouterr().err
@@ -155,8 +156,8 @@ def test_parallel_workers_write_the_same_pixels(data_dir, tmp_path, start_method
 
 @pytest.mark.parametrize("compression", ["lzf", "none"])
 def test_other_compressions(data_dir, tmp_path, compression):
-    assert run(data_dir, tmp_path / "gz.h5") == 0
-    assert run(data_dir, tmp_path / "other.h5", "--compression", compression) == 0
+    assert run(data_dir, tmp_path / "gz.h5") == 1
+    assert run(data_dir, tmp_path / "other.h5", "--compression", compression) == 1
     other = read_class(tmp_path / "other.h5", "gbm")
     assert other["compression"] == (None if compression == "none" else compression)
     assert other["chunks"] == (1, 24, 32, 3)
@@ -222,7 +223,7 @@ def test_bad_data_or_output_folder(tmp_path, capsys):
 
 def test_existing_size_needs_overwrite_and_other_sizes_are_kept(data_dir, tmp_path, capsys):
     output = tmp_path / "out.h5"
-    assert run(data_dir, output) == 0
+    assert run(data_dir, output) == 1
     before = read_class(output, "gbm")
     capsys.readouterr()
 
@@ -233,7 +234,7 @@ def test_existing_size_needs_overwrite_and_other_sizes_are_kept(data_dir, tmp_pa
     assert output.read_bytes() == snapshot
 
     # Another size: added, the first one kept as it was.
-    assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 0
+    assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 1
     with h5py.File(output, "r") as h5file:
         assert sorted(h5file["gbm"]) == ["16_16", "24_32"] and sorted(h5file["pcnsl"]) == ["16_16", "24_32"]
         assert h5file["gbm/16_16/features"].shape == (5, 16, 16, 3)
@@ -242,7 +243,7 @@ def test_existing_size_needs_overwrite_and_other_sizes_are_kept(data_dir, tmp_pa
     # --overwrite replaces that size only (here: with one patient fewer).
     for path in (data_dir / "gbm" / "patient01").iterdir():
         path.unlink()
-    assert run(data_dir, output, "--overwrite") == 0
+    assert run(data_dir, output, "--overwrite") == 1
     after = read_class(output, "gbm")
     assert after["groups"] == ["gbm/img001", "gbm/patient02", "gbm/patient02"]
     assert after["features"].shape == (3, 24, 32, 3)
@@ -264,7 +265,7 @@ def test_output_that_is_not_hdf5_is_refused(data_dir, tmp_path, capsys):
 )
 def test_failure_mid_way_leaves_the_old_file_untouched(data_dir, tmp_path, monkeypatch, failure, workers):
     output = tmp_path / "out.h5"
-    assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 0
+    assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 1
     snapshot = output.read_bytes()
     real_write_image = hdf5.write_image
     written = []
@@ -301,8 +302,11 @@ def test_ctrl_c_in_a_real_run_leaves_the_old_file_untouched(tmp_path, processes)
         for copy in range(50):
             os.link(source, source.with_name(f"{source.stem}_copy{copy:02d}.png"))
     command = [sys.executable, str(ROOT / "step0_convert_images_to_hdf5.py"), str(data), str(output)]
-    process = processes.popen([*command, "--size", "512", "512", "--workers", "2"], stderr=subprocess.PIPE)
-    # tqdm's "images: ... k/816" on stderr, k rows written: wait for k >= 1
+    env = {**os.environ, "GBMPCNSL_PROGRESS_SECONDS": "0"}  # a progress line per image on a pipe
+    process = processes.popen(
+        [*command, "--size", "512", "512", "--workers", "2"], stderr=subprocess.PIPE, env=env
+    )
+    # the progress line "images: k/816 [...]" on stderr, k rows written: wait for k >= 1
     err = read_until(process.stderr, lambda err: re.search(rb"[1-9]\d*/816 \[", err), timeout=240)
     process.send_signal(signal.SIGINT)
     _, rest = process.communicate(timeout=60)
@@ -336,7 +340,7 @@ def test_original_layout_file_is_read_and_kept(data_dir, tmp_path):
     assert len({r["group"] for r in records}) == 5  # each slice its own group
 
     # step0 adds a size to such a file and leaves the original datasets as they were.
-    assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 0
+    assert step0.main([str(data_dir), str(output), "--size", "16", "16", "--workers", "1"]) == 1
     with h5py.File(output, "r") as h5file:
         assert sorted(h5file["gbm/24_32"]) == ["features", "labels"]
         assert (h5file["gbm/24_32/features"][:] == 7).all()

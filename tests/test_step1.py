@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -29,6 +30,40 @@ def test_default_backbone_is_efficientnetb4(step1_config):
     speed: a B4 is only configured here, never built)."""
     assert step1_config(["a.h5", "run"]).backbone == "efficientnetb4"
     assert step1_config(["--backbone", "efficientnetb0", "a.h5", "run"]).backbone == "efficientnetb0"
+
+
+def test_config_file_gives_defaults_that_flags_override(step1_config, tmp_path, capsys):
+    """--config: a run.json's "arguments" (or a plain JSON object of settings) are defaults;
+    flags on the command line win; the command line itself is kept for run.json."""
+    run_json = tmp_path / "run.json"
+    arguments = {"hdf5": "old.h5", "run_dir": "old", "epochs": 7, "size": [48, 40], "xla": True}
+    run_json.write_text(json.dumps({"arguments": {**arguments, "resume": True, "weights": "none"}}))
+    config = step1_config(["--config", str(run_json), "--epochs", "3", "a.h5", "run"])
+    assert (config.epochs, config.size, config.xla, config.weights) == (3, (48, 40), True, "none")
+    assert (config.hdf5, config.run_dir, config.resume) == (Path("a.h5"), Path("run"), False)
+    assert config.command == (
+        "step1_train_model.py",
+        "--config",
+        str(run_json),
+        "--epochs",
+        "3",
+        "a.h5",
+        "run",
+    )
+    plain = tmp_path / "settings.json"
+    plain.write_text(json.dumps({"batch-size": 4, "monitor": "val_auc"}))
+    config = step1_config(["--config", str(plain), "a.h5", "run"])
+    assert (config.batch_size, config.monitor, config.epochs) == (4, "val_auc", 300)
+    for content, message in (
+        ({"epoch": 3}, f"--config {plain}: 'epoch' is not a step1 setting"),
+        ({"epochs": 0}, "argument --epochs: 0: expected an integer >= 1"),
+        ([1], f"--config {plain}: expected a JSON object of settings or a run.json"),
+    ):
+        plain.write_text(json.dumps(content))
+        with pytest.raises(SystemExit) as exit_info:
+            step1.main(["--config", str(plain), "a.h5", "run"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("usage: ") and message in err
 
 
 @pytest.mark.parametrize(

@@ -225,7 +225,8 @@ def test_keras_and_weights_h5_checkpoints_give_the_same_predictions(tiny_run, mo
 
 
 def test_step1_checkpoint_and_run_json(trained_checkpoint, trained_run, slices, tmp_path):
-    """step1's own files: its .keras checkpoint, and weights saved beside its run.json."""
+    """step1's own files: its .keras checkpoint, weights saved beside its run.json, and the
+    run folder itself (run.json's best checkpoint)."""
     import keras
 
     run = json.loads((trained_run / "run.json").read_text())
@@ -236,7 +237,7 @@ def test_step1_checkpoint_and_run_json(trained_checkpoint, trained_run, slices, 
     shutil.copy(trained_run / "run.json", run_dir / "run.json")
     step1_model.save_weights(run_dir / "best.weights.h5")
     expected = reference_prob_pcnsl(step1_model, slices[:2])
-    for checkpoint in [trained_checkpoint, run_dir / "best.weights.h5"]:
+    for checkpoint in [trained_checkpoint, run_dir / "best.weights.h5", trained_run]:  # a run: its best
         csv_path = tmp_path / f"{checkpoint.name}.csv"
         assert step2.main(["--model-weights", str(checkpoint), "--csv", str(csv_path), *slices[:2]]) == 0
         prob_pcnsl = [float(row["prob_pcnsl"]) for row in read_csv(csv_path)]

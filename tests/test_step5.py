@@ -593,8 +593,11 @@ def test_step5_checkpoint_problems_are_step2s_one_line_errors(tiny_b0, tmp_path,
         "error: --layer avg_pool: output shape (None, 1280) is not a convolutional feature map "
         "(batch, height, width, channels)"
     ]
-    assert run_step(step5, *argv, "--batch-size", "0", images) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: --batch-size 0: must be at least 1"]
+    with pytest.raises(SystemExit) as exit_info:  # argparse's error, with the usage line
+        run_step(step5, *argv, "--batch-size", "0", images)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[0].startswith("usage: step5_plot_grad_cam.py")
+    assert err[-1] == "step5_plot_grad_cam.py: error: argument --batch-size: 0: expected an integer >= 1"
     assert not (tmp_path / "o").exists()
 
 
