@@ -138,18 +138,20 @@ class Progress:
             self.last_line = now
             percent = 100 * self.done / self.total if self.total else 100
             rate = self.done / max(now - self.started, 1e-9)
-            print(
-                f"{self.desc}: {self.done}/{self.total} [{percent:.0f}%, {rate:.1f} {self.unit}/s]",
-                file=self.stream,
-                flush=True,
-            )
+            self._line(f"{self.desc}: {self.done}/{self.total} [{percent:.0f}%, {rate:.1f} {self.unit}/s]")
 
     def write(self, message: str) -> None:
         """One line on the stream, above the bar if there is one."""
         if self.bar is not None:
             self.bar.write(message, file=self.stream)
         else:
-            print(message, file=self.stream, flush=True)
+            self._line(message)
+
+    def _line(self, text: str) -> None:
+        """text and its newline in one write: a Ctrl-C between print's two writes would
+        leave the next message ("interrupted") glued to this line."""
+        self.stream.write(f"{text}\n")
+        self.stream.flush()
 
     def close(self) -> None:
         if self.bar is not None:

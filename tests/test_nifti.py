@@ -4,6 +4,7 @@ volume, "unreadable", decoded (and failing) once per run."""
 from __future__ import annotations
 
 import os
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -92,8 +93,8 @@ def test_step5_reports_an_unreadable_volume_in_one_line(tmp_path, capsys):
     names = find_slices([path]).names
 
     class Progress:
-        def write(self, text, file):
-            print(text, file=file)
+        def write(self, text):
+            print(text, file=sys.stderr)
 
         def update(self, count):
             pass
