@@ -1,6 +1,8 @@
-"""step1 cross-validation (--folds, --fold, --resume per fold) and the validation predictions
-of a run (val_predictions.csv) and of a cross-validation run (oof_predictions.csv), checked
-against the HDF5 file and the checkpoints themselves."""
+"""step1 cross-validation (--folds, --fold, --resume per fold, --select), its nested
+selection (each fold's checkpoint chosen on validation patients drawn from its training
+patients, never on its test patients), and the predictions of a run (val_predictions.csv)
+and of a cross-validation run (test_predictions.csv, oof_predictions.csv), checked against
+the HDF5 file, the split.csv files and the checkpoints themselves."""
 
 from __future__ import annotations
 
@@ -17,8 +19,14 @@ from helpers import TINY, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl.config import TrainConfig
-from gbmpcnsl.cross_validation import cv_settings, make_folds, train_cross_validation, update_cv_json
-from gbmpcnsl.data import Cohort
+from gbmpcnsl.cross_validation import (
+    cv_settings,
+    fold_subsets,
+    make_folds,
+    train_cross_validation,
+    update_cv_json,
+)
+from gbmpcnsl.data import Cohort, split_subsets
 from gbmpcnsl.files import write_csv
 from gbmpcnsl_common import UserError
 
@@ -99,14 +107,66 @@ def test_folds_need_enough_patients_per_class_and_valid_options(capsys):
     records = cohort_records({"gbm": 5, "pcnsl": 2}, slices=2)
     with pytest.raises(UserError, match=r"PCNSL: 2 patient group\(s\); --folds 3 needs at least 3"):
         make_folds(records, 3, seed=0)
+    # Each fold's training patients must leave validation patients of both classes.
+    records = cohort_records({"gbm": 2, "pcnsl": 3}, slices=2)
+    config = TrainConfig(Path("d.h5"), Path("run"), folds=2)
+    cohort = Cohort(Path("d.h5"), (32, 32), records, True)
+    with pytest.raises(UserError, match=r"--folds 2: fold 0's training patients: GBM: 1 patient group\(s\)"):
+        fold_subsets(config, cohort, make_folds(records, 2, seed=0))
     for argv, message in (
         (["--folds", "1"], "--folds 1: cross-validation needs at least 2 folds"),
+        (
+            ["--select", "final", "--early-stopping", "5"],
+            "--early-stopping chooses the stopping epoch on validation; --select final chooses none",
+        ),
+        (["--select", "last"], "argument --select: invalid choice: 'last'"),
         (["--fold", "0"], "--fold needs --folds K"),
         (["--folds", "3", "--fold", "3"], "--fold 3: expected 0 ... 2"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             step1.main([*argv, "d.h5", "run"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fold_subsets_hold_the_fold_out_and_draw_validation_from_the_rest():
+    records = cohort_records({"gbm": 9, "pcnsl": 7}, slices=2)
+    fold_of = make_folds(records, 3, seed=1)
+    config = TrainConfig(Path("d.h5"), Path("run"), folds=3, val_fraction=0.25, seed=1)
+    subsets = fold_subsets(config, Cohort(Path("d.h5"), (32, 32), records, True), fold_of)
+    groups = np.array([r["group"] for r in records])
+    for fold, subset in enumerate(subsets):
+        assert set(subset.tolist()) == {"train", "val", "test"}
+        np.testing.assert_array_equal(subset == "test", fold_of == fold)  # the fold, and only it
+        roles = {name: set(groups[subset == name]) for name in ("train", "val", "test")}
+        assert roles["train"].isdisjoint(roles["val"]) and roles["test"].isdisjoint(
+            roles["train"] | roles["val"]
+        )
+        for folder in ("gbm", "pcnsl"):  # validation patients of both classes
+            assert any(g.startswith(f"{folder}/") for g in roles["val"])
+        # the validation patients are split_by_group's, drawn from the remaining records alone
+        rest = np.flatnonzero(fold_of != fold)
+        expected = split_subsets([records[i] for i in rest], 0.25, seed=1)
+        assert subset[rest].tolist() == expected.tolist()
+    # without a test mask: the single split, as before
+    assert set(split_subsets(records, 0.25, seed=1).tolist()) == {"train", "val"}
+
+
+def test_resume_refuses_a_run_of_the_old_scheme(tmp_path, capsys):
+    """A cv.json without "selection" chose each fold's checkpoint on its test patients."""
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    cv = {"folds": 2, "seed": 0, "fold_assignment": [], "complete": False}
+    (run_dir / "cv.json").write_text(json.dumps(cv))
+    before = (run_dir / "cv.json").read_bytes()
+    for extra in (["--resume"], ["--fold", "1"]):
+        assert step1.main([*TINY, "--folds", "2", *extra, str(tmp_path / "d.h5"), str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"error: {run_dir / 'cv.json'}: made by the old scheme (each fold chose its checkpoint on its "
+            "own test patients); it cannot be resumed or joined: train a new run folder or --overwrite it"
+        ]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["cv.json"]
+    assert (run_dir / "cv.json").read_bytes() == before
 
 
 # ---------------------------------------------------------------------------- cv.json from several jobs
@@ -125,7 +185,7 @@ def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path, proces
     fold_of = make_folds(records, 2, seed=0)
     config = TrainConfig(Path("d.h5"), tmp_path, folds=2)
     cohort = Cohort(Path("d.h5"), (32, 32), records, True)
-    settings = cv_settings(config, cohort, fold_of)
+    settings = cv_settings(config, cohort, fold_of, fold_subsets(config, cohort, fold_of))
     expected = []
     for fold in range(2):
         fold_dir = tmp_path / f"fold_{fold}"
@@ -135,7 +195,7 @@ def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path, proces
         )
         rows = [[r["path"], repr(0.25 + i / 100), repr(0.75 - i / 100), r["label"], r["group"]]
                 for i, r in enumerate(records) if fold_of[i] == fold]  # fmt: skip
-        write_csv(fold_dir / "val_predictions.csv", COLUMNS, rows)
+        write_csv(fold_dir / "test_predictions.csv", COLUMNS, rows)
     for i, r in enumerate(records):
         expected.append(
             [
@@ -202,7 +262,8 @@ def listing(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory):
     """A 2-fold run built the way a cluster would: fold 1 alone (--fold 1), fold 0 alone and
-    interrupted after 1 of 2 epochs, then --resume (fold 1 skipped, fold 0 resumed).
+    interrupted after 1 of 2 epochs, then --resume (fold 1 skipped, fold 0 resumed); and
+    fold 0 of another run with --select final (stages["final"]: its run folder).
     Returns the HDF5 file, the run folder and what each stage left behind."""
     folder = tmp_path_factory.mktemp("cv")
     h5_path = write_h5(folder / "d.h5", size=32, patients=(4, 4), slices=2)
@@ -222,6 +283,9 @@ def cv_run(tmp_path_factory):
         train_cross_validation(config, callbacks=[stop_after_first_epoch()])
     stages["interrupted"] = {"cv": json.loads((run_dir / "cv.json").read_text())}
     assert step1.main([*common, "--epochs", "2", "--resume", str(h5_path), str(run_dir)]) == 0
+    stages["final"] = folder / "final"
+    argv = [*common, "--epochs", "2", "--fold", "0", "--select", "final", str(h5_path), str(stages["final"])]
+    assert step1.main(argv) == 0
     return h5_path, run_dir, stages
 
 
@@ -230,9 +294,18 @@ def test_fold_option_trains_that_fold_only(cv_run, capsys):
     h5_path, run_dir, stages = cv_run
     first = stages["fold_1"]
     assert [name for name in first["listing"] if "/" not in name] == [".cv.lock", "cv.json", "fold_1"]
-    assert {"run.json", "history.csv", "split.csv", "val_predictions.csv"} <= set(first["fold_1_files"])
+    assert {"run.json", "history.csv", "split.csv", "val_predictions.csv", "test_predictions.csv"} <= set(
+        first["fold_1_files"]
+    )
     cv = first["cv"]
     assert cv["folds"] == 2 and cv["seed"] == 3 and cv["complete"] is False and "best_checkpoints" not in cv
+    assert cv["selection"] == {
+        "select": "best",
+        "monitor": "val_loss",
+        "early_stopping": None,
+        "chosen_on": "val",
+        "val_fraction": 0.15,
+    }
     assert [f["status"] for f in cv["fold_assignment"]] == ["pending", "finished"]
     assert cv["fold_assignment"][0]["best_checkpoint"] is None
     assert cv["fold_assignment"][1]["best_checkpoint"].startswith("fold_1/ckpt_001_")
@@ -282,7 +355,9 @@ def test_resume_skips_finished_folds_and_resumes_interrupted_ones(cv_run):
 
 
 @pytest.mark.slow
-def test_cv_json_records_each_folds_patients_as_the_fold_runs_split_them(cv_run):
+def test_each_folds_test_patients_are_disjoint_from_its_training_and_selection_patients(cv_run):
+    """From the files alone: every fold's split.csv gives each slice its role, the test
+    patients are the fold's own (cv.json), and no test patient trained or chose anything."""
     h5_path, run_dir, _ = cv_run
     cv = json.loads((run_dir / "cv.json").read_text())
     slices = h5_slices(h5_path, 32)
@@ -290,16 +365,38 @@ def test_cv_json_records_each_folds_patients_as_the_fold_runs_split_them(cv_run)
     for fold in cv["fold_assignment"]:
         split = read_csv(run_dir / fold["run_dir"] / "split.csv")
         assert [(r["path"], r["group"], int(r["label"])) for r in split] == [s[:3] for s in slices]
-        val = [r for r in split if r["subset"] == "val"]
-        val_patients = {folder: sorted({r["group"] for r in val if r["path"].startswith(f"{folder}/")})
-                        for folder in ("gbm", "pcnsl")}  # fmt: skip
-        assert fold["patients"] == val_patients
-        assert fold["slices"] == {
-            folder: sum(r["path"].startswith(f"{folder}/") for r in val) for folder in ("gbm", "pcnsl")
+        assert {r["subset"] for r in split} == {"train", "val", "test"}
+        roles = {
+            name: {r["group"] for r in split if r["subset"] == name} for name in ("train", "val", "test")
         }
-        train_patients = {r["group"] for r in split if r["subset"] == "train"}
-        assert train_patients.isdisjoint(val_patients["gbm"] + val_patients["pcnsl"])
-        patients_of_fold.append(set(val_patients["gbm"] + val_patients["pcnsl"]))
+        by_class = {
+            name: {
+                folder: sorted(g for g in roles[name] if g.startswith(f"{folder}/"))
+                for folder in ("gbm", "pcnsl")
+            }
+            for name in ("val", "test")
+        }
+        assert fold["patients"] == by_class["test"] and fold["validation_patients"] == by_class["val"]
+        assert all(by_class["val"].values()) and all(by_class["test"].values())  # both classes each
+        assert fold["slices"] == {
+            folder: sum(r["path"].startswith(f"{folder}/") and r["subset"] == "test" for r in split)
+            for folder in ("gbm", "pcnsl")
+        }
+        assert roles["test"].isdisjoint(roles["train"]) and roles["test"].isdisjoint(roles["val"])
+        assert roles["val"].isdisjoint(roles["train"])
+        # the fold's predictions: validation (selection) and test, each of its own subset
+        for name, file in (("val", "val_predictions.csv"), ("test", "test_predictions.csv")):
+            rows = read_csv(run_dir / fold["run_dir"] / file)
+            assert [(r["path"], r["patient_id"]) for r in rows] == [
+                (r["path"], r["group"]) for r in split if r["subset"] == name
+            ]
+        info = json.loads((run_dir / fold["run_dir"] / "run.json").read_text())
+        assert info["select"] == "best" and info["split"] == {
+            f"{name}_{what}": len(members) if what == "groups" else sum(r["subset"] == name for r in split)
+            for name, members in roles.items()
+            for what in ("slices", "groups")
+        }
+        patients_of_fold.append(roles["test"])
     assert patients_of_fold[0].isdisjoint(patients_of_fold[1])
     assert patients_of_fold[0] | patients_of_fold[1] == {s[1] for s in slices}
 
@@ -320,15 +417,43 @@ def test_out_of_fold_predictions_are_each_folds_checkpoint_predictions(cv_run):
 
     for fold in cv["fold_assignment"]:
         rows = [r for r in oof if int(r["fold"]) == fold["fold"]]
-        # the fold's own val_predictions.csv, value for value
-        val_rows = read_csv(run_dir / fold["run_dir"] / "val_predictions.csv")
-        assert [{k: r[k] for k in COLUMNS} for r in rows] == val_rows
+        # the fold's own test_predictions.csv, value for value
+        test_rows = read_csv(run_dir / fold["run_dir"] / "test_predictions.csv")
+        assert [{k: r[k] for k in COLUMNS} for r in rows] == test_rows
         # ... which are its best checkpoint's predictions of the HDF5 pixels
         pixels = np.stack([s[3] for s in slices if fold_of_patient[s[1]] == fold["fold"]])
         expected = predict_checkpoint(run_dir / fold["best_checkpoint"], pixels)
         prob_pcnsl = np.array([float(r["prob_pcnsl"]) for r in rows])
         np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-6)
         np.testing.assert_allclose([float(r["prob_gbm"]) for r in rows], 1 - prob_pcnsl, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_select_final_keeps_the_last_epoch_and_records_the_rule(cv_run):
+    h5_path, _, stages = cv_run
+    run_dir = stages["final"]
+    cv = json.loads((run_dir / "cv.json").read_text())
+    assert cv["selection"] == {
+        "select": "final",
+        "monitor": None,
+        "early_stopping": None,
+        "chosen_on": None,
+        "val_fraction": 0.15,
+    }
+    fold_dir = run_dir / "fold_0"
+    assert sorted(p.name for p in fold_dir.glob("*.keras")) == ["ckpt_002_final.keras"]  # the last only
+    info = json.loads((fold_dir / "run.json").read_text())
+    assert info["select"] == "final" and info["best_epoch"] == 2 and info["epochs_done"] == 2
+    assert info["best_checkpoint"] == "ckpt_002_final.keras"
+    assert cv["fold_assignment"][0]["best_checkpoint"] == "fold_0/ckpt_002_final.keras"
+    split = {r["path"]: r["subset"] for r in read_csv(fold_dir / "split.csv")}
+    rows = read_csv(fold_dir / "test_predictions.csv")
+    pixels = {s[0]: s[3] for s in h5_slices(h5_path, 32)}
+    assert rows and all(split[r["path"]] == "test" for r in rows)
+    expected = predict_checkpoint(
+        fold_dir / info["best_checkpoint"], np.stack([pixels[r["path"]] for r in rows])
+    )
+    np.testing.assert_allclose([float(r["prob_pcnsl"]) for r in rows], expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
