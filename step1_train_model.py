@@ -5,10 +5,11 @@ Reads the HDF5 file written by step0 and writes a run folder:
     ckpt_{epoch:03d}_{val_loss:.4f}.keras   best-only checkpoints on val_loss (full Keras models;
                                            ckpt_{epoch:03d}_{val_auc:.4f}.keras with --monitor val_auc)
     history.csv                            one row per epoch (Keras CSVLogger; epoch counts from 0)
-    split.csv                              path, group, label, subset (train/val) of every slice
+    split.csv                              path, group, label, subset (train/val; a fold: test) of every slice
     run.json                               arguments, data digest, split, versions, times, best epoch
     val_predictions.csv                    path,prob_gbm,prob_pcnsl,label,patient_id of every validation
-                                           slice, predicted by the best checkpoint
+                                           slice, predicted by the best checkpoint (a fold: and
+                                           test_predictions.csv, its held-out patients)
     backup/                                training state for --resume (removed when training ends)
     tensorboard/                           with --tensorboard: TensorBoard logs (tensorboard --logdir RUN_DIR)
 
@@ -34,12 +35,15 @@ A run whose best epoch is the first, or whose best validation AUC stays below 0.
 with a warning: the network most likely memorised its training patients.
 
 Cross-validation (--folds K): the patients are split into K stratified, patient-disjoint
-folds (scikit-learn's StratifiedGroupKFold, shuffled with --seed; --val-fraction is not
-used), and fold i is trained, with fold i's patients as validation, into the ordinary run
-folder RUN/fold_<i>/. RUN/cv.json records the patients and slices of every fold, each
-fold's status and, once every fold is done, their best checkpoints; RUN/oof_predictions.csv
-then pools the folds' val_predictions.csv (plus a fold column): every slice predicted by the
-one model that did not see its patient. --fold i trains fold i only (one job per fold on a
+folds (scikit-learn's StratifiedGroupKFold, shuffled with --seed). Fold i holds its own
+patients out as its test set; validation patients are drawn from the others (--val-fraction,
+by patient and class), the rest train, into the ordinary run folder RUN/fold_<i>/. The
+checkpoint and early stopping are chosen on the validation patients only (--select final:
+the last epoch, no choice); the test patients are predicted once, by that checkpoint.
+RUN/cv.json records every fold's patients, the selection rule, each fold's status and, once
+every fold is done, their chosen checkpoints; RUN/oof_predictions.csv then pools the folds'
+test_predictions.csv (plus a fold column): every slice predicted by the one model that
+neither trained on its patient nor chose anything on it. --fold i trains fold i only (one job per fold on a
 cluster; the jobs may run at once). --resume skips finished folds, resumes interrupted
 ones and starts the others; --overwrite replaces the whole RUN, or with --fold i that
 fold only. Docs: docs/cross-validation.md
@@ -72,7 +76,7 @@ from gbmpcnsl.cli import (
     positive_int,
     probability,
 )
-from gbmpcnsl.config import DEFAULTS, MONITORS, TrainConfig, config_file_flags
+from gbmpcnsl.config import DEFAULTS, MONITORS, SELECTIONS, TrainConfig, config_file_flags
 
 STRONG_FLAGS = (
     ("--rotation-degrees", "DEG", non_negative_float, "strong: rotation by up to +-DEG degrees"),
@@ -106,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="I",
         help="with --folds: train fold I only (0 ... K-1), e.g. one job per fold",
+    )
+    folds.add_argument(
+        "--select",
+        choices=SELECTIONS,
+        help="the checkpoint each run keeps: best, the best epoch by --monitor on the validation "
+        "patients (default); final, the last epoch (no selection, as nnU-Net reports; no "
+        "--early-stopping)",
     )
     _add_device_arguments(parser.add_argument_group("speed and devices"))
     _add_run_folder_arguments(parser.add_argument_group("the run folder"))
@@ -256,6 +267,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
         parser.error("--resume and --overwrite exclude each other")
     if args.folds is not None and args.folds < 2:
         parser.error(f"--folds {args.folds}: cross-validation needs at least 2 folds")
+    if args.select == "final" and args.early_stopping:
+        parser.error("--early-stopping chooses the stopping epoch on validation; --select final chooses none")
     if args.fold is not None and args.folds is None:
         parser.error("--fold needs --folds K")
     if args.fold is not None and not 0 <= args.fold < args.folds:

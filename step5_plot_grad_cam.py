@@ -31,7 +31,10 @@ Checkpoints: step1's .keras models, .weights.h5 files with their run.json, and t
 cross-validation run folder (its folds' best checkpoints), explain an ensemble: the
 explained class is the ensemble's call (mean P(PCNSL) > 0.5) unless --class says, each
 model's heatmap is taken for that class, and the overlay shows their mean, scaled to a
-peak of 1 (--annotate shows the ensemble's probability).
+peak of 1 (--annotate shows the ensemble's probability). With --out-of-fold and a
+cross-validation run folder, each image is explained by the model of the fold that held its
+patient out (cv.json), never by one that trained on it; images of patients outside the
+cohort get the whole ensemble, and the log counts them.
 
 Docs: docs/gradcam.md
 """
@@ -42,7 +45,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gbmpcnsl.checkpoints import ensemble_checkpoints, parse_models_and_images
+from gbmpcnsl.checkpoints import ensemble_checkpoints, held_out_folds, parse_models_and_images
 from gbmpcnsl.cli import make_parser, positive_int
 from gbmpcnsl.cohort_table import step_slices
 from gbmpcnsl.gradcam import (
@@ -51,6 +54,7 @@ from gbmpcnsl.gradcam import (
     GradCamRun,
     gradcam_function,
     load_grad_models,
+    out_of_fold_groups,
     plan_outputs,
     write_heatmaps,
 )
@@ -73,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CKPT",
         help="checkpoint (.keras, .weights.h5, .h5) or run folder (its best); several, or a CV run "
         "folder: an ensemble",
+    )
+    models.add_argument(
+        "--out-of-fold",
+        action="store_true",
+        help="with a CV run folder: explain each image by the fold that held its patient out "
+        "(patients outside the cohort: the whole ensemble)",
     )
     models.add_argument(
         "--layer", default=LAST_CONV_LAYER, help=f"convolutional layer to explain (default {LAST_CONV_LAYER})"
@@ -124,13 +134,19 @@ def _explain(argv: list[str] | None) -> int:
     slices = step_slices(args, "explain").names
     images = list(dict.fromkeys(slices))  # a file given twice is done once
     outputs = plan_outputs(images, args.output_dir, args.save_heatmaps, args.overwrite)
+    checkpoints = ensemble_checkpoints(args.model_weights)
+    fold_of_patient = held_out_folds(args.model_weights) if args.out_of_fold else None
 
     import_tensorflow(args.verbose)
-    grad_models, input_size = load_grad_models(ensemble_checkpoints(args.model_weights), args.layer)
-    compute = gradcam_function(grad_models, args.explain)
-    results = GradCamRun(compute, input_size, args.output_dir, args.annotate).run(
-        images, outputs, args.batch_size
-    )
+    grad_models, input_size = load_grad_models(checkpoints, args.layer)
+    groups = [(list(range(len(grad_models))), list(range(len(images))))]  # every model, every image
+    if fold_of_patient is not None:
+        groups = out_of_fold_groups(images, fold_of_patient, [name for name, _ in checkpoints])
+    runner = GradCamRun(None, input_size, args.output_dir, args.annotate)
+    for members, indices in groups:
+        runner.compute = gradcam_function([grad_models[m] for m in members], args.explain)
+        runner.run([images[i] for i in indices], [outputs[i] for i in indices], args.batch_size)
+    results = runner.results
 
     if args.save_heatmaps:
         write_heatmaps(args.output_dir / HEATMAPS_FILE, results.heatmaps)

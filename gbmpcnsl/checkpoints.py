@@ -271,14 +271,10 @@ def ensemble_checkpoints(items: list[str | Path]) -> list[tuple[str, Path]]:
         if not path.is_dir():
             checkpoints.append((None, path))
             continue
-        cv_json = path / CV_JSON
-        if not cv_json.is_file():
+        if not (path / CV_JSON).is_file():
             checkpoints.append((None, run_best_checkpoint(path)))
             continue
-        try:
-            cv = json.loads(cv_json.read_text())
-        except (OSError, ValueError) as error:
-            raise UserError(f"{cv_json}: cannot read ({error})") from error
+        cv = read_cv_json(path)
         best = cv.get("best_checkpoints")
         if not cv.get("complete") or not best:
             done = sum(1 for fold in cv.get("fold_assignment", []) if fold.get("best_checkpoint"))
@@ -295,6 +291,36 @@ def ensemble_checkpoints(items: list[str | Path]) -> list[tuple[str, Path]]:
     if len(items) == 1 and all(name is not None for name, _ in checkpoints):
         return [(str(name), path) for name, path in checkpoints]
     return [(f"model{index}", path) for index, (_, path) in enumerate(checkpoints)]
+
+
+def read_cv_json(path: Path) -> dict:
+    """The cv.json of the cross-validation run folder `path` (--model-weights); UserError
+    when there is none or it cannot be read."""
+    cv_json = path / CV_JSON
+    if not cv_json.is_file():
+        raise UserError(f"--model-weights {path}: a folder, but not a cross-validation run (no {CV_JSON})")
+    try:
+        return json.loads(cv_json.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{cv_json}: cannot read ({error})") from error
+
+
+def held_out_folds(items: list[str | Path]) -> dict[str, int]:
+    """step5 --out-of-fold: patient id -> position, in ensemble_checkpoints' list, of the
+    fold that held the patient out (cv.json's fold_assignment "patients"), for the one
+    cross-validation run folder `items` must be."""
+    if len(items) != 1 or not Path(items[0]).is_dir():
+        raise UserError(
+            f"--out-of-fold: --model-weights must be one cross-validation run folder (got {len(items)} "
+            f"item(s){'' if len(items) != 1 else ', not a folder'})"
+        )
+    assignment = read_cv_json(Path(items[0])).get("fold_assignment") or []
+    return {
+        patient: position
+        for position, fold in enumerate(assignment)
+        for patients in (fold.get("patients") or {}).values()
+        for patient in patients
+    }
 
 
 CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx", ".xml")

@@ -17,6 +17,9 @@ from gbmpcnsl.augment import StrongAugmentation
 
 # What to pick the best epoch by (checkpoints, early stopping, run.json): name -> Keras mode.
 MONITORS = {"val_loss": "min", "val_auc": "max"}
+# Which checkpoint a run keeps (--select): the best epoch by --monitor on the validation
+# patients, or the last epoch (no selection).
+SELECTIONS = ("best", "final")
 _STRONG = StrongAugmentation()
 
 
@@ -53,6 +56,7 @@ class TrainConfig:
     val_fraction: float = setting(0.15, resume=True)
     folds: int | None = None
     fold: int | None = None
+    select: str = setting("best", resume=True, older_runs=True)
     seed: int = setting(0, resume=True)
     early_stopping: int | None = None
     monitor: str = setting("val_loss", resume=True, older_runs=True)

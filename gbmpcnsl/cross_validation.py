@@ -1,10 +1,14 @@
 """Cross-validation by patient (--folds K): the folds, cv.json, the pooled out-of-fold
 predictions, and the training of the selected folds.
 
-RUN/fold_<i>/ are ordinary run folders trained by training.train_split, one per fold;
-RUN/cv.json is derived from them (status, best checkpoint) each time a process writes it,
-under a lock, so that folds trained by separate jobs at the same time leave one
-consistent file.
+Selection is nested: fold i's patients are its test set, predicted once into
+fold_<i>/test_predictions.csv by the fold's chosen checkpoint and used for no choice; the
+checkpoint (and early stopping) is chosen on validation patients drawn from the fold's
+own training patients (data.split_subsets, --val-fraction, --seed), or is the last epoch
+with --select final. RUN/fold_<i>/ are ordinary run folders trained by
+training.train_split, one per fold; RUN/cv.json is derived from them (status, best
+checkpoint) each time a process writes it, under a lock, so that folds trained by separate
+jobs at the same time leave one consistent file.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 import gbmpcnsl_common as common
 from gbmpcnsl.config import TrainConfig
-from gbmpcnsl.data import Cohort, log_split, read_cohort
+from gbmpcnsl.data import VAL, Cohort, log_split, read_cohort, split_subsets
 from gbmpcnsl.distributed import Distribution, start_tensorflow, writes_run_folder
 from gbmpcnsl.files import write_csv, write_json
 from gbmpcnsl.outputs import discard, move_aside, refuse_unsafe_folder
@@ -27,7 +31,7 @@ from gbmpcnsl.runs import (
     OOF_PREDICTIONS_CSV,
     PREDICTION_COLUMNS,
     RUN_JSON,
-    VAL_PREDICTIONS_CSV,
+    TEST_PREDICTIONS_CSV,
     RunFolder,
     check_resume,
     check_run_folder,
@@ -35,7 +39,7 @@ from gbmpcnsl.runs import (
     now,
     read_json,
 )
-from gbmpcnsl.training import train_split, write_val_predictions
+from gbmpcnsl.training import train_split, write_split_predictions
 from gbmpcnsl_common import CLASS_FOLDERS, UserError, log
 
 
@@ -72,19 +76,38 @@ def make_folds(records: list[dict], folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
-def fold_assignment(cohort: Cohort, fold_of: np.ndarray) -> list[dict]:
-    """cv.json's record of the folds: patients and slices per class, the run folder."""
+def fold_subsets(config: TrainConfig, cohort: Cohort, fold_of: np.ndarray) -> list[np.ndarray]:
+    """Each fold's split (data.split_subsets): its own patients "test", validation
+    patients drawn from the other folds' patients ("val", --val-fraction, --seed), the rest
+    "train". All folds at once, so that a cohort too small for one fails before training."""
+    subsets = []
+    for fold in range(config.folds):
+        try:
+            subsets.append(split_subsets(cohort.records, config.val_fraction, config.seed, fold_of == fold))
+        except UserError as error:
+            raise UserError(f"--folds {config.folds}: fold {fold}'s training patients: {error}") from None
+    return subsets
+
+
+def fold_assignment(cohort: Cohort, fold_of: np.ndarray, subsets: list[np.ndarray]) -> list[dict]:
+    """cv.json's record of the folds: the test patients and slices per class (the fold's
+    own), the validation patients per class (drawn from the others), the run folder."""
+
+    def per_class(indices: np.ndarray) -> dict:
+        members = [cohort.records[i] for i in indices]
+        return {
+            folder: sorted({r["group"] for r in members if r["class"] == folder}) for folder in CLASS_FOLDERS
+        }
+
     assignment = []
     for fold in range(int(fold_of.max()) + 1):
         members = [cohort.records[i] for i in np.flatnonzero(fold_of == fold)]
         assignment.append(
             {
                 "fold": fold,
-                "patients": {
-                    folder: sorted({r["group"] for r in members if r["class"] == folder})
-                    for folder in CLASS_FOLDERS
-                },
+                "patients": per_class(np.flatnonzero(fold_of == fold)),
                 "slices": {folder: sum(r["class"] == folder for r in members) for folder in CLASS_FOLDERS},
+                "validation_patients": per_class(np.flatnonzero(subsets[fold] == VAL)),
                 "run_dir": f"fold_{fold}",
             }
         )
@@ -110,16 +133,30 @@ def log_folds(cohort: Cohort, fold_of: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------- cv.json
-def cv_settings(config: TrainConfig, cohort: Cohort, fold_of: np.ndarray) -> dict:
+def selection_rule(config: TrainConfig) -> dict:
+    """cv.json's "selection": how each fold's checkpoint was chosen, and on which patients
+    (chosen_on: the split.csv subset; never "test")."""
+    best = config.select == "best"
+    return {
+        "select": config.select,
+        "monitor": config.monitor if best else None,
+        "early_stopping": config.early_stopping,
+        "chosen_on": VAL if best else None,
+        "val_fraction": config.val_fraction,
+    }
+
+
+def cv_settings(config: TrainConfig, cohort: Cohort, fold_of: np.ndarray, subsets: list[np.ndarray]) -> dict:
     """What every fold of one cross-validation run shares (cv.json less the fold status)."""
     return {
         "folds": config.folds,
         "seed": config.seed,
+        "selection": selection_rule(config),
         "hdf5": str(cohort.hdf5.resolve()),
         "hdf5_size_key": common.size_key(cohort.size),
         "input_shape": [*cohort.size, 3],
         "arguments": config.resume_arguments(),
-        "fold_assignment": fold_assignment(cohort, fold_of),
+        "fold_assignment": fold_assignment(cohort, fold_of, subsets),
     }
 
 
@@ -131,6 +168,11 @@ def check_cv_folder(config: TrainConfig) -> dict | None:
         raise UserError(f"{run_dir}: exists and is not a folder")
     previous = read_json(cv_json) if cv_json.is_file() else None
     in_use = run_dir.is_dir() and any(run_dir.iterdir())
+    if previous is not None and "selection" not in previous and (config.resume or config.fold is not None):
+        raise UserError(
+            f"{cv_json}: made by the old scheme (each fold chose its checkpoint on its own test "
+            "patients); it cannot be resumed or joined: train a new run folder or --overwrite it"
+        )
     if config.resume:
         if previous is None:
             raise UserError(f"{run_dir}: no {CV_JSON}, no cross-validation run to resume")
@@ -177,12 +219,12 @@ def check_cv_settings(config: TrainConfig, previous: dict | None, settings: dict
 
 def fold_status(fold_dir: Path) -> tuple[str, str | None]:
     """(pending | running | finished, best checkpoint file name) of a fold's run folder; a
-    fold is finished once its val_predictions.csv is written."""
+    fold is finished once its test_predictions.csv is written."""
     run_json = fold_dir / RUN_JSON
     if not run_json.is_file():
         return "pending", None
     info = read_json(run_json)
-    if info.get("status") == "finished" and (fold_dir / VAL_PREDICTIONS_CSV).is_file():
+    if info.get("status") == "finished" and (fold_dir / TEST_PREDICTIONS_CSV).is_file():
         return "finished", info.get("best_checkpoint")
     return "running", None
 
@@ -213,12 +255,12 @@ def update_cv_json(
 
 
 def write_oof_predictions(run_dir: Path, cohort: Cohort, fold_of: np.ndarray) -> Path:
-    """RUN/oof_predictions.csv: the folds' val_predictions.csv rows (values as written) plus
-    their fold, in HDF5 order: one row per slice, each predicted by the model that did not
-    see its patient."""
+    """RUN/oof_predictions.csv: the folds' test_predictions.csv rows (values as written) plus
+    their fold, in HDF5 order: one row per slice, each predicted by the model that neither
+    trained on its patient nor chose a checkpoint on it."""
     rows: list[list[str] | None] = [None] * len(cohort.records)
     for fold in range(int(fold_of.max()) + 1):
-        path = run_dir / f"fold_{fold}" / VAL_PREDICTIONS_CSV
+        path = run_dir / f"fold_{fold}" / TEST_PREDICTIONS_CSV
         with open(path, newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
@@ -227,7 +269,7 @@ def write_oof_predictions(run_dir: Path, cohort: Cohort, fold_of: np.ndarray) ->
         if header != list(PREDICTION_COLUMNS) or [row[0] for row in fold_rows] != [
             cohort.records[i]["path"] for i in indices
         ]:
-            raise UserError(f"{path}: does not hold the validation slices of fold {fold}")
+            raise UserError(f"{path}: does not hold the test slices of fold {fold}")
         for index, row in zip(indices, fold_rows, strict=True):
             rows[index] = [*row, str(fold)]
     path = run_dir / OOF_PREDICTIONS_CSV
@@ -248,7 +290,7 @@ class FoldPlan:
     run: RunFolder | None
 
 
-def plan_folds(config: TrainConfig, cohort: Cohort, fold_of: np.ndarray) -> list[FoldPlan]:
+def plan_folds(config: TrainConfig, cohort: Cohort, subsets: list[np.ndarray]) -> list[FoldPlan]:
     """The selected folds (all, or --fold i), each checked as a run folder of its own."""
     replace_all = config.overwrite and config.fold is None
     plans = []
@@ -265,7 +307,7 @@ def plan_folds(config: TrainConfig, cohort: Cohort, fold_of: np.ndarray) -> list
                 run = RunFolder(fold_dir)
             else:
                 run = check_run_folder(fold_config, fold_dir, writes_run_folder(fold_config))
-            check_resume(fold_config, run, cohort, fold_of == fold)
+            check_resume(fold_config, run, cohort, subsets[fold])
             plans.append(FoldPlan(fold, "train", fold_config, run))
     return plans
 
@@ -278,9 +320,10 @@ def train_cross_validation(config: TrainConfig, callbacks: list | None = None):
     cohort = read_cohort(config.hdf5, config.size)
     fold_of = make_folds(cohort.records, config.folds, config.seed)
     log_folds(cohort, fold_of)
-    settings = cv_settings(config, cohort, fold_of)
+    subsets = fold_subsets(config, cohort, fold_of)
+    settings = cv_settings(config, cohort, fold_of, subsets)
     check_cv_settings(config, previous, settings)
-    plans = plan_folds(config, cohort, fold_of)
+    plans = plan_folds(config, cohort, subsets)
 
     distribution = start_tensorflow(config)
     replaced = None  # the run --overwrite replaces: kept aside until the new one is trained
@@ -291,7 +334,7 @@ def train_cross_validation(config: TrainConfig, callbacks: list | None = None):
         update_cv_json(config.run_dir, settings, cohort, fold_of)
     model = None
     for plan in plans:
-        trained = run_fold(plan, cohort, fold_of, settings, distribution, callbacks)
+        trained = run_fold(plan, cohort, fold_of, subsets[plan.fold], settings, distribution, callbacks)
         model = trained if trained is not None else model
         if distribution.is_chief and plan.action != "skip":
             cv = update_cv_json(config.run_dir, settings, cohort, fold_of)
@@ -307,27 +350,29 @@ def run_fold(
     plan: FoldPlan,
     cohort: Cohort,
     fold_of: np.ndarray,
+    subset: np.ndarray,
     settings: dict,
     distribution: Distribution,
     callbacks: list | None,
 ):
-    """Carry out one fold's plan; returns its model when it was trained (else None)."""
+    """Carry out one fold's plan (`subset`: its split); returns its model when it was
+    trained (else None)."""
     import keras
 
-    config, is_val = plan.config, fold_of == plan.fold
+    config = plan.config
     if plan.action == "skip":
         log.info("fold %d (of %d): finished earlier, skipped", plan.fold, config.folds)
         return None
     if plan.action == "predict":
         if distribution.is_chief:
             info = read_json(plan.run.run_json)
-            write_val_predictions(plan.run.path, cohort, is_val, info.get("best_checkpoint"))
+            write_split_predictions(plan.run.path, cohort, subset, info.get("best_checkpoint"))
         return None
     action = "resuming" if config.resume else "training"
     log.info("fold %d (of %d): %s %s", plan.fold, config.folds, action, plan.run.path)
-    log_split(cohort, is_val)
+    log_split(cohort, subset)
     cv_dir = plan.run.path.parent
     if distribution.is_chief:
         update_cv_json(cv_dir, settings, cohort, fold_of, starting=plan.fold)
     keras.utils.set_random_seed(config.seed)  # fold i alone = fold i after other folds
-    return train_split(config, plan.run, cohort, is_val, distribution, callbacks)
+    return train_split(config, plan.run, cohort, subset, distribution, callbacks)

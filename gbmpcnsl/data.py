@@ -20,6 +20,12 @@ import gbmpcnsl_common as common
 from gbmpcnsl.augment import StrongAugmentation, augment_image
 from gbmpcnsl_common import CLASS_FOLDERS, CLASS_LABELS, UserError, log
 
+# A record's subset in a split (split.csv's "subset" column): trained on; validation, the
+# patients that choose the checkpoint and stop training early; test, a cross-validation
+# fold's held-out patients, predicted once and used for no choice.
+TRAIN, VAL, TEST = "train", "val", "test"
+SUBSETS = (TRAIN, VAL, TEST)
+
 
 # ---------------------------------------------------------------------------- the cohort
 @dataclass
@@ -110,13 +116,31 @@ def split_by_group(records: list[dict], val_fraction: float, seed: int) -> np.nd
     return is_val
 
 
-def log_split(cohort: Cohort, is_val: np.ndarray) -> None:
-    """One log line each for the training and the validation slices."""
+def split_subsets(
+    records: list[dict], val_fraction: float, seed: int, is_test: np.ndarray | None = None
+) -> np.ndarray:
+    """Every record's subset, as split.csv names it: "test" where `is_test` (a
+    cross-validation fold's held-out patients), else "val" for the groups split_by_group
+    holds out of the remaining records for validation (checkpoint choice, early stopping),
+    else "train". Without `is_test`: the single split, train and val only."""
+    is_test = np.zeros(len(records), dtype=bool) if is_test is None else np.asarray(is_test, dtype=bool)
+    pool = np.flatnonzero(~is_test)
+    is_val = split_by_group([records[i] for i in pool], val_fraction, seed)
+    subset = np.full(len(records), TEST, dtype=f"<U{max(map(len, SUBSETS))}")
+    subset[pool] = np.where(is_val, VAL, TRAIN)
+    return subset
+
+
+def log_split(cohort: Cohort, subset: np.ndarray) -> None:
+    """One log line for each subset of the split (training, validation, test if any)."""
     labels = cohort.labels
-    for name, subset in (("training", np.flatnonzero(~is_val)), ("validation", np.flatnonzero(is_val))):
-        per_class = [int(np.sum(labels[subset] == label)) for label in (0, 1)]
-        groups = len({cohort.records[i]["group"] for i in subset})
-        log.info("%s: %d slices (%d GBM, %d PCNSL) from %d groups", name, len(subset), *per_class, groups)
+    for name, key in (("training", TRAIN), ("validation", VAL), ("test (held out)", TEST)):
+        members = np.flatnonzero(subset == key)
+        if key == TEST and len(members) == 0:
+            continue
+        per_class = [int(np.sum(labels[members] == label)) for label in (0, 1)]
+        groups = len({cohort.records[i]["group"] for i in members})
+        log.info("%s: %d slices (%d GBM, %d PCNSL) from %d groups", name, len(members), *per_class, groups)
 
 
 # ---------------------------------------------------------------------------- reading images

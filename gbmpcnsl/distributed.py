@@ -221,14 +221,14 @@ class WorkerLoop:
         model,
         run: RunFolder,
         cohort: Cohort,
-        is_val: np.ndarray,
+        subset: np.ndarray,
         distribution: Distribution,
         first_epoch: int,
     ):
         self.config, self.model, self.run, self.cohort = config, model, run, cohort
         self.strategy, self.is_chief = distribution.strategy, distribution.is_chief
         self.replicas = distribution.replicas
-        train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        train_indices, val_indices = np.flatnonzero(subset == "train"), np.flatnonzero(subset == "val")
         self.train_layout = shard_layout(len(train_indices), self.replicas, config.batch_size)
         self.val_layout = shard_layout(len(val_indices), self.replicas, config.batch_size)
         self.first_epoch = agree_on_first_epoch(self.strategy, first_epoch, self.is_chief)

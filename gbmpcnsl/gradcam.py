@@ -24,7 +24,7 @@ from gbmpcnsl.nifti import is_nifti, nifti_stem
 from gbmpcnsl.outputs import refuse_inputs_as_outputs
 from gbmpcnsl.pixels import load_slice
 from gbmpcnsl.predictors import ensemble_input_size
-from gbmpcnsl_common import CLASS_NAMES, UserError, log, split_slice_name
+from gbmpcnsl_common import CLASS_NAMES, UserError, log, patient_id, split_slice_name
 
 ALPHA = 0.4  # heatmap opacity, as the original
 HEATMAPS_FILE = "heatmaps.npz"
@@ -243,6 +243,32 @@ def gradcam_function(grad_models: list, explain: str = "auto") -> Callable:
     if len(grad_models) == 1:
         return tf.function(lambda batch: grad_cam(grad_models[0], batch, explain), reduce_retracing=True)
     return tf.function(lambda batch: ensemble_grad_cam(grad_models, batch, explain), reduce_retracing=True)
+
+
+def out_of_fold_groups(
+    images: list[str], fold_of_patient: dict[str, int], names: list[str]
+) -> list[tuple[list[int], list[int]]]:
+    """step5 --out-of-fold: (model positions, image positions) pairs: each fold's model
+    alone for the images of the patients it held out (fold_of_patient, by
+    gbmpcnsl_common.patient_id of the image path), every model for the images of patients
+    outside the cohort. Logs one line with the counts."""
+    by_fold: dict[int, list[int]] = {}
+    for index, image in enumerate(images):
+        by_fold.setdefault(fold_of_patient.get(patient_id(image), -1), []).append(index)
+    outside = by_fold.pop(-1, [])
+    groups = [([fold], by_fold[fold]) for fold in sorted(by_fold)]
+    counts = ", ".join(f"{names[fold]} {len(indices)}" for fold, indices in sorted(by_fold.items()))
+    log.info(
+        "--out-of-fold: %d image(s) explained by the fold that held their patient out (%s); %d image(s) "
+        "of patients outside the cross-validation cohort explained by the ensemble of all %d folds",
+        len(images) - len(outside),
+        counts or "none",
+        len(outside),
+        len(names),
+    )
+    if outside:
+        groups.append((list(range(len(names))), outside))
+    return groups
 
 
 # ---------------------------------------------------------------------------- a run over slices

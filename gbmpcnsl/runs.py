@@ -34,10 +34,11 @@ if TYPE_CHECKING:
 
 RUN_JSON = "run.json"  # settings, status, best checkpoint; the marker of a run folder
 HISTORY_CSV = "history.csv"  # one row per finished epoch (Keras CSVLogger)
-SPLIT_CSV = "split.csv"  # every patient's role
+SPLIT_CSV = "split.csv"  # every slice's subset: train, val (selection) or test (held out)
 BACKUP_DIR = "backup"  # Keras BackupAndRestore, for --resume
 BACKUP_FILES = ("latest.weights.h5", "training_metadata.json")  # what BackupAndRestore writes
 VAL_PREDICTIONS_CSV = "val_predictions.csv"
+TEST_PREDICTIONS_CSV = "test_predictions.csv"  # a cross-validation fold's held-out patients
 PREDICTION_COLUMNS = ("path", "prob_gbm", "prob_pcnsl", "label", "patient_id")
 CV_JSON = "cv.json"  # a cross-validation run's folds and status
 CV_LOCK = ".cv.lock"
@@ -172,17 +173,18 @@ def _readable_hdf5(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------- split.csv
-def split_rows(records: list[dict], is_val: np.ndarray) -> list[tuple[str, str, int, str]]:
-    """split.csv's rows: path, group, label, subset (train or val), in the HDF5 file's order."""
+def split_rows(records: list[dict], subset: np.ndarray) -> list[tuple[str, str, int, str]]:
+    """split.csv's rows: path, group, label, subset (train, val or test: data.split_subsets),
+    in the HDF5 file's order."""
     return [
-        (record["path"], record["group"], record["label"], "val" if val else "train")
-        for record, val in zip(records, is_val, strict=True)
+        (record["path"], record["group"], record["label"], str(role))
+        for record, role in zip(records, subset, strict=True)
     ]
 
 
-def write_split_csv(path: Path, records: list[dict], is_val: np.ndarray) -> None:
-    """split.csv: path, group, label, subset (train or val), in the HDF5 file's order."""
-    write_csv(path, list(SPLIT_COLUMNS), split_rows(records, is_val))
+def write_split_csv(path: Path, records: list[dict], subset: np.ndarray) -> None:
+    """split.csv: path, group, label, subset (train, val or test), in the HDF5 file's order."""
+    write_csv(path, list(SPLIT_COLUMNS), split_rows(records, subset))
 
 
 def read_split_csv(path: Path) -> list[tuple[str, str, int, str]]:
@@ -221,7 +223,7 @@ def check_run_folder(config: TrainConfig, run_dir: Path, writes_run: bool = True
     return run
 
 
-def check_resume(config: TrainConfig, run: RunFolder, cohort: Cohort, is_val: np.ndarray) -> None:
+def check_resume(config: TrainConfig, run: RunFolder, cohort: Cohort, subset: np.ndarray) -> None:
     """A resumed run must see the image size and the split it started with."""
     if run.previous is None:
         return
@@ -230,16 +232,22 @@ def check_resume(config: TrainConfig, run: RunFolder, cohort: Cohort, is_val: np
             f"{run.path}: --resume needs the run's own image size {run.previous['input_shape'][0]} "
             f"{run.previous['input_shape'][1]} (now {cohort.size[0]} {cohort.size[1]})"
         )
-    if run.split_csv.is_file() and read_split_csv(run.split_csv) != split_rows(cohort.records, is_val):
+    if run.split_csv.is_file() and read_split_csv(run.split_csv) != split_rows(cohort.records, subset):
         raise common.UserError(
             f"{run.split_csv}: differs from the split of {config.hdf5} with --seed {config.seed}"
         )
 
 
 # ---------------------------------------------------------------------------- run.json
-def new_run_info(config: TrainConfig, cohort: Cohort, is_val: np.ndarray, hdf5_sha256: str) -> dict:
-    """run.json of a run that starts now (before its status and strategy)."""
-    train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+def new_run_info(config: TrainConfig, cohort: Cohort, subset: np.ndarray, hdf5_sha256: str) -> dict:
+    """run.json of a run that starts now (before its status and strategy); "split" counts
+    the slices and groups of each subset (test only for a cross-validation fold)."""
+    split = {}
+    for name in ("train", "val", "test"):
+        members = np.flatnonzero(subset == name)
+        if name != "test" or len(members):
+            split[f"{name}_slices"] = len(members)
+            split[f"{name}_groups"] = len({cohort.records[i]["group"] for i in members})
     return {
         "command": list(config.command),
         "arguments": config.arguments(),
@@ -252,19 +260,14 @@ def new_run_info(config: TrainConfig, cohort: Cohort, is_val: np.ndarray, hdf5_s
         "hdf5_slice_selection": hdf5_slice_selection(cohort.hdf5, cohort.size),  # step0's --lesion-masks ...
         "class_labels": dict(common.CLASS_LABELS),
         "split_seed": config.seed,
-        "split": {
-            "train_slices": len(train_indices),
-            "val_slices": len(val_indices),
-            "train_groups": len({cohort.records[i]["group"] for i in train_indices}),
-            "val_groups": len({cohort.records[i]["group"] for i in val_indices}),
-        },
+        "split": split,
         "versions": library_versions(),
         "start_time": now(),
     }
 
 
 def open_run_folder(
-    config: TrainConfig, run: RunFolder, cohort: Cohort, is_val: np.ndarray, distribution: Distribution
+    config: TrainConfig, run: RunFolder, cohort: Cohort, subset: np.ndarray, distribution: Distribution
 ) -> tuple[dict, int]:
     """Create (or replace, or reopen) the run folder; write split.csv and run.json; cut
     history.csv back to the backed-up epochs. Returns run.json's content and the first
@@ -283,8 +286,8 @@ def open_run_folder(
         truncate_history(run.history_csv, first_epoch)
         common.log.info("resuming %s after epoch %d of %d", run.path, first_epoch, config.epochs)
     if not run.split_csv.is_file():
-        write_split_csv(run.split_csv, cohort.records, is_val)
-    info = run.previous or new_run_info(config, cohort, is_val, hdf5_sha256)
+        write_split_csv(run.split_csv, cohort.records, subset)
+    info = run.previous or new_run_info(config, cohort, subset, hdf5_sha256)
     if run.previous is not None:
         resumed = {
             "time": now(),

@@ -1,6 +1,6 @@
 """Training one split: the learning-rate schedule, the model compiled as the paper's, the
 callbacks, Keras's fit (or the multi-worker loop), the outcome in run.json, and the
-validation predictions of the best checkpoint.
+predictions of the chosen checkpoint (validation; a cross-validation fold's test patients).
 
 train() is made of named phases so that a cross-validation fold, a resumed run and a
 multi-worker run take the same path: check the run folder -> read the cohort -> split ->
@@ -20,13 +20,24 @@ import gbmpcnsl.checkpoints
 import gbmpcnsl.model
 from gbmpcnsl.cli import Progress
 from gbmpcnsl.config import MONITORS, TrainConfig
-from gbmpcnsl.data import Cohort, HDF5Images, log_split, make_dataset, read_cohort, split_by_group
+from gbmpcnsl.data import (
+    TEST,
+    TRAIN,
+    VAL,
+    Cohort,
+    HDF5Images,
+    log_split,
+    make_dataset,
+    read_cohort,
+    split_subsets,
+)
 from gbmpcnsl.distributed import MULTI_WORKER, Distribution, WorkerLoop, start_tensorflow, writes_run_folder
 from gbmpcnsl.files import write_csv, write_json
 from gbmpcnsl.outputs import discard
 from gbmpcnsl.runs import (
     PREDICTION_COLUMNS,
     TENSORBOARD_DIR,
+    TEST_PREDICTIONS_CSV,
     VAL_PREDICTIONS_CSV,
     RunFolder,
     check_resume,
@@ -125,8 +136,9 @@ def training_callbacks(
     config: TrainConfig, run: RunFolder, steps_per_epoch: int, folder: Path | None = None
 ) -> tuple[list, object]:
     """The callbacks of both training loops (fit and WorkerLoop), in this order:
-    learning-rate schedule, best-only checkpoints on --monitor, history.csv, the backup for
-    --resume, progress, TensorBoard, early stopping. Returns (callbacks, EarlyStopping or
+    learning-rate schedule, best-only checkpoints on --monitor (--select final: the last
+    epoch's checkpoint), history.csv, the backup for --resume, progress, TensorBoard, early
+    stopping. Returns (callbacks, EarlyStopping or
     None). `folder` holds the checkpoints and the backup (default: the run folder); the
     other workers of a multi-worker run save into a scratch folder and write no history."""
     import keras
@@ -136,16 +148,17 @@ def training_callbacks(
     monitor, mode = config.monitor, MONITORS[config.monitor]
     done = [float(r[monitor]) for r in read_history(run.history_csv)[1] if r.get(monitor)]
     initial = config.learning_rate
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(folder / ("ckpt_{epoch:03d}_{" + monitor + ":.4f}.keras")),
+        monitor=monitor,
+        mode=mode,
+        save_best_only=True,
+        # A resumed run only saves improvements.
+        initial_value_threshold=(min if mode == "min" else max)(done) if done else None,
+    )
     callbacks = [
         keras.callbacks.LearningRateScheduler(lambda epoch, lr: learning_rate_at(epoch, initial)),
-        keras.callbacks.ModelCheckpoint(
-            str(folder / ("ckpt_{epoch:03d}_{" + monitor + ":.4f}.keras")),
-            monitor=monitor,
-            mode=mode,
-            save_best_only=True,
-            # A resumed run only saves improvements.
-            initial_value_threshold=(min if mode == "min" else max)(done) if done else None,
-        ),
+        last_epoch_checkpoint(folder) if config.select == "final" else checkpoint,
     ]
     if writes_run:
         # CSVLogger before BackupAndRestore: a crash between the two repeats a row (cut on
@@ -168,21 +181,41 @@ def training_callbacks(
     return callbacks, early_stopping
 
 
+def last_epoch_checkpoint(folder: Path):
+    """--select final: after each epoch, the model as ckpt_<epoch>_final.keras (written
+    under another name, then renamed), the previous epoch's file removed; so the run
+    always keeps its last finished epoch, a resumed run included."""
+    import keras
+
+    class LastEpochCheckpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            path = folder / f"ckpt_{epoch + 1:03d}_final.keras"
+            partial = folder / f".partial_{path.name}"
+            self.model.save(partial)
+            partial.replace(path)
+            for older in folder.glob("ckpt_*_final.keras"):
+                if older != path:
+                    older.unlink()
+
+    return LastEpochCheckpoint()
+
+
 # ---------------------------------------------------------------------------- fit and finish
 def fit(
     config: TrainConfig,
     model,
     run: RunFolder,
     cohort: Cohort,
-    is_val: np.ndarray,
+    subset: np.ndarray,
     distribution: Distribution,
     first_epoch: int,
     callbacks: list | None = None,
 ):
-    """Train epochs first_epoch..epochs-1 with Keras's fit; returns the EarlyStopping
-    callback (or None)."""
+    """Train epochs first_epoch..epochs-1 with Keras's fit (the "train" records, validated
+    on the "val" ones; "test" records are not read); returns the EarlyStopping callback (or
+    None)."""
     global_batch = config.batch_size * distribution.replicas
-    train_indices, val_indices = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    train_indices, val_indices = np.flatnonzero(subset == TRAIN), np.flatnonzero(subset == VAL)
     reader = HDF5Images(cohort.hdf5, cohort.size)
     steps_per_epoch = math.ceil(len(train_indices) / global_batch)
     epochs = (first_epoch, config.epochs)
@@ -218,7 +251,9 @@ def fit(
 
 
 def finish_run(run: RunFolder, info: dict, early_stopping) -> dict:
-    """Record the outcome (epochs done, best epoch and checkpoint) in run.json."""
+    """Record the outcome (epochs done, chosen epoch and checkpoint) in run.json: the best
+    epoch by the monitor on the validation patients, or with --select final the last one
+    (still named best_epoch and best_checkpoint, which step2 and cv.json read)."""
     _, rows = read_history(run.history_csv)
     info["end_time"] = now()
     info["status"] = "finished"
@@ -226,19 +261,21 @@ def finish_run(run: RunFolder, info: dict, early_stopping) -> dict:
     info["stopped_early"] = bool(early_stopping is not None and early_stopping.stopped_epoch > 0)
     monitor = info["arguments"].get("monitor", "val_loss")
     info["monitor"] = monitor
+    info["select"] = info["arguments"].get("select", "best")
     if rows:
         # The first best epoch: the one ModelCheckpoint kept (it saves strict improvements).
         pick = min if MONITORS[monitor] == "min" else max
-        best = pick(rows, key=lambda row: float(row[monitor]))
+        best = rows[-1] if info["select"] == "final" else pick(rows, key=lambda row: float(row[monitor]))
         info["best_epoch"] = int(best["epoch"]) + 1  # as in the checkpoint names
         info["best_val_loss"] = float(best["val_loss"])
         info["best_val_auc"] = max(float(row["val_auc"]) for row in rows)
         checkpoints = sorted(run.path.glob(f"ckpt_{info['best_epoch']:03d}_*.keras"))
         info["best_checkpoint"] = checkpoints[-1].name if checkpoints else None
         log.info(
-            "best epoch %d by %s: val_loss %.4f, val_auc %.4f -> %s",
+            "%s epoch %d%s: val_loss %.4f, val_auc %.4f -> %s",
+            "final" if info["select"] == "final" else "best",
             info["best_epoch"],
-            monitor,
+            " (--select final)" if info["select"] == "final" else f" by {monitor}",
             info["best_val_loss"],
             float(best["val_auc"]),
             run.path / str(info["best_checkpoint"]),
@@ -274,27 +311,35 @@ def predict_hdf5(model, cohort: Cohort, indices: np.ndarray, batch_size: int = 3
     return model.predict(dataset.map(lambda images, labels: images), verbose=0)[:, 0]
 
 
-def write_val_predictions(
-    run_path: Path, cohort: Cohort, is_val: np.ndarray, checkpoint: str | None, batch_size: int = 32
-) -> Path | None:
-    """RUN/val_predictions.csv: path,prob_gbm,prob_pcnsl (step2's columns, full precision),
-    label (0 GBM, 1 PCNSL) and patient_id (the group the split held out, class-qualified)
-    of every validation slice in HDF5 order, predicted by the run's best checkpoint
-    (`checkpoint`, a file name in `run_path`) as step2 would load it."""
+def write_split_predictions(
+    run_path: Path, cohort: Cohort, subset: np.ndarray, checkpoint: str | None, batch_size: int = 32
+) -> list[Path]:
+    """RUN/val_predictions.csv, and for a cross-validation fold RUN/test_predictions.csv:
+    path,prob_gbm,prob_pcnsl (step2's columns, full precision), label (0 GBM, 1 PCNSL) and
+    patient_id (the group, class-qualified) of every validation (test) slice in HDF5 order,
+    predicted once by the run's chosen checkpoint (`checkpoint`, a file name in
+    `run_path`) as step2 would load it. Test last: it marks a fold as finished."""
     if checkpoint is None:
         log.warning("warning: %s: no best checkpoint, so no %s", run_path, VAL_PREDICTIONS_CSV)
-        return None
+        return []
     model = gbmpcnsl.checkpoints.load_model_for_inference(run_path / checkpoint)
-    indices = np.flatnonzero(is_val)
-    prob_pcnsl = predict_hdf5(model, cohort, indices, batch_size)
-    rows = []
-    for index, prob in zip(indices, prob_pcnsl, strict=True):
-        record, prob = cohort.records[index], float(prob)
-        rows.append([record["path"], repr(1.0 - prob), repr(prob), record["label"], record["group"]])
-    path = run_path / VAL_PREDICTIONS_CSV
-    write_csv(path, list(PREDICTION_COLUMNS), rows, private=True)
-    log.info("wrote %s (%d validation slices, %s)", path, len(rows), checkpoint)
-    return path
+    written = []
+    for name, filename, what in (
+        (VAL, VAL_PREDICTIONS_CSV, "validation"),
+        (TEST, TEST_PREDICTIONS_CSV, "test"),
+    ):
+        indices = np.flatnonzero(subset == name)
+        if name == TEST and len(indices) == 0:
+            continue
+        prob_pcnsl = predict_hdf5(model, cohort, indices, batch_size)
+        rows = []
+        for index, prob in zip(indices, prob_pcnsl, strict=True):
+            record, prob = cohort.records[index], float(prob)
+            rows.append([record["path"], repr(1.0 - prob), repr(prob), record["label"], record["group"]])
+        written.append(run_path / filename)
+        write_csv(written[-1], list(PREDICTION_COLUMNS), rows, private=True)
+        log.info("wrote %s (%d %s slices, %s)", written[-1], len(rows), what, checkpoint)
+    return written
 
 
 # ---------------------------------------------------------------------------- one split
@@ -302,22 +347,23 @@ def train_split(
     config: TrainConfig,
     run: RunFolder,
     cohort: Cohort,
-    is_val: np.ndarray,
+    subset: np.ndarray,
     distribution: Distribution,
     callbacks: list | None = None,
 ):
     """Build, open the run folder, fit, finish, for one split of the cohort (the single
-    split, or one fold). Returns the model as it is after the last epoch."""
+    split, or one fold: `subset` as data.split_subsets gives it). Returns the model as it
+    is after the last epoch."""
     model = build_compiled_model(config, cohort.size, distribution)
-    info, first_epoch = open_run_folder(config, run, cohort, is_val, distribution)
+    info, first_epoch = open_run_folder(config, run, cohort, subset, distribution)
     if distribution.name == MULTI_WORKER:  # Keras's fit fails there
-        loop = WorkerLoop(config, model, run, cohort, is_val, distribution, first_epoch)
+        loop = WorkerLoop(config, model, run, cohort, subset, distribution, first_epoch)
         early_stopping = loop.fit(training_callbacks, callbacks)
     else:
-        early_stopping = fit(config, model, run, cohort, is_val, distribution, first_epoch, callbacks)
+        early_stopping = fit(config, model, run, cohort, subset, distribution, first_epoch, callbacks)
     if distribution.is_chief:
         finish_run(run, info, early_stopping)
-        write_val_predictions(run.path, cohort, is_val, info.get("best_checkpoint"))
+        write_split_predictions(run.path, cohort, subset, info.get("best_checkpoint"))
         discard(run.replaced)  # the run --overwrite replaced, now that this one is in place
     return model
 
@@ -328,8 +374,8 @@ def train(config: TrainConfig, callbacks: list | None = None):
     to look at the in-memory model)."""
     run = check_run_folder(config, config.run_dir, writes_run_folder(config))
     cohort = read_cohort(config.hdf5, config.size)
-    is_val = split_by_group(cohort.records, config.val_fraction, config.seed)
-    log_split(cohort, is_val)
-    check_resume(config, run, cohort, is_val)
+    subset = split_subsets(cohort.records, config.val_fraction, config.seed)
+    log_split(cohort, subset)
+    check_resume(config, run, cohort, subset)
     distribution = start_tensorflow(config)
-    return train_split(config, run, cohort, is_val, distribution, callbacks)
+    return train_split(config, run, cohort, subset, distribution, callbacks)

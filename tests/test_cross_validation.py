@@ -1,6 +1,8 @@
-"""step1 cross-validation (--folds, --fold, --resume per fold) and the validation predictions
-of a run (val_predictions.csv) and of a cross-validation run (oof_predictions.csv), checked
-against the HDF5 file and the checkpoints themselves."""
+"""step1 cross-validation (--folds, --fold, --resume per fold, --select), its nested
+selection (each fold's checkpoint chosen on validation patients drawn from its training
+patients, never on its test patients), and the predictions of a run (val_predictions.csv)
+and of a cross-validation run (test_predictions.csv, oof_predictions.csv), checked against
+the HDF5 file, the split.csv files and the checkpoints themselves."""
 
 from __future__ import annotations
 
@@ -17,8 +19,14 @@ from helpers import TINY, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl.config import TrainConfig
-from gbmpcnsl.cross_validation import cv_settings, make_folds, train_cross_validation, update_cv_json
-from gbmpcnsl.data import Cohort
+from gbmpcnsl.cross_validation import (
+    cv_settings,
+    fold_subsets,
+    make_folds,
+    train_cross_validation,
+    update_cv_json,
+)
+from gbmpcnsl.data import Cohort, split_subsets
 from gbmpcnsl.files import write_csv
 from gbmpcnsl_common import UserError
 
@@ -99,14 +107,66 @@ def test_folds_need_enough_patients_per_class_and_valid_options(capsys):
     records = cohort_records({"gbm": 5, "pcnsl": 2}, slices=2)
     with pytest.raises(UserError, match=r"PCNSL: 2 patient group\(s\); --folds 3 needs at least 3"):
         make_folds(records, 3, seed=0)
+    # Each fold's training patients must leave validation patients of both classes.
+    records = cohort_records({"gbm": 2, "pcnsl": 3}, slices=2)
+    config = TrainConfig(Path("d.h5"), Path("run"), folds=2)
+    cohort = Cohort(Path("d.h5"), (32, 32), records, True)
+    with pytest.raises(UserError, match=r"--folds 2: fold 0's training patients: GBM: 1 patient group\(s\)"):
+        fold_subsets(config, cohort, make_folds(records, 2, seed=0))
     for argv, message in (
         (["--folds", "1"], "--folds 1: cross-validation needs at least 2 folds"),
+        (
+            ["--select", "final", "--early-stopping", "5"],
+            "--early-stopping chooses the stopping epoch on validation; --select final chooses none",
+        ),
+        (["--select", "last"], "argument --select: invalid choice: 'last'"),
         (["--fold", "0"], "--fold needs --folds K"),
         (["--folds", "3", "--fold", "3"], "--fold 3: expected 0 ... 2"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             step1.main([*argv, "d.h5", "run"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fold_subsets_hold_the_fold_out_and_draw_validation_from_the_rest():
+    records = cohort_records({"gbm": 9, "pcnsl": 7}, slices=2)
+    fold_of = make_folds(records, 3, seed=1)
+    config = TrainConfig(Path("d.h5"), Path("run"), folds=3, val_fraction=0.25, seed=1)
+    subsets = fold_subsets(config, Cohort(Path("d.h5"), (32, 32), records, True), fold_of)
+    groups = np.array([r["group"] for r in records])
+    for fold, subset in enumerate(subsets):
+        assert set(subset.tolist()) == {"train", "val", "test"}
+        np.testing.assert_array_equal(subset == "test", fold_of == fold)  # the fold, and only it
+        roles = {name: set(groups[subset == name]) for name in ("train", "val", "test")}
+        assert roles["train"].isdisjoint(roles["val"]) and roles["test"].isdisjoint(
+            roles["train"] | roles["val"]
+        )
+        for folder in ("gbm", "pcnsl"):  # validation patients of both classes
+            assert any(g.startswith(f"{folder}/") for g in roles["val"])
+        # the validation patients are split_by_group's, drawn from the remaining records alone
+        rest = np.flatnonzero(fold_of != fold)
+        expected = split_subsets([records[i] for i in rest], 0.25, seed=1)
+        assert subset[rest].tolist() == expected.tolist()
+    # without a test mask: the single split, as before
+    assert set(split_subsets(records, 0.25, seed=1).tolist()) == {"train", "val"}
+
+
+def test_resume_refuses_a_run_of_the_old_scheme(tmp_path, capsys):
+    """A cv.json without "selection" chose each fold's checkpoint on its test patients."""
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    cv = {"folds": 2, "seed": 0, "fold_assignment": [], "complete": False}
+    (run_dir / "cv.json").write_text(json.dumps(cv))
+    before = (run_dir / "cv.json").read_bytes()
+    for extra in (["--resume"], ["--fold", "1"]):
+        assert step1.main([*TINY, "--folds", "2", *extra, str(tmp_path / "d.h5"), str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"error: {run_dir / 'cv.json'}: made by the old scheme (each fold chose its checkpoint on its "
+            "own test patients); it cannot be resumed or joined: train a new run folder or --overwrite it"
+        ]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["cv.json"]
+    assert (run_dir / "cv.json").read_bytes() == before
 
 
 # ---------------------------------------------------------------------------- cv.json from several jobs
@@ -125,7 +185,7 @@ def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path, proces
     fold_of = make_folds(records, 2, seed=0)
     config = TrainConfig(Path("d.h5"), tmp_path, folds=2)
     cohort = Cohort(Path("d.h5"), (32, 32), records, True)
-    settings = cv_settings(config, cohort, fold_of)
+    settings = cv_settings(config, cohort, fold_of, fold_subsets(config, cohort, fold_of))
     expected = []
     for fold in range(2):
         fold_dir = tmp_path / f"fold_{fold}"
@@ -135,7 +195,7 @@ def test_cv_json_and_pooled_predictions_survive_concurrent_jobs(tmp_path, proces
         )
         rows = [[r["path"], repr(0.25 + i / 100), repr(0.75 - i / 100), r["label"], r["group"]]
                 for i, r in enumerate(records) if fold_of[i] == fold]  # fmt: skip
-        write_csv(fold_dir / "val_predictions.csv", COLUMNS, rows)
+        write_csv(fold_dir / "test_predictions.csv", COLUMNS, rows)
     for i, r in enumerate(records):
         expected.append(
             [
@@ -202,7 +262,8 @@ def listing(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory):
     """A 2-fold run built the way a cluster would: fold 1 alone (--fold 1), fold 0 alone and
-    interrupted after 1 of 2 epochs, then --resume (fold 1 skipped, fold 0 resumed).
+    interrupted after 1 of 2 epochs, then --resume (fold 1 skipped, fold 0 resumed); and
+    fold 0 of another run with --select final (stages["final"]: its run folder).
     Returns the HDF5 file, the run folder and what each stage left behind."""
     folder = tmp_path_factory.mktemp("cv")
     h5_path = write_h5(folder / "d.h5", size=32, patients=(4, 4), slices=2)
@@ -222,6 +283,9 @@ def cv_run(tmp_path_factory):
         train_cross_validation(config, callbacks=[stop_after_first_epoch()])
     stages["interrupted"] = {"cv": json.loads((run_dir / "cv.json").read_text())}
     assert step1.main([*common, "--epochs", "2", "--resume", str(h5_path), str(run_dir)]) == 0
+    stages["final"] = folder / "final"
+    argv = [*common, "--epochs", "2", "--fold", "0", "--select", "final", str(h5_path), str(stages["final"])]
+    assert step1.main(argv) == 0
     return h5_path, run_dir, stages
 
 
@@ -230,9 +294,18 @@ def test_fold_option_trains_that_fold_only(cv_run, capsys):
     h5_path, run_dir, stages = cv_run
     first = stages["fold_1"]
     assert [name for name in first["listing"] if "/" not in name] == [".cv.lock", "cv.json", "fold_1"]
-    assert {"run.json", "history.csv", "split.csv", "val_predictions.csv"} <= set(first["fold_1_files"])
+    assert {"run.json", "history.csv", "split.csv", "val_predictions.csv", "test_predictions.csv"} <= set(
+        first["fold_1_files"]
+    )
     cv = first["cv"]
     assert cv["folds"] == 2 and cv["seed"] == 3 and cv["complete"] is False and "best_checkpoints" not in cv
+    assert cv["selection"] == {
+        "select": "best",
+        "monitor": "val_loss",
+        "early_stopping": None,
+        "chosen_on": "val",
+        "val_fraction": 0.15,
+    }
     assert [f["status"] for f in cv["fold_assignment"]] == ["pending", "finished"]
     assert cv["fold_assignment"][0]["best_checkpoint"] is None
     assert cv["fold_assignment"][1]["best_checkpoint"].startswith("fold_1/ckpt_001_")
@@ -282,7 +355,9 @@ def test_resume_skips_finished_folds_and_resumes_interrupted_ones(cv_run):
 
 
 @pytest.mark.slow
-def test_cv_json_records_each_folds_patients_as_the_fold_runs_split_them(cv_run):
+def test_each_folds_test_patients_are_disjoint_from_its_training_and_selection_patients(cv_run):
+    """From the files alone: every fold's split.csv gives each slice its role, the test
+    patients are the fold's own (cv.json), and no test patient trained or chose anything."""
     h5_path, run_dir, _ = cv_run
     cv = json.loads((run_dir / "cv.json").read_text())
     slices = h5_slices(h5_path, 32)
@@ -290,16 +365,38 @@ def test_cv_json_records_each_folds_patients_as_the_fold_runs_split_them(cv_run)
     for fold in cv["fold_assignment"]:
         split = read_csv(run_dir / fold["run_dir"] / "split.csv")
         assert [(r["path"], r["group"], int(r["label"])) for r in split] == [s[:3] for s in slices]
-        val = [r for r in split if r["subset"] == "val"]
-        val_patients = {folder: sorted({r["group"] for r in val if r["path"].startswith(f"{folder}/")})
-                        for folder in ("gbm", "pcnsl")}  # fmt: skip
-        assert fold["patients"] == val_patients
-        assert fold["slices"] == {
-            folder: sum(r["path"].startswith(f"{folder}/") for r in val) for folder in ("gbm", "pcnsl")
+        assert {r["subset"] for r in split} == {"train", "val", "test"}
+        roles = {
+            name: {r["group"] for r in split if r["subset"] == name} for name in ("train", "val", "test")
         }
-        train_patients = {r["group"] for r in split if r["subset"] == "train"}
-        assert train_patients.isdisjoint(val_patients["gbm"] + val_patients["pcnsl"])
-        patients_of_fold.append(set(val_patients["gbm"] + val_patients["pcnsl"]))
+        by_class = {
+            name: {
+                folder: sorted(g for g in roles[name] if g.startswith(f"{folder}/"))
+                for folder in ("gbm", "pcnsl")
+            }
+            for name in ("val", "test")
+        }
+        assert fold["patients"] == by_class["test"] and fold["validation_patients"] == by_class["val"]
+        assert all(by_class["val"].values()) and all(by_class["test"].values())  # both classes each
+        assert fold["slices"] == {
+            folder: sum(r["path"].startswith(f"{folder}/") and r["subset"] == "test" for r in split)
+            for folder in ("gbm", "pcnsl")
+        }
+        assert roles["test"].isdisjoint(roles["train"]) and roles["test"].isdisjoint(roles["val"])
+        assert roles["val"].isdisjoint(roles["train"])
+        # the fold's predictions: validation (selection) and test, each of its own subset
+        for name, file in (("val", "val_predictions.csv"), ("test", "test_predictions.csv")):
+            rows = read_csv(run_dir / fold["run_dir"] / file)
+            assert [(r["path"], r["patient_id"]) for r in rows] == [
+                (r["path"], r["group"]) for r in split if r["subset"] == name
+            ]
+        info = json.loads((run_dir / fold["run_dir"] / "run.json").read_text())
+        assert info["select"] == "best" and info["split"] == {
+            f"{name}_{what}": len(members) if what == "groups" else sum(r["subset"] == name for r in split)
+            for name, members in roles.items()
+            for what in ("slices", "groups")
+        }
+        patients_of_fold.append(roles["test"])
     assert patients_of_fold[0].isdisjoint(patients_of_fold[1])
     assert patients_of_fold[0] | patients_of_fold[1] == {s[1] for s in slices}
 
@@ -320,15 +417,43 @@ def test_out_of_fold_predictions_are_each_folds_checkpoint_predictions(cv_run):
 
     for fold in cv["fold_assignment"]:
         rows = [r for r in oof if int(r["fold"]) == fold["fold"]]
-        # the fold's own val_predictions.csv, value for value
-        val_rows = read_csv(run_dir / fold["run_dir"] / "val_predictions.csv")
-        assert [{k: r[k] for k in COLUMNS} for r in rows] == val_rows
+        # the fold's own test_predictions.csv, value for value
+        test_rows = read_csv(run_dir / fold["run_dir"] / "test_predictions.csv")
+        assert [{k: r[k] for k in COLUMNS} for r in rows] == test_rows
         # ... which are its best checkpoint's predictions of the HDF5 pixels
         pixels = np.stack([s[3] for s in slices if fold_of_patient[s[1]] == fold["fold"]])
         expected = predict_checkpoint(run_dir / fold["best_checkpoint"], pixels)
         prob_pcnsl = np.array([float(r["prob_pcnsl"]) for r in rows])
         np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-6)
         np.testing.assert_allclose([float(r["prob_gbm"]) for r in rows], 1 - prob_pcnsl, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_select_final_keeps_the_last_epoch_and_records_the_rule(cv_run):
+    h5_path, _, stages = cv_run
+    run_dir = stages["final"]
+    cv = json.loads((run_dir / "cv.json").read_text())
+    assert cv["selection"] == {
+        "select": "final",
+        "monitor": None,
+        "early_stopping": None,
+        "chosen_on": None,
+        "val_fraction": 0.15,
+    }
+    fold_dir = run_dir / "fold_0"
+    assert sorted(p.name for p in fold_dir.glob("*.keras")) == ["ckpt_002_final.keras"]  # the last only
+    info = json.loads((fold_dir / "run.json").read_text())
+    assert info["select"] == "final" and info["best_epoch"] == 2 and info["epochs_done"] == 2
+    assert info["best_checkpoint"] == "ckpt_002_final.keras"
+    assert cv["fold_assignment"][0]["best_checkpoint"] == "fold_0/ckpt_002_final.keras"
+    split = {r["path"]: r["subset"] for r in read_csv(fold_dir / "split.csv")}
+    rows = read_csv(fold_dir / "test_predictions.csv")
+    pixels = {s[0]: s[3] for s in h5_slices(h5_path, 32)}
+    assert rows and all(split[r["path"]] == "test" for r in rows)
+    expected = predict_checkpoint(
+        fold_dir / info["best_checkpoint"], np.stack([pixels[r["path"]] for r in rows])
+    )
+    np.testing.assert_allclose([float(r["prob_pcnsl"]) for r in rows], expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -362,3 +487,132 @@ def test_single_run_val_predictions_are_its_best_checkpoints(trained_run, demo_h
     prob_pcnsl = np.array([float(r["prob_pcnsl"]) for r in rows])
     np.testing.assert_allclose(prob_pcnsl, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose([float(r["prob_gbm"]) for r in rows], 1 - prob_pcnsl, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- a cohort with no signal
+NO_SIGNAL = {"patients": 12, "slices": 2, "size": 32, "folds": 3, "epochs": 20}
+
+
+def no_signal_h5(path: Path) -> tuple[Path, np.ndarray]:
+    """NO_SIGNAL's cohort: every patient one random pattern (its slices that pattern plus
+    noise), drawn alike for both classes, so that the labels are independent of the
+    pixels. Returns the file and every slice's pixels (float32, HDF5 order)."""
+    size, slices = NO_SIGNAL["size"], NO_SIGNAL["slices"]
+    write_h5(path, size=size, patients=(NO_SIGNAL["patients"],) * 2, slices=slices)
+    rng = np.random.default_rng(7)
+    pixels = []
+    with h5py.File(path, "r+") as h5file:
+        for folder in ("gbm", "pcnsl"):
+            features = h5file[f"{folder}/{size}_{size}/features"]
+            patterns = rng.uniform(0, 255, (features.shape[0] // slices, size, size, 1))
+            gray = np.repeat(patterns, slices, axis=0) + rng.normal(0, 10, (features.shape[0], size, size, 1))
+            features[...] = np.repeat(np.clip(gray, 0, 255).astype(np.uint8), 3, axis=-1)
+            pixels.append(features[:].astype(np.float32))
+    return path, np.concatenate(pixels)
+
+
+def epoch_predictions(pixels: np.ndarray):
+    """A Keras callback that keeps, per fold trained (one fit each), every epoch's P(PCNSL)
+    of every slice: the material for choosing an epoch on the test fold afterwards."""
+    import keras
+
+    class EpochPredictions(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.folds: list[list[np.ndarray]] = []
+
+        def on_train_begin(self, logs=None):
+            self.folds.append([])
+
+        def on_epoch_end(self, epoch, logs=None):
+            prob = np.asarray(self.model(pixels, training=False))[:, 0]
+            self.folds[-1].append(prob.astype(np.float64))
+
+    return EpochPredictions()
+
+
+def pair_aucs(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC of each row of `labels` (draws, n; 0/1) against each row of `scores`
+    (epochs, n), ties counting 1/2: (draws, epochs)."""
+    above = (scores[:, :, None] > scores[:, None, :]) + 0.5 * (scores[:, :, None] == scores[:, None, :])
+    positive = labels.astype(np.float64)
+    pairs = positive.sum(axis=1) * (1 - positive).sum(axis=1)
+    return np.einsum("ri,eij,rj->re", positive, above, 1 - positive) / pairs[:, None]
+
+
+def patient_means(values: np.ndarray, patients: np.ndarray, names: list[str]) -> np.ndarray:
+    """The mean over each patient's slices (last axis), in the order of `names`."""
+    return np.stack([values[..., patients == name].mean(axis=-1) for name in names], axis=-1)
+
+
+@pytest.mark.slow  # three folds of 20 epochs: 470 s on the loaded 2-core machine
+def test_no_signal_cohort_stays_near_chance_with_nested_selection(tmp_path):
+    """Labels independent of the pixels: the pooled out-of-fold patient AUROC of the nested
+    rule stays near 0.5; choosing each fold's epoch on its own test patients (from the same
+    training's per-epoch predictions) gives more. Numbers: benchmarks/RESULTS.md."""
+    from sklearn.metrics import roc_auc_score
+
+    from gbmpcnsl.stats import bootstrap_auc
+
+    h5_path, pixels = no_signal_h5(tmp_path / "noise.h5")
+    recorder = epoch_predictions(pixels)
+    tiny = {"backbone": "efficientnetb0", "weights": "none", "head_init": "glorot", "batchnorm_momentum": 0.9}
+    # A high learning rate and strong augmentation: epochs that differ, so that the choice matters.
+    settings = {"learning_rate": 3e-3, "augmentation": "strong", "val_fraction": 0.25, "monitor": "val_auc"}
+    config = TrainConfig(
+        h5_path,
+        tmp_path / "cv",
+        **tiny,
+        **settings,
+        epochs=NO_SIGNAL["epochs"],
+        folds=NO_SIGNAL["folds"],
+        deterministic=True,
+    )
+    train_cross_validation(config, callbacks=[recorder])
+    oof = read_csv(tmp_path / "cv" / "oof_predictions.csv")
+    patients = np.array([r["patient_id"] for r in oof])
+    names = sorted(set(patients))
+    label = patient_means(np.array([float(r["label"]) for r in oof]), patients, names).astype(int)
+    fold = patient_means(np.array([float(r["fold"]) for r in oof]), patients, names).astype(int)
+    nested = patient_means(np.array([float(r["prob_pcnsl"]) for r in oof]), patients, names)
+
+    # Per fold: the per-epoch patient means; the nested rule's are those of its chosen epoch.
+    epochs, best = [], []
+    for k, per_epoch in enumerate(recorder.folds):
+        assert len(per_epoch) == NO_SIGNAL["epochs"]
+        epochs.append(patient_means(np.stack(per_epoch), patients, names))
+        best.append(json.loads((tmp_path / "cv" / f"fold_{k}" / "run.json").read_text())["best_epoch"] - 1)
+        np.testing.assert_allclose(nested[fold == k], epochs[k][best[k]][fold == k], rtol=0, atol=1e-4)
+
+    # Selection on the test fold, on the real labels and on 500 relabellings of each fold's
+    # test patients (as random as the real ones): the epoch with the best test-fold AUROC.
+    rng = np.random.default_rng(0)
+    draws = np.stack([label] + [label.copy() for _ in range(500)])
+    for k in range(len(epochs)):
+        for draw in draws[1:]:
+            draw[fold == k] = rng.permutation(draw[fold == k])
+    peeking, chosen = np.empty((len(draws), len(names))), np.empty((len(draws), len(names)))
+    for k in range(len(epochs)):
+        test = fold == k
+        aucs = pair_aucs(draws[:, test], epochs[k][:, test])
+        peeking[:, test] = epochs[k][aucs.argmax(axis=1)][:, test]
+        chosen[:, test] = epochs[k][best[k]][test]
+        assert np.all(aucs.max(axis=1) >= aucs[:, best[k]])
+    pooled = {
+        "nested": np.diag(pair_aucs(draws, chosen)),
+        "peeking": np.diag(pair_aucs(draws, peeking)),
+    }
+    assert pooled["nested"][0] == pytest.approx(roc_auc_score(label, nested), abs=1e-9)
+    nested_ci = bootstrap_auc(label, nested, n_bootstraps=2000, seed=0).ci()
+    peeking_ci = bootstrap_auc(label, peeking[0], n_bootstraps=2000, seed=0).ci()
+    print(
+        f"\nno-signal cohort, {len(names)} patients, {NO_SIGNAL['folds']} folds, {NO_SIGNAL['epochs']} epochs: "
+        f"nested AUROC {pooled['nested'][0]:.3f} [{nested_ci[0]:.3f}, {nested_ci[1]:.3f}], "
+        f"chosen epochs {[b + 1 for b in best]}; selected on the test fold {pooled['peeking'][0]:.3f} "
+        f"[{peeking_ci[0]:.3f}, {peeking_ci[1]:.3f}]; over 500 relabellings: nested "
+        f"{pooled['nested'][1:].mean():.3f}, selected on the test fold {pooled['peeking'][1:].mean():.3f} "
+        f"(above 0.6 in {np.mean(pooled['peeking'][1:] > 0.6):.0%})"
+    )
+    assert nested_ci[0] <= 0.5 <= nested_ci[1] and abs(pooled["nested"][0] - 0.5) < 0.2
+    assert abs(pooled["nested"][1:].mean() - 0.5) < 0.02
+    assert pooled["peeking"][1:].mean() > pooled["nested"][1:].mean() + 0.05

@@ -419,6 +419,85 @@ def test_gradcam_figure(tmp_path, image_dir, default_run):
     )
 
 
+# ---------------------------------------------------------------------------- --out-of-fold
+def write_cv_folder(folder: Path, checkpoints: list[Path], held_out: list[list[str]]) -> Path:
+    """A cross-validation run folder by step1's contract: fold i's chosen checkpoint is
+    checkpoints[i] and its test patients are held_out[i] (cv.json "patients", by class)."""
+    import json
+
+    assignment = []
+    for fold, (checkpoint, patients) in enumerate(zip(checkpoints, held_out, strict=True)):
+        (folder / f"fold_{fold}").mkdir(parents=True)
+        shutil.copy(checkpoint, folder / f"fold_{fold}" / "ckpt_002_final.keras")
+        by_class = {c: [p for p in patients if p.startswith(f"{c}/")] for c in ("gbm", "pcnsl")}
+        assignment.append({"fold": fold, "patients": by_class, "run_dir": f"fold_{fold}"})
+    best = [f"fold_{fold}/ckpt_002_final.keras" for fold in range(len(checkpoints))]
+    cv = {
+        "folds": len(checkpoints),
+        "fold_assignment": assignment,
+        "complete": True,
+        "best_checkpoints": best,
+    }
+    (folder / "cv.json").write_text(json.dumps(cv))
+    return folder
+
+
+def test_out_of_fold_explains_each_image_by_the_fold_that_held_its_patient_out(
+    tmp_path, image_dir, tiny_model_path, capsys
+):
+    import keras
+
+    # A second model that disagrees with the first: its logit layer changed.
+    model = keras.saving.load_model(tiny_model_path, compile=False)
+    kernel, bias = model.get_layer("logit").get_weights()
+    noise = np.random.default_rng(1).normal(0, 3 * kernel.std(), kernel.shape)
+    model.get_layer("logit").set_weights([(-kernel + noise).astype(np.float32), bias])
+    other = tmp_path / "other.keras"
+    model.save(other)
+    # fold 0 held out gbm/p1, fold 1 pcnsl/p1; pcnsl/p2 is outside the cohort
+    cv_dir = write_cv_folder(tmp_path / "cv", [tiny_model_path, other], [["gbm/p1"], ["pcnsl/p1"]])
+
+    layer = ("--layer", "block4a_expand_activation", "--save-heatmaps")
+    heatmaps = {}
+    for name, weights in (
+        ("fold0", [tiny_model_path]),
+        ("fold1", [other]),
+        ("both", [tiny_model_path, other]),
+    ):
+        assert run_step5("--model-weights", *weights, "--output-dir", tmp_path / name, *layer, image_dir) == 0
+        heatmaps[name] = dict(np.load(tmp_path / name / "heatmaps.npz"))
+    capsys.readouterr()
+    out = tmp_path / "oof"
+    assert run_step5("--model-weights", cv_dir, "--out-of-fold", "--output-dir", out, *layer, image_dir) == 0
+    assert (
+        "--out-of-fold: 3 image(s) explained by the fold that held their patient out (fold0 2, fold1 1); "
+        "3 image(s) of patients outside the cross-validation cohort explained by the ensemble of all 2 folds"
+    ) in capsys.readouterr().err
+    got = dict(np.load(out / "heatmaps.npz"))
+    assert sorted(got) == sorted(heatmaps["both"]) and len(got) == len(TEST_IMAGES)
+    expected_source = {"gbm/p1": "fold0", "pcnsl/p1": "fold1", "pcnsl/p2": "both"}
+    for key, heatmap in got.items():
+        source = expected_source["/".join(key.split("/")[:2])]
+        np.testing.assert_allclose(heatmap, heatmaps[source][key], rtol=0, atol=1e-5)
+        # ... and not what another choice gives (the three differ on these images)
+        assert all(not np.allclose(heatmap, heatmaps[o][key], atol=1e-3) for o in heatmaps if o != source)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(
+        p.relative_to(tmp_path / "both").as_posix() for p in (tmp_path / "both").rglob("*.png")
+    )
+
+    # --out-of-fold needs one cross-validation run folder
+    assert (
+        run_step5(
+            "--model-weights", tiny_model_path, "--out-of-fold", "--output-dir", tmp_path / "x", image_dir
+        )
+        == 2
+    )
+    assert last_line(capsys.readouterr().err) == (
+        "error: --out-of-fold: --model-weights must be one cross-validation run folder (got 1 item(s), not a folder)"
+    )
+    assert not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------------------- localisation
 LOCALISATION_SIZE = 96
 
