@@ -2,6 +2,7 @@
 
     python benchmarks/bench_predict.py [--counts 64 256] [--size 380] [--work-dir DIR]
                                        [--repeat 1] [--skip-tuning] [--model-only-images 64]
+                                       [--engines tensorflow onnx openvino int8]
 
 Predicts demo slices (demo/make_demo_data.py, --size px PNGs) with the same paper-era
 checkpoint: an EfficientNetB4 of the original architecture built by tf-keras with
@@ -15,6 +16,10 @@ weights=None (nothing is downloaded) and saved with model.save("ckpt.hdf5").
   IR, run by `step2_predict.py --model-weights original.onnx|original.xml` (ONNX Runtime
   or OpenVINO, no TensorFlow). OpenVINO runs twice: first with an empty compiled-model
   cache (its compile time inside the command), then with the cache that run filled.
+- int8 (with --engines int8): the checkpoint exported by `step6 --format openvino --int8`,
+  calibrated on the demo slices converted by step0 (--max-auroc-drop 1: the untrained
+  model's AUROC means nothing), run like the float32 IR; the model-only table then ends
+  with the int8 / float32 ratio. --engines picks the step2 rows (default: all but int8).
 Each run is a whole command in its own subprocess (interpreter start, imports and model
 loading included). Wall time runs from start to exit; time to first result is when the
 first result line reaches stdout. Runs alternate so that other load on a shared machine
