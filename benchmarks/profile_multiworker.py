@@ -110,7 +110,16 @@ def run_variant(variant: str, h5: Path, work: Path, args: argparse.Namespace) ->
     if variant != "fit":
         cluster = {"worker": [f"127.0.0.1:{free_port()}"]}
         env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})
-    argv = [sys.executable, __file__, "--child", variant, "--h5", str(h5), "--run-dir", str(work / variant)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--h5",
+        str(h5),
+        "--run-dir",
+        str(Path(tempfile.mkdtemp(dir=work)) / variant),
+    ]
     argv += ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--backbone", args.backbone]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
