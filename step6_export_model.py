@@ -7,6 +7,7 @@ the ONNX and OpenVINO exports itself, without importing TensorFlow.
 
 Usage:
     python step6_export_model.py --model-weights CKPT --format FORMAT OUT [--overwrite]
+        [--int8 --calibration DATA.h5 [--max-auroc-drop D]]
 
 CKPT is any checkpoint step2 reads: a step1 checkpoint (.keras), a .weights.h5 file with
 its run's run.json, or a tf.keras 2.x .h5/.hdf5 checkpoint of the original model.
@@ -44,6 +45,13 @@ CPUs by about 1e-5). Otherwise the export fails with a one-line error and
 leaves nothing behind: everything is written to a temporary folder beside OUT and moved
 into place at the end. An existing OUT (or its .bin/.json) is kept unless --overwrite.
 
+--int8 (OpenVINO only) quantizes the checked float IR with NNCF post-training quantization,
+calibrated on up to 300 slices of half the patients of DATA.h5 (a step0 file at the
+model's input size; drawn across patients and classes). The other half is the check: the
+float and the int8 model predict its slices, and the export is refused, in one line, when
+the int8 AUROC is more than D (default 0.01) below the float one. Both AUROCs and the
+largest change in P(PCNSL) are printed and kept in the metadata ("int8").
+
 Example, then prediction without TensorFlow (step2 reads .onnx and .xml exports):
     python step6_export_model.py --model-weights run/ckpt_120_0.2110.keras --format openvino model.xml
     python step2_predict.py --model-weights model.xml scans/
@@ -64,7 +72,8 @@ from pathlib import Path
 from gbmpcnsl.checkpoints import load_model_for_inference, model_input_size
 from gbmpcnsl.cli import make_parser
 from gbmpcnsl.export import CHECK_IMAGES, FORMATS, check_destination, export_model
-from gbmpcnsl_common import import_tensorflow, log, run_main, setup_logging
+from gbmpcnsl.quantize import MAX_AUROC_DROP
+from gbmpcnsl_common import UserError, import_tensorflow, log, run_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--format", required=True, choices=FORMATS, help="export format")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    int8 = parser.add_argument_group("int8 (OpenVINO only)")
+    int8.add_argument("--int8", action="store_true", help="quantize to int8 with NNCF (needs --calibration)")
+    int8.add_argument(
+        "--calibration", type=Path, metavar="DATA.h5", help="step0 HDF5 file: calibration and held-out slices"
+    )
+    int8.add_argument(
+        "--max-auroc-drop",
+        type=float,
+        default=MAX_AUROC_DROP,
+        metavar="D",
+        help=f"refuse when the held-out AUROC drops by more than D (default {MAX_AUROC_DROP})",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging and TensorFlow's own messages")
     return parser
 
@@ -86,18 +107,42 @@ def _export(argv: list[str] | None) -> int:
     setup_logging(args.verbose)
     # Everything that can be checked without TensorFlow, before any work.
     files = check_destination(args.model_weights, args.out, args.format, args.overwrite)
+    int8 = int8_options(args)
 
     started = time.perf_counter()
     import_tensorflow(args.verbose)
     model = load_model_for_inference(args.model_weights)
     height, width = model_input_size(model)
     log.info(f"{args.model_weights}: {model.name}, {height}x{width} input; exporting as {args.format}")
-    difference = export_model(model, args.model_weights, args.out, args.format, files)
+    difference, report = export_model(model, args.model_weights, args.out, args.format, files, int8)
+    if report:
+        log.info(
+            f"int8: AUROC on {report['held_out']['slices']} held-out slices {report['auroc_float']:.4f} "
+            f"(float32) -> {report['auroc_int8']:.4f} (int8), a drop of {report['auroc_drop']:.4f}; "
+            f"largest P(PCNSL) change {report['max_abs_probability_change']:.3g}"
+        )
     log.info(
         f"wrote {', '.join(str(file) for file in files)} in {time.perf_counter() - started:.1f} s "
-        f"(checked: at most {difference:.2g} from the Keras model on {CHECK_IMAGES} images)"
+        f"(checked: at most {difference:.2g} from the Keras model on {CHECK_IMAGES} images"
+        + (", before quantization)" if report else ")")
     )
     return 0
+
+
+def int8_options(args: argparse.Namespace) -> tuple[Path, float] | None:
+    """(calibration file, largest AUROC drop) for --int8, else None; misused flags are
+    UserErrors."""
+    if not args.int8:
+        if args.calibration is not None:
+            raise UserError("--calibration: only with --int8")
+        return None
+    if args.format != "openvino":
+        raise UserError(f"--int8: only with --format openvino (not {args.format})")
+    if args.calibration is None:
+        raise UserError("--int8: needs --calibration DATA.h5 (a step0 HDF5 file)")
+    if not args.calibration.is_file():
+        raise UserError(f"--calibration {args.calibration}: no such file")
+    return args.calibration, args.max_auroc_drop
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_predict.py [--counts 64 256] [--size 380] [--work-dir DIR]
                                        [--repeat 1] [--skip-tuning] [--model-only-images 64]
+                                       [--engines tensorflow onnx openvino int8]
 
 Predicts demo slices (demo/make_demo_data.py, --size px PNGs) with the same paper-era
 checkpoint: an EfficientNetB4 of the original architecture built by tf-keras with
@@ -15,6 +16,10 @@ weights=None (nothing is downloaded) and saved with model.save("ckpt.hdf5").
   IR, run by `step2_predict.py --model-weights original.onnx|original.xml` (ONNX Runtime
   or OpenVINO, no TensorFlow). OpenVINO runs twice: first with an empty compiled-model
   cache (its compile time inside the command), then with the cache that run filled.
+- int8 (with --engines int8): the checkpoint exported by `step6 --format openvino --int8`,
+  calibrated on the demo slices converted by step0 (--max-auroc-drop 1: the untrained
+  model's AUROC means nothing), run like the float32 IR; the model-only table then ends
+  with the int8 / float32 ratio. --engines picks the step2 rows (default: all but int8).
 Each run is a whole command in its own subprocess (interpreter start, imports and model
 loading included). Wall time runs from start to exit; time to first result is when the
 first result line reaches stdout. Runs alternate so that other load on a shared machine
@@ -146,6 +151,46 @@ def timed_run(command: list[str], env: dict | None = None) -> dict:
     return {"wall": wall, "first": arrivals[0] if arrivals else float("nan"), "lines": len(arrivals)}
 
 
+ENGINES = {
+    "tensorflow": ["step2 TensorFlow"],
+    "onnx": ["step2 ONNX Runtime"],
+    "openvino": ["step2 OpenVINO, first run", "step2 OpenVINO, cached"],
+    "int8": ["step2 OpenVINO int8, first run", "step2 OpenVINO int8, cached"],
+}
+
+
+def export_checkpoint(checkpoint: Path, data_dir: Path, work_dir: Path, args) -> dict[str, Path]:
+    """The checkpoint exported by step6 for the engines asked for (timed once; kept in
+    --work-dir). int8: --int8 calibrated on the demo slices converted by step0 (the
+    untrained model's AUROC means nothing: --max-auroc-drop 1, speed only)."""
+    paths = {"onnx": work_dir / "original.onnx", "openvino": work_dir / "original.xml"}
+    paths["int8"] = work_dir / "original_int8.xml"
+    exported = {}
+    for key, path in paths.items():
+        if key not in args.engines:
+            continue
+        exported[key] = path
+        if path.is_file():
+            continue
+        started = time.perf_counter()
+        command = [sys.executable, str(ROOT / "step6_export_model.py"), "--model-weights", str(checkpoint)]
+        command += ["--format", "openvino" if key == "int8" else key, str(path)]
+        if key == "int8":
+            h5 = work_dir / "calibration.h5"
+            if not h5.is_file():
+                step0 = [
+                    sys.executable,
+                    str(ROOT / "step0_convert_images_to_hdf5.py"),
+                    str(data_dir),
+                    str(h5),
+                ]
+                subprocess.run([*step0, "--size", str(args.size), str(args.size)], check=True, cwd=ROOT)
+            command += ["--int8", "--calibration", str(h5), "--max-auroc-drop", "1"]
+        subprocess.run(command, check=True, cwd=ROOT)
+        print(f"  step6 export to {key}: {time.perf_counter() - started:.1f} s", flush=True)
+    return exported
+
+
 def step2_command(checkpoint: Path, images: list[str], batch_size: int = 32) -> list[str]:
     return [
         sys.executable,
@@ -178,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-only-images", type=int, default=64, help="images per engine in the model-only rows"
     )
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=ENGINES,
+        default=["tensorflow", "onnx", "openvino"],
+        help="step2's engines to run beside the original (int8: step6 --int8, calibrated on the demo slices)",
+    )
     args = parser.parse_args(argv)
 
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_predict_"))
@@ -206,28 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if not checkpoint.is_file():
         subprocess.run([sys.executable, "-c", SAVE_ORIGINAL, str(checkpoint), str(args.size)], check=True)
 
-    # The same checkpoint exported by step6 (timed once; kept in --work-dir).
-    exported = {"onnx": work_dir / "original.onnx", "openvino": work_dir / "original.xml"}
-    for export_format, path in exported.items():
-        if not path.is_file():
-            started = time.perf_counter()
-            command = [
-                sys.executable,
-                str(ROOT / "step6_export_model.py"),
-                "--model-weights",
-                str(checkpoint),
-            ]
-            subprocess.run([*command, "--format", export_format, str(path)], check=True, cwd=ROOT)
-            print(f"  step6 export to {export_format}: {time.perf_counter() - started:.1f} s", flush=True)
-
+    exported = export_checkpoint(checkpoint, data_dir, work_dir, args)
     original_env = {"PYTHONUNBUFFERED": "1"}  # each result line is seen when printed
-    variants = [
-        "original",
-        "step2 TensorFlow",
-        "step2 ONNX Runtime",
-        "step2 OpenVINO, first run",
-        "step2 OpenVINO, cached",
-    ]
+    variants = ["original"] + [name for engine in args.engines for name in ENGINES[engine]]
     results = {}
     for count in args.counts:
         runs = {name: [] for name in variants}
@@ -239,18 +272,26 @@ def main(argv: list[str] | None = None) -> int:
                     original_env,
                 ),
                 "step2 TensorFlow": (step2_command(checkpoint, images[:count]), {}),
-                "step2 ONNX Runtime": (step2_command(exported["onnx"], images[:count]), {}),
+                "step2 ONNX Runtime": (step2_command(exported.get("onnx", checkpoint), images[:count]), {}),
                 "step2 OpenVINO, first run": (
-                    step2_command(exported["openvino"], images[:count]),
+                    step2_command(exported.get("openvino", checkpoint), images[:count]),
                     {"XDG_CACHE_HOME": str(cache_home)},
                 ),
                 "step2 OpenVINO, cached": (
-                    step2_command(exported["openvino"], images[:count]),
+                    step2_command(exported.get("openvino", checkpoint), images[:count]),
+                    {"XDG_CACHE_HOME": str(cache_home)},
+                ),
+                "step2 OpenVINO int8, first run": (
+                    step2_command(exported.get("int8", checkpoint), images[:count]),
+                    {"XDG_CACHE_HOME": str(cache_home)},
+                ),
+                "step2 OpenVINO int8, cached": (
+                    step2_command(exported.get("int8", checkpoint), images[:count]),
                     {"XDG_CACHE_HOME": str(cache_home)},
                 ),
             }
             for name in variants:
-                command, env = commands[name]
+                command, env = commands[name]  # (an engine not asked for: not run)
                 runs[name].append(timed_run(command, env))
                 print(
                     f"  {name:<27} {count:4d} images: {runs[name][-1]['wall']:.1f} s (load {load_average()})",
@@ -283,11 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     tf_rate = float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
     print(f"| TensorFlow | {tf_rate:.2f} | 1.00x | | {load} |", flush=True)
     cache_home = Path(tempfile.mkdtemp(prefix="ov_cache_", dir=work_dir))
-    for name, path in [
-        ("ONNX Runtime", exported["onnx"]),
-        ("OpenVINO, empty cache", exported["openvino"]),
-        ("OpenVINO, cached", exported["openvino"]),
-    ]:
+    engines = [
+        ("ONNX Runtime", "onnx"),
+        ("OpenVINO, empty cache", "openvino"),
+        ("OpenVINO, cached", "openvino"),
+        ("OpenVINO int8, empty cache", "int8"),
+        ("OpenVINO int8, cached", "int8"),
+    ]
+    rates = {}
+    for name, path in [(name, exported[key]) for name, key in engines if key in exported]:
         load = load_average()
         command = [sys.executable, "-c", MODEL_ONLY_EXPORTED, str(ROOT), str(path), str(count), "32"]
         env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
@@ -296,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.split()[-2:],
         )
         print(f"| {name} | {rate:.2f} | {rate / tf_rate:.2f}x | {load_time:.2f} | {load} |", flush=True)
+        rates[name] = rate
+    if "OpenVINO int8, cached" in rates and "OpenVINO, cached" in rates:
+        ratio = rates["OpenVINO int8, cached"] / rates["OpenVINO, cached"]
+        print(f"int8 / float32 OpenVINO, model only: {ratio:.2f}x")
     shutil.rmtree(cache_home, ignore_errors=True)
 
     if not args.skip_tuning:

@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py [--images 400] [--size 128] [--backbone efficientnetb0]
                                      [--batch-size 8] [--steps 20] [--epochs 3] [--scales 1 4]
                                      [--mixed-precision] [--xla] [--work-dir DIR]
+                                     [--variants original ours ours-mixed]
     # GPU, the paper's setting:
     python benchmarks/bench_train.py --backbone efficientnetb4 --size 380 --batch-size 32 \\
         --images 800 --mixed-precision --xla
@@ -212,6 +213,12 @@ def main() -> int:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4], help="dataset sizes, x --images")
     parser.add_argument("--mixed-precision", action="store_true", help="add 'ours, mixed_float16' rows")
     parser.add_argument("--xla", action="store_true", help="jit_compile the training step (all rows)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["original", "ours", "ours-mixed"],
+        help="rows to run (default: original, ours, and ours-mixed with --mixed-precision)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per row, fastest counts (default 1)")
     parser.add_argument("--work-dir", type=Path, help="where the HDF5 files go (default: a temp dir)")
     parser.add_argument("--child-variant", help=argparse.SUPPRESS)
@@ -223,7 +230,7 @@ def main() -> int:
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
-    variants = ["original", "ours"] + (["ours-mixed"] if args.mixed_precision else [])
+    variants = args.variants or ["original", "ours"] + (["ours-mixed"] if args.mixed_precision else [])
     print(
         f"{args.backbone} {args.size}x{args.size}, batch {args.batch_size}, {args.steps} steps x "
         f"{args.epochs} epochs, xla={args.xla}; {platform.processor() or platform.machine()}, "
@@ -271,14 +278,17 @@ def main() -> int:
             )
     by_key = {(r["scale"], r["variant"]): r for r in results}
     for scale in args.scales:
-        original, ours = by_key[(scale, "original")], by_key[(scale, "ours")]
-        print(f"{scale}x: ours / original throughput = {ours['images_per_s'] / original['images_per_s']:.2f}")
-        if (scale, "ours-mixed") in by_key:
+        original, ours = by_key.get((scale, "original")), by_key.get((scale, "ours"))
+        if original and ours:
+            print(
+                f"{scale}x: ours / original throughput = {ours['images_per_s'] / original['images_per_s']:.2f}"
+            )
+        if (scale, "ours-mixed") in by_key and ours:
             mixed = by_key[(scale, "ours-mixed")]
             print(
                 f"{scale}x: mixed_float16 / float32 throughput = {mixed['images_per_s'] / ours['images_per_s']:.2f}"
             )
-    if len(args.scales) > 1:
+    if len(args.scales) > 1 and len(results) == len(args.scales) * len(variants):
         low, high = min(args.scales), max(args.scales)
         for variant in variants:
             growth = [

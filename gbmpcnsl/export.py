@@ -15,7 +15,7 @@ from gbmpcnsl.files import file_sha256, private_mode, write_json
 from gbmpcnsl.model_card import card_markdown, card_metadata, card_path
 from gbmpcnsl.outputs import check_replaceable, discard, move_aside, restore
 from gbmpcnsl.predictors import load_exported_model
-from gbmpcnsl_common import CLASS_NAMES, UserError, __version__, log
+from gbmpcnsl_common import CLASS_NAMES, UserError, __version__, first_line, log
 
 FORMATS = ("saved_model", "onnx", "openvino")
 # Largest |P(PCNSL) export - P(PCNSL) Keras| an export may show: float kernels differ between
@@ -259,21 +259,61 @@ def write_export(model, target: Path, export_format: str) -> None:
     writers[export_format](model, target)
 
 
-def export_model(model, checkpoint: Path, out: Path, export_format: str, files: list[Path]) -> float:
+def quantize_checked(model, float_xml: Path, int8_xml: Path, int8: tuple[Path, float]) -> dict:
+    """--int8: the checked float IR `float_xml` quantized by NNCF on int8's calibration
+    file, written at `int8_xml` and checked against the float IR on the file's held-out
+    patients (gbmpcnsl.quantize); returns the metadata's "int8" entry."""
+    from gbmpcnsl import quantize
+
+    calibration, max_auroc_drop = int8
+    data = quantize.read_calibration(calibration, model_input_size(model))
+    log.info(
+        f"int8: calibrating on {len(data.calibration)} slices of {data.patients[0]} patients, "
+        f"checking on {len(data.held_out)} slices of {data.patients[1]} other patients"
+    )
+    try:
+        quantize.quantize_openvino(float_xml, int8_xml, data.calibration)
+    except Exception as error:  # NNCF and OpenVINO raise their own types
+        raise UserError(f"{int8_xml.name}: int8 quantization failed ({first_line(error)})") from error
+    float_predict, int8_predict = (load_exported_model(path)[0] for path in (float_xml, int8_xml))
+    return quantize.held_out_check(float_predict, int8_predict, data, max_auroc_drop)
+
+
+def nncf_version() -> str:
+    import nncf
+
+    return nncf.__version__
+
+
+def export_model(
+    model,
+    checkpoint: Path,
+    out: Path,
+    export_format: str,
+    files: list[Path],
+    int8: tuple[Path, float] | None = None,
+) -> tuple[float, dict | None]:
     """Export `model` (loaded from `checkpoint`) to `files` (check_destination's list):
     written into a staging folder beside OUT, checked against Keras, its metadata added,
-    then moved into place; on any failure nothing is left behind. Returns the largest
-    difference the check found."""
+    then moved into place; on any failure nothing is left behind. `int8` (OpenVINO only):
+    (calibration HDF5 file, largest AUROC drop allowed), see quantize_checked. Returns the
+    largest difference the float check found and the int8 check's report (or None)."""
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))  # unguessable
+    report = None
     try:
-        target = staging / out.name
+        target = staging / (out.name if int8 is None else "float.xml")
         try:
             write_export(model, target, export_format)
         except Exception as error:  # the converters raise their own types
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"{out}: {export_format} export failed ({first_line})") from error
+            raise UserError(f"{out}: {export_format} export failed ({first_line(error)})") from error
         difference = check_export(model, target, export_format)
+        if int8 is not None:
+            report = quantize_checked(model, target, staging / out.name, int8)
         metadata = export_metadata(model, checkpoint, export_format, files, difference)
+        metadata["weights"] = "int8 (NNCF post-training quantization)" if report else "float32"
+        metadata["int8"] = report
+        if report:
+            metadata["versions"]["nncf"] = nncf_version()
         write_json(
             target / METADATA_NAME if export_format == "saved_model" else staging / files[-1].name, metadata
         )
@@ -282,4 +322,4 @@ def export_model(model, checkpoint: Path, out: Path, export_format: str, files: 
         move_into_place(staging, files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return difference
+    return difference, report

@@ -355,3 +355,108 @@ def test_overwrite_never_replaces_a_folder_step6_did_not_write(tmp_path, monkeyp
         "error: .: --overwrite refuses to replace the current folder or a folder above it"
     ]
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------- --int8
+@pytest.fixture(scope="module")
+def calibration_h5(demo_data, tmp_path_factory) -> Path:
+    """The demo cohort (8 patients per class) converted by step0 at the tiny model's size."""
+    import step0_convert_images_to_hdf5 as step0
+
+    h5_path = tmp_path_factory.mktemp("calibration") / "calibration.h5"
+    assert step0.main([str(demo_data), str(h5_path), "--size", str(SIZE), str(SIZE)]) == 0
+    return h5_path
+
+
+@pytest.fixture(scope="module")
+def int8_export(checkpoint, calibration_h5, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "int8.xml"
+    argv = ["--model-weights", str(checkpoint), "--format", "openvino", "--int8"]
+    assert step6.main([*argv, "--calibration", str(calibration_h5), "--max-auroc-drop", "1", str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["int8.bin", "int8.xml", "int8.xml.json"]
+    return out
+
+
+@pytest.mark.slow
+def test_int8_export_records_the_held_out_check(int8_export, exports, calibration_h5, slices, capsys):
+    """The metadata's AUROCs and largest change equal sklearn's on the two models' own
+    outputs for the held-out patients; step2 runs the int8 model like any export."""
+    from sklearn.metrics import roc_auc_score
+
+    from gbmpcnsl.quantize import read_calibration
+
+    metadata = json.loads(Path(f"{int8_export}.json").read_text())
+    report = metadata["int8"]
+    assert metadata["weights"].startswith("int8") and "nncf" in metadata["versions"]
+    data = read_calibration(calibration_h5, (SIZE, SIZE))
+    images = data.held_out.astype(np.float32)
+    float_prob = run_with_own_runtime(exports["openvino"], images)  # the same model, float32
+    int8_prob = run_with_own_runtime(int8_export, images)
+    assert not np.array_equal(float_prob, int8_prob)  # quantized indeed
+    assert report["auroc_float"] == pytest.approx(roc_auc_score(data.held_out_labels, float_prob), abs=1e-9)
+    assert report["auroc_int8"] == pytest.approx(roc_auc_score(data.held_out_labels, int8_prob), abs=1e-9)
+    assert report["auroc_drop"] == pytest.approx(report["auroc_float"] - report["auroc_int8"], abs=1e-12)
+    assert report["max_abs_probability_change"] == pytest.approx(
+        np.abs(int8_prob - float_prob).max(), abs=1e-6
+    )
+    assert report["held_out"]["slices"] == len(images) > 0 and report["max_auroc_drop"] == 1
+    assert report["calibration"]["patients"] + report["held_out"]["patients"] == 16
+    assert report["calibration_file"]["sha256"] == hashlib.sha256(calibration_h5.read_bytes()).hexdigest()
+
+    assert step2.main(["--model-weights", str(int8_export), *slices]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == slices
+    expected = run_with_own_runtime(int8_export, slice_images(slices))
+    printed = [float(line.split()[-3]) / 100 for line in lines]
+    np.testing.assert_allclose(printed, np.maximum(expected, 1 - expected), atol=1e-4)
+
+
+def test_calibration_slices_spread_across_patients_and_classes():
+    from gbmpcnsl.quantize import spread_across_patients
+
+    records = [
+        {"label": label, "group": f"{label}/{patient}"}
+        for label in (0, 1)
+        for patient in "ab"
+        for _ in range(5)
+    ]
+    taken = spread_across_patients(records, np.arange(20), 6)  # each patient's first, then seconds
+    assert [records[i]["group"] for i in taken] == ["0/a", "0/a", "0/b", "1/a", "1/a", "1/b"]
+    assert sorted(spread_across_patients(records, np.arange(20), 100)) == list(range(20))
+
+
+@pytest.mark.slow
+def test_int8_export_refuses_an_auroc_drop_over_the_bound(checkpoint, calibration_h5, tmp_path, capsys):
+    out = tmp_path / "refused.xml"
+    argv = ["--model-weights", str(checkpoint), "--format", "openvino", "--int8", "--calibration"]
+    assert step6.main([*argv, str(calibration_h5), "--max-auroc-drop", "-1", str(out)]) == 2
+    error = capsys.readouterr().err.splitlines()
+    assert error[-1].startswith("error: int8 export refused: AUROC on ") and "nothing written" in error[-1]
+    assert "more than --max-auroc-drop -1" in error[-1]
+    assert list(tmp_path.iterdir()) == []  # no staging folder, no partial export
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--format", "onnx", "--int8", "--calibration", "{h5}"],
+            "--int8: only with --format openvino (not onnx)",
+        ),
+        (["--format", "openvino", "--int8"], "--int8: needs --calibration DATA.h5 (a step0 HDF5 file)"),
+        (["--format", "openvino", "--calibration", "{h5}"], "--calibration: only with --int8"),
+        (
+            ["--format", "openvino", "--int8", "--calibration", "{missing}"],
+            "--calibration {missing}: no such file",
+        ),
+    ],
+)
+def test_int8_flags_are_checked_before_any_work(tiny_b0, flags, message, tmp_path, capsys):
+    h5 = tmp_path / "data.h5"
+    h5.write_bytes(b"")
+    names = {"h5": h5, "missing": tmp_path / "missing.h5"}
+    flags = [flag.format(**names) for flag in flags]
+    out = tmp_path / ("model.onnx" if "onnx" in flags else "model.xml")
+    assert step6.main(["--model-weights", str(tiny_b0 / "tiny.keras"), *flags, str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(**names)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]

@@ -22,8 +22,8 @@ from helpers import TINY, last_line, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl.data import HDF5Images, make_dataset, make_shard_dataset, shard_layout
-from gbmpcnsl.distributed import SLURM_PORT_BASE, is_other_worker, slurm_cluster_resolver, slurm_task
 from gbmpcnsl.runs import backup_epoch
+from gbmpcnsl.slurm import SLURM_PORT_BASE, is_other_worker, slurm_cluster_resolver, slurm_task
 from gbmpcnsl_common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
