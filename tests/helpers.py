@@ -6,6 +6,7 @@ here, never from one another."""
 
 from __future__ import annotations
 
+import csv
 import os
 import select
 import time
@@ -166,3 +167,9 @@ def tied_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     y_true = rng.integers(0, 2, n)
     y_score = np.round(1 / (1 + np.exp(-(y_true - 0.5 + rng.normal(0, 1, n)))), 1)
     return y_true, y_score
+
+
+def read_csv(path: Path) -> list[dict]:
+    """A CSV file's rows as dicts (csv.DictReader)."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

@@ -373,7 +373,12 @@ def int8_export(checkpoint, calibration_h5, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("int8") / "int8.xml"
     argv = ["--model-weights", str(checkpoint), "--format", "openvino", "--int8"]
     assert step6.main([*argv, "--calibration", str(calibration_h5), "--max-auroc-drop", "1", str(out)]) == 0
-    assert sorted(p.name for p in out.parent.iterdir()) == ["int8.bin", "int8.xml", "int8.xml.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "int8.bin",
+        "int8.xml",
+        "int8.xml.MODEL_CARD.md",
+        "int8.xml.json",
+    ]
     return out
 
 
