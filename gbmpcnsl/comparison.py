@@ -140,6 +140,10 @@ def comparison_summary(comparison: pd.DataFrame, digits: int = 3) -> pd.DataFram
     def number(value) -> str:
         return format_number(value, digits)
 
+    def interval(method: str) -> list[str]:  # "low to high (patients)", by DeLong or bootstrap
+        columns = [comparison[f"{method}_{key}"] for key in ("ci_low", "ci_high", "unit")]
+        return [f"{number(lo)} to {number(hi)} ({unit}s)" for lo, hi, unit in zip(*columns, strict=True)]
+
     def p_text(value) -> str:
         return "n/a" if pd.isna(value) else ("<0.001" if value < 0.001 else f"{value:.3f}")
 
@@ -154,25 +158,9 @@ def comparison_summary(comparison: pd.DataFrame, digits: int = 3) -> pd.DataFram
             "AUROC A": comparison["auc_a"].map(number),
             "AUROC B": comparison["auc_b"].map(number),
             "Difference": comparison["auc_difference"].map(number),
-            f"{ci} CI (DeLong)": [
-                f"{number(lo)} to {number(hi)} ({unit}s)"
-                for lo, hi, unit in zip(
-                    comparison["delong_ci_low"],
-                    comparison["delong_ci_high"],
-                    comparison["delong_unit"],
-                    strict=True,
-                )
-            ],
+            f"{ci} CI (DeLong)": interval("delong"),
             "p (DeLong)": comparison["delong_p"].map(p_text),
-            f"{ci} CI (bootstrap)": [
-                f"{number(lo)} to {number(hi)} ({unit}s)"
-                for lo, hi, unit in zip(
-                    comparison["bootstrap_ci_low"],
-                    comparison["bootstrap_ci_high"],
-                    comparison["bootstrap_unit"],
-                    strict=True,
-                )
-            ],
+            f"{ci} CI (bootstrap)": interval("bootstrap"),
             "p (bootstrap)": comparison["bootstrap_p"].map(p_text),
         }
     )

@@ -256,6 +256,17 @@ def _with_ci(value, low, high, digits: int) -> str:
     return "n/a" if pd.isna(value) else f"{format_number(value, digits)} ({_interval(low, high, digits)})"
 
 
+def _rate_columns(metrics: pd.DataFrame, ci: str, digits: int) -> dict[str, list[str]]:
+    """The "Sensitivity (CI)" and "Specificity (CI)" text columns of both tables."""
+    return {
+        f"{rate.capitalize()} ({ci} CI)": [
+            _with_ci(*values, digits)
+            for values in metrics[[rate, f"{rate}_ci_low", f"{rate}_ci_high"]].to_numpy()
+        ]
+        for rate in ("sensitivity", "specificity")
+    }
+
+
 def summary_table(metrics: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     """The metrics table as a paper reports it: text cells, one row per model, level and
     class; cases are patients or slices as the level says, AUROC with its CIs at the
@@ -279,14 +290,7 @@ def summary_table(metrics: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
                 _interval(lo, hi, digits)
                 for lo, hi in zip(metrics["delong_ci_low"], metrics["delong_ci_high"], strict=True)
             ],
-            f"Sensitivity ({ci} CI)": [
-                _with_ci(*values, digits)
-                for values in metrics[["sensitivity", "sensitivity_ci_low", "sensitivity_ci_high"]].to_numpy()
-            ],
-            f"Specificity ({ci} CI)": [
-                _with_ci(*values, digits)
-                for values in metrics[["specificity", "specificity_ci_low", "specificity_ci_high"]].to_numpy()
-            ],
+            **_rate_columns(metrics, ci, digits),
         }
     )
 
@@ -322,14 +326,7 @@ def detail_table(metrics: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
             "Level": metrics["level"],
             "Positive class": metrics["positive_class"],
             "Threshold": metrics["threshold"].map(number),
-            f"Sensitivity ({ci} CI)": [
-                _with_ci(*values, digits)
-                for values in metrics[["sensitivity", "sensitivity_ci_low", "sensitivity_ci_high"]].to_numpy()
-            ],
-            f"Specificity ({ci} CI)": [
-                _with_ci(*values, digits)
-                for values in metrics[["specificity", "specificity_ci_low", "specificity_ci_high"]].to_numpy()
-            ],
+            **_rate_columns(metrics, ci, digits),
             "Brier": metrics["brier"].map(number),
             "ECE": metrics["ece"].map(number),
             "Calibration intercept": metrics["calibration_intercept"].map(number),
