@@ -82,24 +82,28 @@ def save_png(path: Path, value: int, size: int = 20) -> None:
     Image.fromarray(pixels).save(path)
 
 
-def write_dicom(path, stored: np.ndarray, **tags) -> None:
-    """A small MR file with pydicom, `stored` as its pixel data (int16 or uint16)."""
+def write_dicom(path, stored: np.ndarray | None, **tags) -> None:
+    """A small MR file with pydicom, `stored` as its pixel data (int16 or uint16); with
+    stored None, an object without pixels (tags give its SOPClassUID and Modality)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+    sop_class = tags.pop("SOPClassUID", MRImageStorage)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "MR", *stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    if stored is not None:
+        ds.Rows, ds.Columns = stored.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
+        ds.PixelData = stored.astype(stored.dtype.newbyteorder("<")).tobytes()
     for keyword, value in tags.items():
         setattr(ds, keyword, value)
-    ds.PixelData = stored.astype(stored.dtype.newbyteorder("<")).tobytes()
     ds.save_as(path, enforce_file_format=True)
 
 

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pydicom
 import pytest
+from helpers import write_dicom
 
 import step0_convert_images_to_hdf5 as step0
 from gbmpcnsl.series import non_image_kind, series_pattern, training_slices_warning
@@ -36,29 +37,19 @@ AXIAL, SAGITTAL, CORONAL = [1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, -1], [1, 0, 0, 0,
 
 def write_object(path, patient: str, series_uid: str, description: str, **tags) -> None:
     """One small (32 x 32) MR image file, or a non-image object when tags say so."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    sop_class = tags.pop("SOPClassUID", MRImageStorage)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID = f"Doe^{patient}", f"PID-{patient}-7731"
-    ds.StudyDate, ds.InstitutionName = "20190304", "Hospital of Nowhere"
-    ds.StudyInstanceUID = INVALID_UID
-    ds.SeriesInstanceUID, ds.SeriesDescription, ds.Modality = series_uid, description, "MR"
-    if tags.pop("image", True):
-        stored = (np.arange(32 * 32).reshape(32, 32) % 500 + 100 * len(description)).astype(np.uint16)
-        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 32, 32, 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = stored.astype("<u2").tobytes()
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
+    image = tags.pop("image", True)
+    stored = (np.arange(32 * 32).reshape(32, 32) % 500 + 100 * len(description)).astype(np.uint16)
+    identity = {
+        "PatientName": f"Doe^{patient}",
+        "PatientID": f"PID-{patient}-7731",
+        "StudyDate": "20190304",
+        "InstitutionName": "Hospital of Nowhere",
+        "StudyInstanceUID": INVALID_UID,
+        "SeriesInstanceUID": series_uid,
+        "SeriesDescription": description,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(path, stored if image else None, **identity, **tags)
 
 
 PATIENTS = {  # class/patient: its series
