@@ -319,7 +319,6 @@ class WorkerLoop:
         return early_stopping
 
     def _train(self, callback_list) -> None:
-        self.model.optimizer.build(self.model.trainable_variables)
         self.model.stop_training = False
         if self.first_epoch >= self.config.epochs:
             log.info("all %d epochs were already done", self.config.epochs)

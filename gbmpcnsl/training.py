@@ -88,6 +88,10 @@ def build_compiled_model(config: TrainConfig, size: tuple[int, int], distributio
             metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
             jit_compile=bool(config.xla),
         )
+        # Adam's slots now, not inside the first traced train step: creating variables there
+        # makes TensorFlow trace that step twice (B0 at 32 px on 2 cores: 56 s -> 26 s to
+        # the end of the first epoch; benchmarks/RESULTS.md).
+        model.optimizer.build(model.trainable_variables)
     return model
 
 
