@@ -14,6 +14,7 @@ import fcntl
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -250,7 +251,13 @@ class Processes:
         self.started: list[tuple[object, object]] = []  # (Popen or Process, psutil.Process)
 
     def popen(self, *args, **kwargs) -> subprocess.Popen:
-        return self.track(subprocess.Popen(*args, **kwargs))
+        # A child inherits the calling thread's signal mask through fork and exec: start it
+        # with SIGINT unblocked, as from a shell, whatever a library did to this thread.
+        previous = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        try:
+            return self.track(subprocess.Popen(*args, **kwargs))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def track(self, process):
         import psutil

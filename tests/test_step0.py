@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import h5py
 import make_demo_data
 import numpy as np
 import pytest
-from helpers import last_line, read_until, save_png
+from helpers import last_line, read_until, save_png, send_ctrl_c
 from PIL import Image
 
 import step0_convert_images_to_hdf5 as step0
@@ -291,27 +290,27 @@ def test_failure_mid_way_leaves_the_old_file_untouched(data_dir, tmp_path, monke
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_in_a_real_run_leaves_the_old_file_untouched(tmp_path, processes):
     """A real SIGINT, sent once the progress bar shows a written row, to a conversion of
-    816 images at 512x512 (seconds of work): it cannot finish before the signal lands."""
+    3216 images at 512x512 (tens of seconds of work): it cannot finish before the signal lands."""
     data = tmp_path / "data"
     argv = [str(data), "--patients-per-class", "4", "--slices-per-patient", "2", "--size", "64"]
     assert make_demo_data.main(argv) == 0
     output = tmp_path / "out.h5"
     assert step0.main([str(data), str(output), "--size", "16", "16", "--workers", "1"]) == 0
     snapshot = output.read_bytes()
-    for source in sorted(data.glob("*/*/*.png")):  # 50 more names for each slice (hard links)
-        for copy in range(50):
-            os.link(source, source.with_name(f"{source.stem}_copy{copy:02d}.png"))
+    for source in sorted(data.glob("*/*/*.png")):  # 200 more names for each slice (hard links)
+        for copy in range(200):
+            os.link(source, source.with_name(f"{source.stem}_copy{copy:03d}.png"))
     command = [sys.executable, str(ROOT / "step0_convert_images_to_hdf5.py"), str(data), str(output)]
     env = {**os.environ, "GBMPCNSL_PROGRESS_SECONDS": "0"}  # a progress line per image on a pipe
     process = processes.popen(
         [*command, "--size", "512", "512", "--workers", "2"], stderr=subprocess.PIPE, env=env
     )
-    # the progress line "images: k/816 [...]" on stderr, k rows written: wait for k >= 1
-    err = read_until(process.stderr, lambda err: re.search(rb"[1-9]\d*/816 \[", err), timeout=240)
-    process.send_signal(signal.SIGINT)
+    # the progress line "images: k/3216 [...]" on stderr, k rows written: wait for k >= 1
+    err = read_until(process.stderr, lambda err: re.search(rb"[1-9]\d*/3216 \[", err), timeout=240)
+    send_ctrl_c(process)
     _, rest = process.communicate(timeout=60)
     err = (err + rest).decode()
-    assert process.returncode == 130, err[-2000:]
+    assert process.returncode == 130, f"exit {process.returncode}: {err[-2000:]}"
     assert last_line(err) == "interrupted" and "Traceback" not in err
     assert output.read_bytes() == snapshot
     assert files_in(tmp_path) == ["data", "out.h5"]

@@ -13,14 +13,13 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import last_line, read_until
+from helpers import last_line, read_until, send_ctrl_c
 from PIL import Image
 
 import step2_predict as step2
@@ -313,10 +312,10 @@ def test_ctrl_c_in_step2_exits_130_without_a_csv(tiny_b0, tmp_path, processes):
     # The first batch's lines (at least one whole line) on stdout.
     first_lines = read_until(process.stdout, lambda out: b"\n" in out, timeout=240).decode()
     assert first_lines.startswith(str(images)), first_lines
-    process.send_signal(signal.SIGINT)
+    send_ctrl_c(process)
     out, err = process.communicate(timeout=120)
     out = first_lines + out
-    assert process.returncode == 130, err[-2000:]
+    assert process.returncode == 130, f"exit {process.returncode}: {err[-2000:]}"
     assert last_line(err) == "interrupted" and "Traceback" not in err
     assert len(out.splitlines()) < 20000
     assert list(csv_path.parent.iterdir()) == []

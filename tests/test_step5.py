@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import last_line
+from helpers import last_line, send_ctrl_c
 from PIL import Image
 
 import step2_predict as step2
@@ -764,11 +763,11 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.slow  # a TensorFlow subprocess or two
 def test_ctrl_c_in_step5_exits_130_with_whole_overlays_only(tiny_b0, tmp_path, processes):
-    """A real SIGINT once the first overlay exists; 400 inputs cannot be done first."""
+    """A real SIGINT once the first overlay exists; 2000 inputs cannot be done first."""
     images = tmp_path / "images"
     images.mkdir()
-    for index in range(400):
-        os.link(tiny_b0 / "images" / "s1.png", images / f"s{index:03d}.png")
+    for index in range(2000):
+        os.link(tiny_b0 / "images" / "s1.png", images / f"s{index:04d}.png")
     out = tmp_path / "out"
     command = [sys.executable, "step5_plot_grad_cam.py", "--model-weights", str(tiny_b0 / "tiny.keras")]
     process = processes.popen(
@@ -779,12 +778,12 @@ def test_ctrl_c_in_step5_exits_130_with_whole_overlays_only(tiny_b0, tmp_path, p
         text=True,
     )
     wait_for(lambda: out.is_dir() and any(p.suffix == ".png" for p in out.iterdir()), process)
-    process.send_signal(signal.SIGINT)
+    send_ctrl_c(process)
     stdout, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-2000:]
+    assert process.returncode == 130, f"exit {process.returncode}: {err[-2000:]}"
     assert last_line(err) == "interrupted" and "Traceback" not in err and stdout == ""
     written = sorted(out.iterdir())
-    assert 1 <= len(written) < 400
+    assert 1 <= len(written) < 2000
     for path in written:  # whole PNGs only: no heatmaps.npz, no temporary file
         assert path.suffix == ".png" and not path.name.startswith(".")
         with Image.open(path) as overlay:
