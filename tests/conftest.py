@@ -355,13 +355,17 @@ def _timed_out(item, settings) -> None:
 
 # ---------------------------------------------------------------------------- order
 def pytest_collection_modifyitems(config, items):
-    """Modules with the most `slow` tests run first, each module's tests in file order.
-    `make test` runs two pytest-xdist workers with --dist loadfile, which hands out whole
-    modules in this order: the long ones start early instead of leaving one worker busy at
-    the end while the other idles."""
+    """Modules with the most `slow` time run first, each module's tests in file order: a
+    slow test counts its own timeout (the default 300 s without one), which is what its
+    author expected it could take. `make test` runs two pytest-xdist workers with --dist
+    loadfile, which hands out whole modules in this order: the long ones start early
+    instead of leaving one worker busy at the end while the other idles."""
+    default = config.getini("timeout") or 300
     slow_in = {}
     for item in items:
-        slow_in[item.module.__name__] = slow_in.get(item.module.__name__, 0) + bool(
-            item.get_closest_marker("slow")
-        )
+        marker, skip = item.get_closest_marker("timeout"), item.get_closest_marker("skipif")
+        skipped = skip is not None and skip.args and skip.args[0] is True
+        slow = item.get_closest_marker("slow") and not skipped
+        cost = float(marker.args[0] if marker and marker.args else default) if slow else 0
+        slow_in[item.module.__name__] = slow_in.get(item.module.__name__, 0) + cost
     items.sort(key=lambda item: -slow_in[item.module.__name__])  # stable: file order kept

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE_TIMEOUT = 1200  # three folds of a tiny B0, one epoch each, on 2 busy cores
+RECIPE_TIMEOUT = 1200  # two folds of a tiny B0, one epoch each, on 2 busy cores
 
 
 @pytest.mark.slow
@@ -29,7 +29,7 @@ def test_recipe_runs_from_a_dicom_export_to_a_report(tmp_path, processes):
         "RECIPE_PATIENTS": "3",
         "RECIPE_SLICES": "2",
         "RECIPE_SIZE": "32",
-        "RECIPE_FOLDS": "3",
+        "RECIPE_FOLDS": "2",
         "RECIPE_EPOCHS": "1",
         "RECIPE_BOOTSTRAPS": "50",
     }
@@ -47,7 +47,7 @@ def test_recipe_runs_from_a_dicom_export_to_a_report(tmp_path, processes):
             paths = [path.decode() for path in h5file[f"{folder}/32_32/paths"][:]]
             assert len(paths) == 6 and all("/301_AX_T1_POST/" in path for path in paths), paths
     oof = pd.read_csv(out / "cv" / "oof_predictions.csv")
-    assert len(oof) == 12 and sorted(oof["fold"].unique()) == [0, 1, 2]
+    assert len(oof) == 12 and sorted(oof["fold"].unique()) == [0, 1]
     metrics = pd.read_csv(out / "figures" / "roc_metrics.csv")
     assert (metrics["n_patients"] == 6).all() and set(metrics["level"]) == {"patient", "slice"}
     assert metrics["auc_ci_low"].notna().all() and (metrics["bootstrap_unit"] == "patient").all()

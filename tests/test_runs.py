@@ -265,45 +265,6 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, monkeypatch, 
     assert second["arguments"]["epochs"] == 4 and second["best_epoch"] == 1
 
 
-@pytest.mark.slow
-def test_step1_config_replays_a_run_logged_to_mlflow(tmp_path):
-    """step1 --config RUN/run.json trains the same run again: with the original moved
-    aside and the replay written where it was, run.json is the original's but for the
-    times and the command line (deterministic 1-epoch tiny B0s). The replay also goes to
-    a local MLflow store (--mlflow): settings, command, each epoch's metrics, the run
-    folder."""
-    h5_path = write_h5(tmp_path / "d.h5", patients=(3, 3), slices=2)
-    run_dir, original = tmp_path / "run", tmp_path / "original"
-    argv = ["--backbone", "efficientnetb0", "--weights", "none", "--epochs", "1", "--seed", "3"]
-    assert step1.main([*argv, "--deterministic", "--batch-size", "4", str(h5_path), str(run_dir)]) == 0
-    run_dir.rename(original)
-    store = tmp_path / "mlruns"
-    replay_argv = ["--config", str(original / "run.json"), "--mlflow", str(store), str(h5_path), str(run_dir)]
-    assert step1.main(replay_argv) == 0
-    first, replay = (json.loads((folder / "run.json").read_text()) for folder in (original, run_dir))
-    assert first["command"][0] == "step1_train_model.py" and first["command"][-1] == str(run_dir)
-    assert replay["command"][1:3] == ["--config", str(original / "run.json")]
-    assert replay["arguments"]["batch_size"] == 4 and replay["arguments"]["deterministic"]
-    for info in (first, replay):
-        for key in ("command", "start_time", "end_time"):
-            del info[key]
-    assert replay == first
-    assert (run_dir / "history.csv").read_text() == (original / "history.csv").read_text()
-
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=store.resolve().as_uri())
-    (logged,) = client.search_runs([client.get_experiment_by_name("gbm-pcnsl").experiment_id])
-    assert logged.info.run_name == "run" and logged.info.status == "FINISHED"
-    assert logged.data.params["batch_size"] == "4" and logged.data.params["deterministic"] == "True"
-    assert logged.data.tags["command"] == " ".join(["step1_train_model.py", *replay_argv])
-    (val_loss,) = client.get_metric_history(logged.info.run_id, "val_loss")
-    assert val_loss.step == 0 and val_loss.value == pytest.approx(replay["best_val_loss"])
-    artifacts = {artifact.path for artifact in client.list_artifacts(logged.info.run_id)}
-    assert {"run.json", "history.csv", "split.csv", replay["best_checkpoint"]} <= artifacts
-    assert "backup" not in artifacts
-
-
 def test_a_run_from_before_the_new_settings_can_be_resumed(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

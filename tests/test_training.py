@@ -172,76 +172,116 @@ def run_python(code: str, tmp_path: Path, env: dict | None = None, timeout: int 
     return result
 
 
-@pytest.mark.slow  # a training in a process of its own
-@pytest.mark.timeout(960)  # a subprocess of up to 900 s (three trainings)
-def test_same_seed_and_deterministic_give_identical_history(tmp_path):
-    """Two runs with --deterministic give the same history; op determinism is on during
-    their fit, and off during the fit of a run without the flag (the control, first: once
-    on, TensorFlow keeps it on for the process)."""
+# Python run in a child before step1: records, per training run, whether op determinism is
+# on at each training batch (`seen`, printed as the child's last stdout line).
+LOOK_AT_DETERMINISM = """
+import atexit, json
+from gbmpcnsl import training
+from tensorflow.python.framework.config import is_op_determinism_enabled  # not in tf.config
+
+seen = []
+real_training_callbacks = training.training_callbacks
+
+def with_a_look_at_determinism(*args, **kwargs):
+    import keras
+
+    class LookAtDeterminism(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen[-1].append(is_op_determinism_enabled())
+
+    callbacks, early_stopping = real_training_callbacks(*args, **kwargs)
+    seen.append([])
+    return [*callbacks, LookAtDeterminism()], early_stopping
+
+training.training_callbacks = with_a_look_at_determinism
+atexit.register(lambda: print(json.dumps(seen)))
+"""
+
+
+@pytest.mark.slow  # two trainings in a process of their own
+@pytest.mark.timeout(660)  # a subprocess of up to 600 s
+def test_deterministic_run_replayed_from_its_run_json_into_mlflow(tmp_path):
+    """A run with --deterministic, then `step1 --config RUN/run.json` with the original
+    moved aside and the replay written where it was: the same history, split and
+    checkpoint names, and a run.json that is the original's but for the times and the
+    command line. Op determinism is on during both fits (off before the first: the flag
+    turned it on; the control, a fit without the flag that has it off, is
+    test_mirrored_strategy_on_two_logical_cpus). The replay also goes to a local MLflow
+    store (--mlflow): settings, command, each epoch's metrics, the run folder."""
     h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
-    argv = ["--augmentation", "base_and_noise", "--epochs", "2", *TINY, "--seed", "3", "--deterministic"]
-    control = [*argv[:3], "1", *argv[4:-1]]  # one epoch, no --deterministic
+    run_dir, original, store = tmp_path / "run", tmp_path / "original", tmp_path / "mlruns"
+    argv = ["--augmentation", "base_and_noise", "--epochs", "2", *TINY, "--seed", "3", "--batch-size", "4"]
+    replay_argv = ["--config", str(original / "run.json"), "--mlflow", str(store), str(h5_path), str(run_dir)]
     result = run_python(
-        f"""
-        import json
-        import step1_train_model as step1
-        from gbmpcnsl import training
-
-        seen = []  # per run: is_op_determinism_enabled() at each training batch
-        real_training_callbacks = training.training_callbacks
-
-        def with_a_look_at_determinism(*args, **kwargs):
-            import keras
-            from tensorflow.python.framework.config import is_op_determinism_enabled  # not in tf.config
-
-            class LookAtDeterminism(keras.callbacks.Callback):
-                def on_train_batch_end(self, batch, logs=None):
-                    seen[-1].append(is_op_determinism_enabled())
-
-            callbacks, early_stopping = real_training_callbacks(*args, **kwargs)
-            seen.append([])
-            return [*callbacks, LookAtDeterminism()], early_stopping
-
-        training.training_callbacks = with_a_look_at_determinism
-        assert step1.main({control!r} + [{str(h5_path)!r}, {str(tmp_path)!r} + "/control"]) == 0
-        for name in ("a", "b"):
-            assert step1.main({argv!r} + [{str(h5_path)!r}, {str(tmp_path)!r} + "/" + name]) == 0
-        print(json.dumps(seen))
-        """,
+        LOOK_AT_DETERMINISM
+        + f"""
+import os
+import step1_train_model as step1
+assert not is_op_determinism_enabled()
+assert step1.main({argv!r} + ["--deterministic", {str(h5_path)!r}, {str(run_dir)!r}]) == 0
+os.rename({str(run_dir)!r}, {str(original)!r})
+assert step1.main({replay_argv!r}) == 0
+""",
         tmp_path,
-        timeout=900,  # three trainings
+        timeout=600,
     )
     seen = json.loads(result.stdout.splitlines()[-1])
-    assert len(seen) == 3 and all(seen)
-    assert not any(seen[0]) and all(seen[1]) and all(seen[2])
-    first, second = (tmp_path / "a" / "history.csv").read_text(), (tmp_path / "b" / "history.csv").read_text()
-    assert len(first.splitlines()) == 3 and first == second
-    assert (tmp_path / "a" / "split.csv").read_text() == (tmp_path / "b" / "split.csv").read_text()
-    names = [sorted(p.name for p in (tmp_path / run).glob("ckpt_*")) for run in ("a", "b")]
+    assert len(seen) == 2 and all(seen) and all(all(run) for run in seen)
+    first, replay = (json.loads((folder / "run.json").read_text()) for folder in (original, run_dir))
+    assert first["command"][0] == "step1_train_model.py" and first["command"][-1] == str(run_dir)
+    assert replay["command"][1:3] == ["--config", str(original / "run.json")]
+    assert replay["arguments"]["batch_size"] == 4 and replay["arguments"]["deterministic"]
+    for info in (first, replay):
+        for key in ("command", "start_time", "end_time"):
+            del info[key]
+    assert replay == first
+    history = (run_dir / "history.csv").read_text()
+    assert len(history.splitlines()) == 3 and history == (original / "history.csv").read_text()
+    assert (run_dir / "split.csv").read_text() == (original / "split.csv").read_text()
+    names = [sorted(p.name for p in folder.glob("ckpt_*")) for folder in (original, run_dir)]
     assert names[0] == names[1]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=store.resolve().as_uri())
+    (logged,) = client.search_runs([client.get_experiment_by_name("gbm-pcnsl").experiment_id])
+    assert logged.info.run_name == "run" and logged.info.status == "FINISHED"
+    assert logged.data.params["batch_size"] == "4" and logged.data.params["deterministic"] == "True"
+    assert logged.data.tags["command"] == " ".join(["step1_train_model.py", *replay_argv])
+    val_loss = client.get_metric_history(logged.info.run_id, "val_loss")
+    assert [metric.step for metric in val_loss] == [0, 1]
+    assert min(metric.value for metric in val_loss) == pytest.approx(replay["best_val_loss"])
+    artifacts = {artifact.path for artifact in client.list_artifacts(logged.info.run_id)}
+    assert {"run.json", "history.csv", "split.csv", replay["best_checkpoint"]} <= artifacts
+    assert "backup" not in artifacts
 
 
 @pytest.mark.slow  # a training in a process of its own
 @pytest.mark.timeout(360)  # a subprocess of up to 300 s
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    """Also the control of the --deterministic test: without the flag, op determinism is
+    off during the fit."""
     h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
     run_dir = tmp_path / "run"
     argv = ["--augmentation", "base", "--epochs", "1", *TINY, "--batch-size", "4", "--distribute", "mirrored"]
     result = run_python(
-        f"""
-        import sys
-        import tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        import step1_train_model as step1
-        sys.exit(step1.main({argv!r} + [{str(h5_path)!r}, {str(run_dir)!r}]))
-        """,
+        LOOK_AT_DETERMINISM
+        + f"""
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import step1_train_model as step1
+sys.exit(step1.main({argv!r} + [{str(h5_path)!r}, {str(run_dir)!r}]))
+""",
         tmp_path,
     )
     assert "batch size 4 per replica x 2 replica(s) = global batch 8 (MirroredStrategy)" in result.stderr
     run = json.loads((run_dir / "run.json").read_text())
     assert run["replicas"] == 2 and run["global_batch_size"] == 8 and run["strategy"] == "MirroredStrategy"
     assert len(history_rows(run_dir)) == 1 and list(run_dir.glob("ckpt_001_*.keras"))
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert len(seen) == 1 and seen[0] and not any(seen[0])
 
 
 def test_learning_rate_schedule():
