@@ -251,13 +251,18 @@ class Processes:
         self.started: list[tuple[object, object]] = []  # (Popen or Process, psutil.Process)
 
     def popen(self, *args, **kwargs) -> subprocess.Popen:
-        # A child inherits the calling thread's signal mask through fork and exec: start it
-        # with SIGINT unblocked, as from a shell, whatever a library did to this thread.
-        previous = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        # A child inherits an ignored SIGINT and the calling thread's signal mask through
+        # fork and exec. In full xdist runs something in the worker process (not found; SIGQUIT
+        # with it, as C's system() does) left SIGINT ignored, and the Ctrl-C tests' children
+        # never saw their signal. Start each child as from a shell: SIGINT caught by Python's
+        # handler here (so default in the child after exec), and unblocked.
+        handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         try:
             return self.track(subprocess.Popen(*args, **kwargs))
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            signal.signal(signal.SIGINT, handler)
 
     def track(self, process):
         import psutil

@@ -26,7 +26,7 @@ def test_recipe_runs_from_a_dicom_export_to_a_report(tmp_path, processes):
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "RECIPE_OUTPUT": str(out),
-        "RECIPE_PATIENTS": "3",
+        "RECIPE_PATIENTS": "4",
         "RECIPE_SLICES": "2",
         "RECIPE_SIZE": "32",
         "RECIPE_FOLDS": "2",
@@ -39,20 +39,20 @@ def test_recipe_runs_from_a_dicom_export_to_a_report(tmp_path, processes):
     assert process.returncode == 0, stderr[-3000:]
     assert stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
 
-    # Only the T1 post-contrast series was converted: 3 patients x 2 slices per class.
+    # Only the T1 post-contrast series was converted: 4 patients x 2 slices per class.
     import h5py
 
     with h5py.File(out / "data.h5", "r") as h5file:
         for folder in ("gbm", "pcnsl"):
             paths = [path.decode() for path in h5file[f"{folder}/32_32/paths"][:]]
-            assert len(paths) == 6 and all("/301_AX_T1_POST/" in path for path in paths), paths
+            assert len(paths) == 8 and all("/301_AX_T1_POST/" in path for path in paths), paths
     oof = pd.read_csv(out / "cv" / "oof_predictions.csv")
-    assert len(oof) == 12 and sorted(oof["fold"].unique()) == [0, 1]
+    assert len(oof) == 16 and sorted(oof["fold"].unique()) == [0, 1]
     metrics = pd.read_csv(out / "figures" / "roc_metrics.csv")
-    assert (metrics["n_patients"] == 6).all() and set(metrics["level"]) == {"patient", "slice"}
+    assert (metrics["n_patients"] == 8).all() and set(metrics["level"]) == {"patient", "slice"}
     assert metrics["auc_ci_low"].notna().all() and (metrics["bootstrap_unit"] == "patient").all()
     overlays = sorted((out / "gradcam").rglob("*.png"))
-    assert len(overlays) == 6  # the middle slice of each patient's T1 series
+    assert len(overlays) == 8  # the middle slice of each patient's T1 series
     page = (out / "report.html").read_text()
     notebook = json.loads((out / "step4_plot_roc.ipynb").read_text())
     figures = sum(
