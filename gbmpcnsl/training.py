@@ -89,8 +89,8 @@ def build_compiled_model(config: TrainConfig, size: tuple[int, int], distributio
             jit_compile=bool(config.xla),
         )
         # Adam's slots now, not inside the first traced train step: creating variables there
-        # makes TensorFlow trace that step twice (B0 at 32 px on 2 cores: 56 s -> 26 s to
-        # the end of the first epoch; benchmarks/RESULTS.md).
+        # makes TensorFlow trace that step twice (B0 at 32 px on 2 cores: the first fit
+        # 56 s -> 26 s; benchmarks/RESULTS.md, step1).
         model.optimizer.build(model.trainable_variables)
     return model
 

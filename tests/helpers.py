@@ -151,18 +151,18 @@ def kill_trees(roots) -> None:
 
 
 def send_ctrl_c(process) -> None:
-    """SIGINT to a running child, after checking (from /proc) that it neither blocks nor
-    ignores the signal: a child that never sees it would run to the end, which reads as a
-    missed interrupt, not as what it is."""
+    """SIGINT to a running child, after checking (from /proc, where there is one) that it
+    neither blocks nor ignores the signal: a child that never sees it would run to the end,
+    which reads as a missed interrupt, not as what it is."""
     assert process.poll() is None, f"the process ended (exit {process.returncode}) before the Ctrl-C"
-    status = dict(
-        line.split(":\t", 1) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
-    )
-    bit = 1 << (signal.SIGINT - 1)
-    for field in ("SigBlk", "SigIgn"):
-        assert not int(status[field], 16) & bit, (
-            f"the child's SIGINT is in its {field} ({status[field].strip()})"
-        )
+    proc_status = Path(f"/proc/{process.pid}/status")
+    if proc_status.exists():
+        status = dict(line.split(":\t", 1) for line in proc_status.read_text().splitlines())
+        bit = 1 << (signal.SIGINT - 1)
+        for field in ("SigBlk", "SigIgn"):
+            assert not int(status[field], 16) & bit, (
+                f"the child's SIGINT is in its {field} ({status[field].strip()})"
+            )
     process.send_signal(signal.SIGINT)
 
 
