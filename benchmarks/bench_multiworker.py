@@ -84,15 +84,20 @@ def train(h5_path: Path, run_dir: Path, workers: int, args: argparse.Namespace) 
     return {"train_slices": train_slices, "epoch_seconds": seconds, "wall_seconds": wall}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cohort and training settings of this script and profile_multiworker.py."""
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--backbone", default="efficientnetb0")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_training_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         h5_path = Path(work) / "bench.h5"

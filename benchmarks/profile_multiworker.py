@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,13 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
+from bench_multiworker import add_training_arguments, free_ports  # noqa: E402
+
 VARIANTS = ("fit", "worker", "no-metrics", "no-callbacks", "data-only")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def patch(variant: str) -> None:
@@ -108,7 +103,7 @@ def child(args: argparse.Namespace) -> None:
 def run_variant(variant: str, h5: Path, work: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     if variant != "fit":
-        cluster = {"worker": [f"127.0.0.1:{free_port()}"]}
+        cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(1)]}
         env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})
     argv = [
         sys.executable,
@@ -133,11 +128,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=192)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--backbone", default="efficientnetb0")
+    add_training_arguments(parser)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--child", choices=VARIANTS, dest="variant", help=argparse.SUPPRESS)
     parser.add_argument("--h5", help=argparse.SUPPRESS)
