@@ -256,14 +256,14 @@ def listing(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory):
-    """A 2-fold run built the way a cluster would: fold 1 alone (--fold 1), fold 0 alone and
-    interrupted after 1 of 2 epochs, then --resume (fold 1 skipped, fold 0 resumed); and
-    fold 0 of another run with --select final (stages["final"]: its run folder).
-    Returns the HDF5 file, the run folder and what each stage left behind."""
+    """A 2-fold run with --select final built the way a cluster would: fold 1 alone
+    (--fold 1), fold 0 alone and interrupted after 1 of 2 epochs, then --resume (fold 1
+    skipped, fold 0 resumed). Returns the HDF5 file, the run folder and what each stage left
+    behind. (--select best, the default, in cross-validation: test_no_signal.py, test_recipe.py.)"""
     folder = tmp_path_factory.mktemp("cv")
     h5_path = write_h5(folder / "d.h5", size=32, patients=(4, 4), slices=2)
     run_dir = folder / "run"
-    common = [*TINY, "--augmentation", "base", "--folds", "2", "--seed", "3"]
+    common = [*TINY, "--augmentation", "base", "--folds", "2", "--seed", "3", "--select", "final"]
     stages = {}
 
     assert step1.main([*common, "--epochs", "1", "--fold", "1", str(h5_path), str(run_dir)]) == 0
@@ -273,14 +273,11 @@ def cv_run(tmp_path_factory):
         "fold_1_files": {p.name: p.stat().st_mtime_ns for p in (run_dir / "fold_1").iterdir()},
     }
     tiny = {"backbone": "efficientnetb0", "weights": "none", "augmentation": "base"}
-    config = TrainConfig(h5_path, run_dir, **tiny, folds=2, seed=3, epochs=2, fold=0)  # `common`, then these
+    config = TrainConfig(h5_path, run_dir, **tiny, folds=2, seed=3, select="final", epochs=2, fold=0)
     with pytest.raises(Interrupted):
         train_cross_validation(config, callbacks=[stop_after_first_epoch()])
     stages["interrupted"] = {"cv": json.loads((run_dir / "cv.json").read_text())}
     assert step1.main([*common, "--epochs", "2", "--resume", str(h5_path), str(run_dir)]) == 0
-    stages["final"] = folder / "final"
-    argv = [*common, "--epochs", "2", "--fold", "0", "--select", "final", str(h5_path), str(stages["final"])]
-    assert step1.main(argv) == 0
     return h5_path, run_dir, stages
 
 
@@ -294,22 +291,15 @@ def test_fold_option_trains_that_fold_only(cv_run, capsys):
     )
     cv = first["cv"]
     assert cv["folds"] == 2 and cv["seed"] == 3 and cv["complete"] is False and "best_checkpoints" not in cv
-    assert cv["selection"] == {
-        "select": "best",
-        "monitor": "val_loss",
-        "early_stopping": None,
-        "chosen_on": "val",
-        "val_fraction": 0.15,
-    }
     assert [f["status"] for f in cv["fold_assignment"]] == ["pending", "finished"]
     assert cv["fold_assignment"][0]["best_checkpoint"] is None
-    assert cv["fold_assignment"][1]["best_checkpoint"].startswith("fold_1/ckpt_001_")
+    assert cv["fold_assignment"][1]["best_checkpoint"] == "fold_1/ckpt_001_final.keras"
     assert stages["interrupted"]["cv"]["complete"] is False
     assert [f["status"] for f in stages["interrupted"]["cv"]["fold_assignment"]] == ["running", "finished"]
 
     # A fold that exists is not trained again without --resume or --overwrite; the run's
     # settings and folds are its own.
-    common = [*TINY, "--augmentation", "base", "--epochs", "1", "--seed", "3"]
+    common = [*TINY, "--augmentation", "base", "--epochs", "1", "--seed", "3", "--select", "final"]
     paths = [str(h5_path), str(run_dir)]
     assert step1.main([*common, "--folds", "2", "--fold", "1", *paths]) == 2
     assert "fold_1: exists" in capsys.readouterr().err
@@ -386,7 +376,7 @@ def test_each_folds_test_patients_are_disjoint_from_its_training_and_selection_p
                 (r["path"], r["group"]) for r in split if r["subset"] == name
             ]
         info = json.loads((run_dir / fold["run_dir"] / "run.json").read_text())
-        assert info["select"] == "best" and info["split"] == {
+        assert info["select"] == "final" and info["split"] == {
             f"{name}_{what}": len(members) if what == "groups" else sum(r["subset"] == name for r in split)
             for name, members in roles.items()
             for what in ("slices", "groups")
@@ -425,8 +415,8 @@ def test_out_of_fold_predictions_are_each_folds_checkpoint_predictions(cv_run):
 
 @pytest.mark.slow
 def test_select_final_keeps_the_last_epoch_and_records_the_rule(cv_run):
-    h5_path, _, stages = cv_run
-    run_dir = stages["final"]
+    """Fold 0 was interrupted after epoch 1 and resumed: its epoch-1 checkpoint is gone."""
+    h5_path, run_dir, _ = cv_run
     cv = json.loads((run_dir / "cv.json").read_text())
     assert cv["selection"] == {
         "select": "final",
@@ -457,7 +447,8 @@ def test_resume_of_a_complete_run_trains_nothing_and_rewrites_the_pooled_files(c
     before = {p: p.stat().st_mtime_ns for p in run_dir.glob("fold_*/*")}
     oof = (run_dir / "oof_predictions.csv").read_bytes()
     (run_dir / "oof_predictions.csv").unlink()
-    argv = [*TINY, "--augmentation", "base", "--folds", "2", "--seed", "3", "--epochs", "2", "--resume"]
+    argv = [*TINY, "--augmentation", "base", "--folds", "2", "--seed", "3", "--select", "final"]
+    argv += ["--epochs", "2", "--resume"]
     assert step1.main([*argv, str(h5_path), str(run_dir)]) == 0
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("fold_*/*")} == before
     assert (run_dir / "oof_predictions.csv").read_bytes() == oof

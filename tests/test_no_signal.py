@@ -99,6 +99,14 @@ def test_no_signal_cohort_stays_near_chance_with_nested_selection(tmp_path):
         deterministic=True,
     )
     train_cross_validation(config, callbacks=[recorder])
+    cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert cv["selection"] == {
+        "select": "best",
+        "monitor": "val_auc",
+        "early_stopping": None,
+        "chosen_on": "val",
+        "val_fraction": 0.25,
+    }
     oof = read_csv(tmp_path / "cv" / "oof_predictions.csv")
     patients = np.array([r["patient_id"] for r in oof])
     names = sorted(set(patients))

@@ -106,14 +106,17 @@ def kill_after_new_rows(processes, command: list[str], run_dir: Path, rows: int,
             process.wait()
 
 
-@pytest.mark.slow  # three trainings, one in a process of its own
+@pytest.mark.slow  # four trainings, one in a process of its own
 @pytest.mark.timeout(900)  # the killed process may take up to 240 s to write its epoch
-def test_step1_interrupted_refused_killed_then_resumed(tmp_path, monkeypatch, capfd, processes):
+def test_step1_interrupted_refused_killed_resumed_then_overwritten(tmp_path, monkeypatch, capfd, processes):
     """An interrupted run (Ctrl-C after its first epoch): every --resume refusal leaves it
     as it is. A resume with a raised --epochs is SIGKILLed mid-training (in a process of
     its own); the resume after it lists each epoch once and finishes the run. The learning
     rates in history.csv are the schedule's (decay from epoch 1 here) in every process,
-    best-only checkpoints hold across the restarts, and stdout stays empty."""
+    best-only checkpoints hold across the restarts, and stdout stays empty. Then --overwrite
+    of the finished run with --weights PATH and --early-stopping 1 under a val_loss forced
+    to rise (1, 2, 3, ...): the old run is gone, the new one records its settings, starts
+    from the file's weights and stops after its second epoch of four."""
     import keras
 
     monkeypatch.setattr(training, "LR_CONSTANT_EPOCHS", 1)  # the decay, within the 8 epochs
@@ -216,29 +219,9 @@ def test_step1_interrupted_refused_killed_then_resumed(tmp_path, monkeypatch, ca
         epoch = int(checkpoint.name[5:8])
         assert val_losses[epoch - 1] < min(val_losses[: epoch - 1], default=float("inf"))
     assert step1.main([*resume, str(h5_path), str(run_dir)]) == 2  # finished: nothing to resume
-
-
-@pytest.mark.slow
-def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, monkeypatch, capfd):
-    """--weights PATH through the command line, then --overwrite of that run with
-    --early-stopping 1 and a val_loss forced to rise (1, 2, 3, ...): the old run is gone,
-    the new one records its settings and stops after its second epoch of four."""
-    import keras
+    capfd.readouterr()
 
     notop = fake_notop_weights(tmp_path / "efficientnetb0_notop.h5")
-    h5_path = write_h5(tmp_path / "d.h5", patients=(3, 3), slices=2)
-    run_dir = tmp_path / "run"
-    argv = ["--backbone", "efficientnetb0", "--epochs", "1", str(h5_path), str(run_dir)]
-    assert step1.main([*argv, "--weights", str(notop), "--normalization", "paper"]) == 0
-    assert capfd.readouterr().out == ""
-    first = json.loads((run_dir / "run.json").read_text())
-    assert first["arguments"]["weights"] == str(notop) and first["arguments"]["normalization"] == "paper"
-    from gbmpcnsl.checkpoints import load_model_for_inference
-
-    loaded = load_model_for_inference(run_dir / first["best_checkpoint"])
-    start = keras.applications.EfficientNetB0(include_top=False, weights=str(notop), input_shape=(32, 32, 3))
-    stem, start_stem = (m.get_layer("stem_conv").get_weights()[0].ravel() for m in (loaded, start))
-    assert np.corrcoef(stem, start_stem)[0, 1] > 0.9  # trained from the file's weights
     (run_dir / "notes.txt").write_text("belongs to the old run")
 
     class RisingValLoss(keras.callbacks.Callback):
@@ -252,17 +235,26 @@ def test_step1_weights_path_overwrite_and_early_stopping(tmp_path, monkeypatch, 
         return [RisingValLoss(), *callbacks], early_stopping
 
     monkeypatch.setattr(training, "training_callbacks", rising_val_loss_first)
-    assert step1.main([*TINY, "--epochs", "4", "--early-stopping", "1", "--overwrite", *argv[4:]]) == 0
+    weights = ["--backbone", "efficientnetb0", "--weights", str(notop), "--normalization", "paper"]
+    argv = [*weights, "--epochs", "4", "--early-stopping", "1", "--overwrite", str(h5_path), str(run_dir)]
+    assert step1.main(argv) == 0
     assert capfd.readouterr().out == ""
     assert not (run_dir / "notes.txt").exists()
     second = json.loads((run_dir / "run.json").read_text())
-    assert second["start_time"] >= first["end_time"]
-    assert second["arguments"]["early_stopping"] == 1 and second["arguments"]["weights"] == "none"
+    assert second["start_time"] >= run["end_time"] and "resumed" not in second
+    assert second["arguments"]["early_stopping"] == 1 and second["arguments"]["weights"] == str(notop)
+    assert second["arguments"]["normalization"] == "paper"
     rows = history(run_dir)
     assert [(row["epoch"], float(row["val_loss"])) for row in rows] == [("0", 1.0), ("1", 2.0)]
     # Patience 1: the second epoch did not improve on the first, so it is the last of 4.
     assert second["epochs_done"] == 2 and second["stopped_early"] is True
     assert second["arguments"]["epochs"] == 4 and second["best_epoch"] == 1
+    from gbmpcnsl.checkpoints import load_model_for_inference
+
+    loaded = load_model_for_inference(run_dir / second["best_checkpoint"])
+    start = keras.applications.EfficientNetB0(include_top=False, weights=str(notop), input_shape=(32, 32, 3))
+    stem, start_stem = (m.get_layer("stem_conv").get_weights()[0].ravel() for m in (loaded, start))
+    assert np.corrcoef(stem, start_stem)[0, 1] > 0.9  # trained from the file's weights
 
 
 def test_a_run_from_before_the_new_settings_can_be_resumed(tmp_path):

@@ -44,6 +44,57 @@ def fake_run(tmp_path: Path, val_losses, val_aucs, monitor: str) -> tuple[RunFol
     return run, {"arguments": {"monitor": monitor}}
 
 
+def adam_steps(fused: bool, optimizer_class=None) -> tuple[list, object]:
+    """20 steps of a Keras Adam (3e-3) on three variables, with gradients from 1e-6 to 10;
+    fused: after training.use_fused_adam_kernel. Returns the variables and the step's graph."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 8, 16), (16,), (5,)]
+    start = [rng.normal(size=shape).astype(np.float32) for shape in shapes]
+    variables = [keras.Variable(value) for value in start]
+    optimizer = keras.optimizers.Adam(3e-3)
+    if optimizer_class is not None:
+        optimizer = optimizer_class(optimizer)
+    optimizer.build(variables)
+    if fused:
+        assert training.use_fused_adam_kernel(optimizer)
+    step = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables, strict=True)))
+    for _ in range(20):
+        grads = [rng.normal(size=shape).astype(np.float32) * 10 ** rng.uniform(-6, 1) for shape in shapes]
+        step([tf.constant(grad) for grad in grads])
+    graph = step.get_concrete_function([tf.TensorSpec(shape, tf.float32) for shape in shapes]).graph
+    return [variable.numpy() for variable in variables], graph
+
+
+def test_fused_adam_kernel_gives_keras_adams_update():
+    """The fused kernel (one ResourceApplyAdam per variable) against Keras's own Adam:
+    the same variables after 20 steps, to float32 rounding, with fewer ops; the optimizer
+    keeps Keras's class and config; mixed precision's LossScaleOptimizer gets it inside."""
+    import keras
+    import numpy as np
+
+    keras_adam, keras_graph = adam_steps(fused=False)
+    fused, fused_graph = adam_steps(fused=True)
+    for expected, got in zip(keras_adam, fused, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    kernels = [op.type for op in fused_graph.get_operations()].count("ResourceApplyAdam")
+    assert kernels == 3 and "ResourceApplyAdam" not in {op.type for op in keras_graph.get_operations()}
+    assert len(fused_graph.get_operations()) < 0.6 * len(keras_graph.get_operations())
+    scaled = [adam_steps(fused, keras.optimizers.LossScaleOptimizer)[0] for fused in (False, True)]
+    for expected, got, unscaled in zip(*scaled, keras_adam, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got, unscaled, rtol=1e-3)  # its gradients were divided by the loss scale
+
+    optimizer = keras.optimizers.Adam(1e-3)
+    assert training.use_fused_adam_kernel(optimizer)
+    assert keras.optimizers.serialize(optimizer)["class_name"] == "Adam"
+    assert not training.use_fused_adam_kernel(keras.optimizers.Adam(amsgrad=True))
+    assert not training.use_fused_adam_kernel(keras.optimizers.SGD())
+
+
 @pytest.mark.parametrize(
     ("monitor", "best_epoch"),
     [("val_loss", 2), ("val_auc", 4)],  # lowest val_loss at epoch 2, first highest val_auc at 4
