@@ -1,6 +1,6 @@
 """step1: command line, split by patient, augmentations, the tf.data stream, the run folder
-written by the session's tiny training run, and checkpoint fidelity (also with ImageNet
-weights, from a fake notop file)."""
+written by the session's tiny training run, and the ImageNet weights' offline failure
+(training from them, and checkpoint fidelity: test_training.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import fake_notop_weights, gray_batch, write_h5
+from helpers import gray_batch, write_h5
 
 import step1_train_model as step1
-from gbmpcnsl import training
 from gbmpcnsl.augment import augment_image
-from gbmpcnsl.checkpoints import load_model_for_inference
-from gbmpcnsl.config import TrainConfig
 from gbmpcnsl.data import HDF5Images, make_dataset, split_by_group
 from gbmpcnsl_common import UserError
 
@@ -284,48 +281,6 @@ def test_trained_run_folder(trained_run, demo_h5):
 
 
 # ---------------------------------------------------------------------------- checkpoints
-
-
-def test_checkpoints_reload_with_the_in_memory_predictions_imagenet_weights(tmp_path, monkeypatch, caplog):
-    """--weights imagenet (served from a fake cache file) on a file in the original layout:
-    each .keras checkpoint, loaded by the inference loader, predicts what the model
-    predicted at the end of that epoch."""
-    import keras
-    from keras.src.applications import efficientnet
-
-    notop = fake_notop_weights(tmp_path / "efficientnetb0_notop.h5")
-    monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *args, **kwargs: str(notop))
-    h5_path = write_h5(tmp_path / "original.h5", patients=(4, 4), slices=2, groups=False)
-    probe = np.stack([np.full((32, 32, 3), v, np.float32) for v in (30, 90, 160, 230)])
-    probe[1, :16] = 10  # not all flat: exercise the convolutions
-
-    predictions: dict[int, np.ndarray] = {}  # 1-based epoch -> in-memory model's output
-
-    class RecordPredictions(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            predictions[epoch + 1] = self.model.predict(probe, verbose=0)
-
-    config = TrainConfig(
-        h5_path, tmp_path / "run", augmentation="base", epochs=2, backbone="efficientnetb0",
-        weights="imagenet", learning_rate=1e-3,
-    )  # fmt: skip
-    with caplog.at_level("INFO", logger="gbmpcnsl"):
-        training.train(config, callbacks=[RecordPredictions()])
-    assert "has no patient groups (original layout)" in caplog.text
-    with open(tmp_path / "run" / "split.csv", newline="") as handle:
-        split = list(csv.DictReader(handle))
-    assert len({r["group"] for r in split}) == len(split) == 16  # each slice its own group
-
-    checkpoints = sorted((tmp_path / "run").glob("ckpt_*.keras"))
-    assert checkpoints
-    for checkpoint in checkpoints:
-        epoch = int(checkpoint.name[5:8])
-        loaded = load_model_for_inference(checkpoint)
-        np.testing.assert_allclose(loaded.predict(probe, verbose=0), predictions[epoch], atol=1e-5)
-    # The (fake) ImageNet weights were the starting point: the stem kernel moved only a little.
-    stem = loaded.get_layer("stem_conv").get_weights()[0]
-    start = keras.applications.EfficientNetB0(include_top=False, weights=str(notop), input_shape=(32, 32, 3))
-    assert np.corrcoef(stem.ravel(), start.get_layer("stem_conv").get_weights()[0].ravel())[0, 1] > 0.9
 
 
 def test_imagenet_weights_offline_fail_at_once_with_the_cache_hint(tmp_path, monkeypatch, capsys):

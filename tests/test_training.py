@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import TINY, write_h5
+from helpers import TINY, fake_notop_weights, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl import training
@@ -152,17 +152,44 @@ def read_event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.mark.slow
-def test_strong_val_auc_tensorboard_and_batchnorm_momentum_run(demo_h5, tmp_path, caplog):
+def test_imagenet_strong_val_auc_tensorboard_and_batchnorm_momentum_run(tmp_path, monkeypatch, capfd):
+    """One step1 run of many settings: --weights imagenet (served from a fake cache file) on
+    a file in the original layout, --augmentation strong, --monitor val_auc,
+    --batchnorm-momentum and --tensorboard. Each .keras checkpoint, loaded by the inference
+    loader, predicts what the model predicted at the end of its epoch."""
     import keras
+    import numpy as np
+    from keras.src.applications import efficientnet
 
     from gbmpcnsl.checkpoints import load_model_for_inference
 
+    notop = fake_notop_weights(tmp_path / "efficientnetb0_notop.h5")
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *args, **kwargs: str(notop))
+    h5_path = write_h5(tmp_path / "original.h5", patients=(4, 4), slices=2, groups=False)
+    probe = np.stack([np.full((32, 32, 3), v, np.float32) for v in (30, 90, 160, 230)])
+    probe[1, :16] = 10  # not all flat: exercise the convolutions
+    predictions: dict[int, np.ndarray] = {}  # 1-based epoch -> in-memory model's output
+
+    class RecordPredictions(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            predictions[epoch + 1] = self.model.predict(probe, verbose=0)
+
+    real_training_callbacks = training.training_callbacks
+
+    def recording_too(*args, **kwargs):
+        callbacks, early_stopping = real_training_callbacks(*args, **kwargs)
+        return [*callbacks, RecordPredictions()], early_stopping
+
+    monkeypatch.setattr(training, "training_callbacks", recording_too)
     run_dir = tmp_path / "run"
-    argv = ["--augmentation", "strong", "--rotation-degrees", "20", "--epochs", "2", "--weights", "none"]
+    argv = ["--augmentation", "strong", "--rotation-degrees", "20", "--epochs", "2", "--weights", "imagenet"]
     argv += ["--backbone", "efficientnetb0", "--monitor", "val_auc", "--batchnorm-momentum", "0.9"]
-    argv += ["--tensorboard", "--seed", "2", str(demo_h5), str(run_dir)]
-    with caplog.at_level("INFO", logger="gbmpcnsl"):
-        assert step1.main(argv) == 0
+    argv += ["--learning-rate", "1e-3", "--tensorboard", "--seed", "2", str(h5_path), str(run_dir)]
+    assert step1.main(argv) == 0
+    assert "has no patient groups (original layout)" in capfd.readouterr().err
+    with open(run_dir / "split.csv", newline="") as handle:
+        split = list(csv.DictReader(handle))
+    assert len({r["group"] for r in split}) == len(split) == 16  # each slice its own group
     with open(run_dir / "history.csv", newline="") as handle:
         history = list(csv.DictReader(handle))
     assert len(history) == 2
@@ -174,18 +201,25 @@ def test_strong_val_auc_tensorboard_and_batchnorm_momentum_run(demo_h5, tmp_path
     assert run["best_val_auc"] == max(val_aucs)
     assert run["best_epoch"] == val_aucs.index(max(val_aucs)) + 1
 
-    # Checkpoints carry the monitored value: written on each strict improvement of val_auc.
+    # Checkpoints carry the monitored value: written on each strict improvement of val_auc,
+    # each predicting what the in-memory model predicted at the end of its epoch.
     names = sorted(p.name for p in run_dir.glob("ckpt_*.keras"))
     assert names[0] == f"ckpt_001_{val_aucs[0]:.4f}.keras"
     assert all(re.fullmatch(r"ckpt_\d{3}_[01]\.\d{4}\.keras", name) for name in names)
     assert run["best_checkpoint"] == names[-1]
-    model = load_model_for_inference(run_dir / names[-1])
+    for name in names:
+        loaded = load_model_for_inference(run_dir / name)
+        np.testing.assert_allclose(loaded.predict(probe, verbose=0), predictions[int(name[5:8])], atol=1e-5)
     momenta = {
         layer.momentum
-        for layer in model._flatten_layers()
+        for layer in loaded._flatten_layers()
         if isinstance(layer, keras.layers.BatchNormalization)
     }
     assert momenta == {0.9}
+    # The (fake) ImageNet weights were the starting point: the stem kernel moved only a little.
+    stem = loaded.get_layer("stem_conv").get_weights()[0]
+    start = keras.applications.EfficientNetB0(include_top=False, weights=str(notop), input_shape=(32, 32, 3))
+    assert np.corrcoef(stem.ravel(), start.get_layer("stem_conv").get_weights()[0].ravel())[0, 1] > 0.9
 
     # TensorBoard: one event file per side, holding the epoch losses and the learning rate.
     train = read_event_scalars(run_dir / "tensorboard" / "train")
@@ -197,7 +231,7 @@ def test_strong_val_auc_tensorboard_and_batchnorm_momentum_run(demo_h5, tmp_path
         )
     learning_rates = [value for _, value in train["epoch_learning_rate"]]
     assert learning_rates == pytest.approx([float(row["learning_rate"]) for row in history])
-    assert all(math.isclose(rate, 1e-4, rel_tol=1e-6) for rate in learning_rates)
+    assert all(math.isclose(rate, 1e-3, rel_tol=1e-6) for rate in learning_rates)
 
 
 def history_rows(run_dir: Path) -> list[dict]:
