@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py [--images 400] [--size 128] [--backbone efficientnetb0]
                                      [--batch-size 8] [--steps 20] [--epochs 3] [--scales 1 4]
                                      [--mixed-precision] [--xla] [--work-dir DIR]
-                                     [--variants original ours ours-mixed]
+                                     [--variants original ours ours-mixed ours-keras-adam]
     # GPU, the paper's setting:
     python benchmarks/bench_train.py --backbone efficientnetb4 --size 380 --batch-size 32 \\
         --images 800 --mixed-precision --xla
@@ -17,7 +17,11 @@ file in step0's layout (gzip, one image per chunk) holding N and 4N images (--sc
   no prefetch;
 - ours: gbmpcnsl.data.make_dataset (step1's): uint8 images streamed from the HDF5 file, per-epoch
   seeded shuffle of indices, parallel reads and augmentation of whole batches, prefetch;
-- ours, mixed_float16 (with --mixed-precision): the same, under the mixed_float16 policy.
+- ours, mixed_float16 (with --mixed-precision): the same, under the mixed_float16 policy;
+- ours-keras-adam (only when asked for): ours with Keras 3's element-wise Adam update, as
+  the original's compile gets it today, instead of the fused ResourceApplyAdam kernel that
+  step1 and the other rows apply (gbmpcnsl.adam.use_fused_adam_kernel, as tf.keras 2
+  did): "ours / ours-keras-adam" is what the kernel alone gives.
 --xla compiles the training step with XLA for every row alike, so that the ratio measures
 the input pipeline. Each row runs in a fresh subprocess: --epochs epochs of --steps steps;
 images/s is the median over the epochs after the first (which traces the model), and CPU
@@ -135,6 +139,7 @@ def run_child(args: argparse.Namespace) -> None:
     import psutil
     import tensorflow as tf
 
+    from gbmpcnsl.adam import use_fused_adam_kernel
     from gbmpcnsl.model import build_model
 
     if args.child_variant == "ours-mixed":
@@ -146,6 +151,10 @@ def run_child(args: argparse.Namespace) -> None:
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
         jit_compile=bool(args.xla),
     )
+    if args.child_variant != "original":  # as step1 does: Adam's slots before the first step
+        model.optimizer.build(model.trainable_variables)
+    if args.child_variant in ("ours", "ours-mixed"):
+        use_fused_adam_kernel(model.optimizer)
     baseline_rss = psutil.Process().memory_info().rss
     h5_path = Path(args.child_h5)
     if args.child_variant == "original":
@@ -216,7 +225,7 @@ def main() -> int:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=["original", "ours", "ours-mixed"],
+        choices=["original", "ours", "ours-mixed", "ours-keras-adam"],
         help="rows to run (default: original, ours, and ours-mixed with --mixed-precision)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per row, fastest counts (default 1)")
@@ -282,6 +291,13 @@ def main() -> int:
         if original and ours:
             print(
                 f"{scale}x: ours / original throughput = {ours['images_per_s'] / original['images_per_s']:.2f}"
+            )
+        if (scale, "ours-keras-adam") in by_key and ours:
+            keras_adam = by_key[(scale, "ours-keras-adam")]
+            print(
+                f"{scale}x: fused Adam kernel / Keras Adam: throughput "
+                f"{ours['images_per_s'] / keras_adam['images_per_s']:.2f}, first epoch "
+                f"{ours['first_epoch_s']:.1f} s / {keras_adam['first_epoch_s']:.1f} s"
             )
         if (scale, "ours-mixed") in by_key and ours:
             mixed = by_key[(scale, "ours-mixed")]

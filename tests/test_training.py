@@ -21,6 +21,7 @@ from helpers import TINY, fake_notop_weights, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl import training
+from gbmpcnsl.adam import use_fused_adam_kernel
 from gbmpcnsl.augment import StrongAugmentation
 from gbmpcnsl.config import RESUME_MUST_MATCH
 from gbmpcnsl.runs import RunFolder
@@ -46,7 +47,7 @@ def fake_run(tmp_path: Path, val_losses, val_aucs, monitor: str) -> tuple[RunFol
 
 def adam_steps(fused: bool, optimizer_class=None) -> tuple[list, object]:
     """20 steps of a Keras Adam (3e-3) on three variables, with gradients from 1e-6 to 10;
-    fused: after training.use_fused_adam_kernel. Returns the variables and the step's graph."""
+    fused: after use_fused_adam_kernel. Returns the variables and the step's graph."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -60,7 +61,7 @@ def adam_steps(fused: bool, optimizer_class=None) -> tuple[list, object]:
         optimizer = optimizer_class(optimizer)
     optimizer.build(variables)
     if fused:
-        assert training.use_fused_adam_kernel(optimizer)
+        assert use_fused_adam_kernel(optimizer)
     step = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables, strict=True)))
     for _ in range(20):
         grads = [rng.normal(size=shape).astype(np.float32) * 10 ** rng.uniform(-6, 1) for shape in shapes]
@@ -89,10 +90,10 @@ def test_fused_adam_kernel_gives_keras_adams_update():
         assert not np.allclose(got, unscaled, rtol=1e-3)  # its gradients were divided by the loss scale
 
     optimizer = keras.optimizers.Adam(1e-3)
-    assert training.use_fused_adam_kernel(optimizer)
+    assert use_fused_adam_kernel(optimizer)
     assert keras.optimizers.serialize(optimizer)["class_name"] == "Adam"
-    assert not training.use_fused_adam_kernel(keras.optimizers.Adam(amsgrad=True))
-    assert not training.use_fused_adam_kernel(keras.optimizers.SGD())
+    assert not use_fused_adam_kernel(keras.optimizers.Adam(amsgrad=True))
+    assert not use_fused_adam_kernel(keras.optimizers.SGD())
 
 
 @pytest.mark.parametrize(
@@ -262,6 +263,7 @@ def run_python(code: str, tmp_path: Path, env: dict | None = None, timeout: int 
 LOOK_AT_DETERMINISM = """
 import atexit, json
 from gbmpcnsl import training
+from gbmpcnsl.adam import use_fused_adam_kernel
 from tensorflow.python.framework.config import is_op_determinism_enabled  # not in tf.config
 
 seen = []
