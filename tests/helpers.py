@@ -71,6 +71,20 @@ def fake_notop_weights(path: Path, input_shape=(32, 32, 3)) -> Path:
     return path
 
 
+def add_fit_callbacks(monkeypatch, first: tuple = (), last: tuple = ()) -> None:
+    """Make step1's training run these Keras callbacks before (`first`) and after (`last`)
+    its own, for the rest of the test (through step1.main too)."""
+    from gbmpcnsl import training
+
+    real_training_callbacks = training.training_callbacks
+
+    def with_the_tests_callbacks(*args, **kwargs):
+        callbacks, early_stopping = real_training_callbacks(*args, **kwargs)
+        return [*first, *callbacks, *last], early_stopping
+
+    monkeypatch.setattr(training, "training_callbacks", with_the_tests_callbacks)
+
+
 def last_line(err: str) -> str:
     """The last message on stderr, after the progress bar's carriage returns."""
     return err.strip().replace("\r", "\n").splitlines()[-1]

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import TINY, fake_notop_weights, folder_snapshot, last_line, write_h5
+from helpers import TINY, add_fit_callbacks, fake_notop_weights, folder_snapshot, last_line, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl import training
@@ -228,13 +228,7 @@ def test_step1_interrupted_refused_killed_resumed_then_overwritten(tmp_path, mon
         def on_epoch_end(self, epoch, logs=None):
             logs["val_loss"] = float(epoch + 1)  # the logs every later callback is given
 
-    real_training_callbacks = training.training_callbacks
-
-    def rising_val_loss_first(*args, **kwargs):
-        callbacks, early_stopping = real_training_callbacks(*args, **kwargs)
-        return [RisingValLoss(), *callbacks], early_stopping
-
-    monkeypatch.setattr(training, "training_callbacks", rising_val_loss_first)
+    add_fit_callbacks(monkeypatch, first=(RisingValLoss(),))
     weights = ["--backbone", "efficientnetb0", "--weights", str(notop), "--normalization", "paper"]
     argv = [*weights, "--epochs", "4", "--early-stopping", "1", "--overwrite", str(h5_path), str(run_dir)]
     assert step1.main(argv) == 0

@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import TINY, fake_notop_weights, write_h5
+from helpers import TINY, add_fit_callbacks, fake_notop_weights, write_h5
 
 import step1_train_model as step1
 from gbmpcnsl import training
@@ -175,13 +175,7 @@ def test_imagenet_strong_val_auc_tensorboard_and_batchnorm_momentum_run(tmp_path
         def on_epoch_end(self, epoch, logs=None):
             predictions[epoch + 1] = self.model.predict(probe, verbose=0)
 
-    real_training_callbacks = training.training_callbacks
-
-    def recording_too(*args, **kwargs):
-        callbacks, early_stopping = real_training_callbacks(*args, **kwargs)
-        return [*callbacks, RecordPredictions()], early_stopping
-
-    monkeypatch.setattr(training, "training_callbacks", recording_too)
+    add_fit_callbacks(monkeypatch, last=(RecordPredictions(),))
     run_dir = tmp_path / "run"
     argv = ["--augmentation", "strong", "--rotation-degrees", "20", "--epochs", "2", "--weights", "imagenet"]
     argv += ["--backbone", "efficientnetb0", "--monitor", "val_auc", "--batchnorm-momentum", "0.9"]
