@@ -65,9 +65,12 @@ def learning_rate_at(epoch: int, initial: float = 1e-4) -> float:
 
 
 # ---------------------------------------------------------------------------- the model
-def build_compiled_model(config: TrainConfig, size: tuple[int, int], distribution: Distribution):
+def build_compiled_model(config: TrainConfig, size: tuple[int, int], distribution: Distribution, traced=None):
     """The model, compiled with the paper's optimizer, loss and metrics (fails here at once
-    if the ImageNet weights are missing)."""
+    if the ImageNet weights are missing). With `traced` (the model of an earlier fold of the
+    same cross-validation, its steps traced): that model, given every variable of the new
+    one and of its optimizer (weights, BatchNorm statistics, random states, step count,
+    moments), so the fold trains as the new model would without tracing its steps again."""
     import keras
 
     policy = keras.mixed_precision.global_policy()
@@ -94,7 +97,14 @@ def build_compiled_model(config: TrainConfig, size: tuple[int, int], distributio
         # 56 s -> 26 s; benchmarks/RESULTS.md, step1).
         model.optimizer.build(model.trainable_variables)
     use_fused_adam_kernel(model.optimizer)
-    return model
+    if traced is None:
+        return model
+    with distribution.strategy.scope():
+        for into, source in zip(traced.variables, model.variables, strict=True):
+            into.assign(source)
+        for into, source in zip(traced.optimizer.variables, model.optimizer.variables, strict=True):
+            into.assign(source)
+    return traced
 
 
 def set_batchnorm_momentum(model, momentum: float) -> int:
@@ -329,15 +339,15 @@ def write_split_predictions(
         log.warning("warning: %s: no best checkpoint, so no %s", run_path, VAL_PREDICTIONS_CSV)
         return []
     model = gbmpcnsl.checkpoints.load_model_for_inference(run_path / checkpoint)
+    val, test = np.flatnonzero(subset == VAL), np.flatnonzero(subset == TEST)
+    probs = np.split(predict_hdf5(model, cohort, np.concatenate([val, test]), batch_size), [len(val)])
     written = []
-    for name, filename, what in (
-        (VAL, VAL_PREDICTIONS_CSV, "validation"),
-        (TEST, TEST_PREDICTIONS_CSV, "test"),
+    for indices, prob_pcnsl, filename, what in (
+        (val, probs[0], VAL_PREDICTIONS_CSV, "validation"),
+        (test, probs[1], TEST_PREDICTIONS_CSV, "test"),
     ):
-        indices = np.flatnonzero(subset == name)
-        if name == TEST and len(indices) == 0:
+        if what == "test" and len(indices) == 0:
             continue
-        prob_pcnsl = predict_hdf5(model, cohort, indices, batch_size)
         rows = []
         for index, prob in zip(indices, prob_pcnsl, strict=True):
             record, prob = cohort.records[index], float(prob)
@@ -356,11 +366,13 @@ def train_split(
     subset: np.ndarray,
     distribution: Distribution,
     callbacks: list | None = None,
+    traced=None,
 ):
-    """Build, open the run folder, fit, finish, for one split of the cohort (the single
-    split, or one fold: `subset` as data.split_subsets gives it). Returns the model as it
-    is after the last epoch."""
-    model = build_compiled_model(config, cohort.size, distribution)
+    """Build (on `traced`: see build_compiled_model), open the run folder, fit, finish, for
+    one split of the cohort (the single split, or one fold: `subset` as data.split_subsets
+    gives it). Returns the model as it is after the last epoch."""
+    traced = None if distribution.name == MULTI_WORKER else traced  # WorkerLoop traces anew
+    model = build_compiled_model(config, cohort.size, distribution, traced)
     info, first_epoch = open_run_folder(config, run, cohort, subset, distribution)
     if distribution.name == MULTI_WORKER:  # Keras's fit fails there
         loop = WorkerLoop(config, model, run, cohort, subset, distribution, first_epoch)
