@@ -116,7 +116,6 @@ def trained_checkpoint(trained_run) -> Path:
 # The legacy checkpoints, by name: (backbone, size, tf.keras >= 2.9's weights="imagenet" graph).
 LEGACY_CHECKPOINTS = {
     "b4_380": ("EfficientNetB4", (380, 380), False),  # the paper's model as its step1 saved it
-    "b4_96_imagenet": ("EfficientNetB4", (96, 96), True),
     "b0_64_imagenet": ("EfficientNetB0", (64, 64), True),
 }
 

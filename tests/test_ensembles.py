@@ -5,7 +5,7 @@ The two ensemble members are the session's step1 model (conftest's trained_check
 a copy of it whose logit layer is changed, so that the two disagree image by image. The
 CV run folder is built here by the contract of step1 --folds (fold_<i>/ run folders, a
 cv.json with best_checkpoints once every fold is done). Every check compares against
-step2 / step5 run on one model at a time.
+step2 run on one model at a time, or Grad-CAM written out independently of step5.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import reference_heatmaps
 
 import step2_predict as step2
 import step5_plot_grad_cam as step5
@@ -242,23 +243,29 @@ def test_per_patient_file_needs_overwrite(members, slices, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- step5
-@pytest.mark.slow  # three Grad-CAM runs of the session's step1 model
+@pytest.mark.slow  # the session's step1 model (conftest's trained_run)
 def test_step5_ensemble_heatmap_is_the_mean_of_the_members(members, slices, tmp_path):
+    """The ensemble's --class pcnsl heatmap is the normalised mean of the members' own,
+    each written out independently of step5 (helpers.reference_heatmaps)."""
+    from gbmpcnsl.checkpoints import load_model_for_inference
+    from gbmpcnsl_common import load_image
+
     images = slices[:2] + slices[-2:]
-    heatmaps = []
-    for name, weights in (("first", [members[0]]), ("second", [members[1]]), ("both", members)):
-        output_dir = tmp_path / name
-        argv = ["--model-weights", *map(str, weights), "--output-dir", str(output_dir), "--class", "pcnsl"]
-        assert step5.main([*argv, "--save-heatmaps", *images]) == 0
-        with np.load(output_dir / HEATMAPS_FILE) as saved:
-            heatmaps.append({key: saved[key] for key in saved.files})
-        assert len(list(output_dir.rglob("*.png"))) == len(images)
-    first, second, both = heatmaps
-    assert set(both) == set(first) and len(both) == len(images)
+    models = [load_model_for_inference(member) for member in members]
+    size = tuple(models[0].input_shape[1:3])
+    pixels = np.stack([load_image(image, size) for image in images]).astype(np.float32)
+    first, second = (reference_heatmaps(model, pixels)["pcnsl"] for model in models)
+    output_dir = tmp_path / "both"
+    argv = ["--model-weights", *map(str, members), "--output-dir", str(output_dir), "--class", "pcnsl"]
+    assert step5.main([*argv, "--save-heatmaps", *images]) == 0
+    with np.load(output_dir / HEATMAPS_FILE) as saved:
+        both = [saved[Path(image).relative_to(Path(images[0]).parents[2]).as_posix()] for image in images]
+        assert len(saved.files) == len(images)
+    assert len(list(output_dir.rglob("*.png"))) == len(images)
     differ = 0
-    for key in both:
-        mean = (first[key] + second[key]) / 2
+    for index, image in enumerate(images):
+        mean = (first[index] + second[index]) / 2
         expected = mean / mean.max() if mean.max() > 0 else mean
-        np.testing.assert_allclose(both[key], expected, rtol=0, atol=1e-5)
-        differ += not np.allclose(first[key], second[key], atol=1e-3)
+        np.testing.assert_allclose(both[index], expected, rtol=0, atol=1e-5, err_msg=image)
+        differ += not np.allclose(first[index], second[index], atol=1e-3)
     assert differ > 0, "the members' heatmaps should differ somewhere"

@@ -2,10 +2,13 @@
 independently of the pixels. With nested selection (each fold's checkpoint chosen on
 validation patients drawn from its training patients) the pooled out-of-fold AUROC stays
 near 0.5; choosing each fold's epoch on its own test fold would not. In a module of its own
-so that pytest-xdist can run it beside test_cross_validation.py's other long tests."""
+so that pytest-xdist can run it beside test_cross_validation.py's other long tests. The
+same run shows that the folds of one call, trained on one model whose steps are traced
+once, train as each fold would alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -49,8 +52,11 @@ def epoch_predictions(pixels: np.ndarray):
             super().__init__()
             self.folds: list[list[np.ndarray]] = []
 
+            self.train_functions: list = []
+
         def on_train_begin(self, logs=None):
             self.folds.append([])
+            self.train_functions.append(self.model.train_function)
 
         def on_epoch_end(self, epoch, logs=None):
             # predict_on_batch: one traced call per fold (an eager call costs about 0.6 s).
@@ -74,24 +80,19 @@ def patient_means(values: np.ndarray, patients: np.ndarray, names: list[str]) ->
     return np.stack([values[..., patients == name].mean(axis=-1) for name in names], axis=-1)
 
 
-@pytest.mark.slow  # three folds of 10 epochs
-@pytest.mark.timeout(900)
-def test_no_signal_cohort_stays_near_chance_with_nested_selection(tmp_path):
-    """Labels independent of the pixels: the pooled out-of-fold patient AUROC of the nested
-    rule stays near 0.5; choosing each fold's epoch on its own test patients (from the same
-    training's per-epoch predictions) gives more. Numbers: benchmarks/RESULTS.md."""
-    from sklearn.metrics import roc_auc_score
-
-    from gbmpcnsl.stats import bootstrap_auc
-
-    h5_path, pixels = no_signal_h5(tmp_path / "noise.h5")
+@pytest.fixture(scope="module")
+def no_signal_run(tmp_path_factory):
+    """NO_SIGNAL's cross-validation, with every epoch's predictions of every slice
+    (epoch_predictions): returns the folder, the TrainConfig, the pixels and the recorder."""
+    folder = tmp_path_factory.mktemp("no_signal")
+    h5_path, pixels = no_signal_h5(folder / "noise.h5")
     recorder = epoch_predictions(pixels)
     tiny = {"backbone": "efficientnetb0", "weights": "none", "head_init": "glorot", "batchnorm_momentum": 0.9}
     # A high learning rate and strong augmentation: epochs that differ, so that the choice matters.
     settings = {"learning_rate": 3e-3, "augmentation": "strong", "val_fraction": 0.25, "monitor": "val_auc"}
     config = TrainConfig(
         h5_path,
-        tmp_path / "cv",
+        folder / "cv",
         **tiny,
         **settings,
         epochs=NO_SIGNAL["epochs"],
@@ -99,7 +100,21 @@ def test_no_signal_cohort_stays_near_chance_with_nested_selection(tmp_path):
         deterministic=True,
     )
     train_cross_validation(config, callbacks=[recorder])
-    cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    return folder, config, pixels, recorder
+
+
+@pytest.mark.slow  # three folds of 10 epochs
+@pytest.mark.timeout(900)
+def test_no_signal_cohort_stays_near_chance_with_nested_selection(no_signal_run):
+    """Labels independent of the pixels: the pooled out-of-fold patient AUROC of the nested
+    rule stays near 0.5; choosing each fold's epoch on its own test patients (from the same
+    training's per-epoch predictions) gives more. Numbers: benchmarks/RESULTS.md."""
+    from sklearn.metrics import roc_auc_score
+
+    from gbmpcnsl.stats import bootstrap_auc
+
+    folder, _, _, recorder = no_signal_run
+    cv = json.loads((folder / "cv" / "cv.json").read_text())
     assert cv["selection"] == {
         "select": "best",
         "monitor": "val_auc",
@@ -107,7 +122,7 @@ def test_no_signal_cohort_stays_near_chance_with_nested_selection(tmp_path):
         "chosen_on": "val",
         "val_fraction": 0.25,
     }
-    oof = read_csv(tmp_path / "cv" / "oof_predictions.csv")
+    oof = read_csv(folder / "cv" / "oof_predictions.csv")
     patients = np.array([r["patient_id"] for r in oof])
     names = sorted(set(patients))
     label = patient_means(np.array([float(r["label"]) for r in oof]), patients, names).astype(int)
@@ -119,7 +134,7 @@ def test_no_signal_cohort_stays_near_chance_with_nested_selection(tmp_path):
     for k, per_epoch in enumerate(recorder.folds):
         assert len(per_epoch) == NO_SIGNAL["epochs"]
         epochs.append(patient_means(np.stack(per_epoch), patients, names))
-        best.append(json.loads((tmp_path / "cv" / f"fold_{k}" / "run.json").read_text())["best_epoch"] - 1)
+        best.append(json.loads((folder / "cv" / f"fold_{k}" / "run.json").read_text())["best_epoch"] - 1)
         np.testing.assert_allclose(nested[fold == k], epochs[k][best[k]][fold == k], rtol=0, atol=1e-4)
 
     # Selection on the test fold, on the real labels and on 500 relabellings of each fold's
@@ -154,3 +169,20 @@ def test_no_signal_cohort_stays_near_chance_with_nested_selection(tmp_path):
     assert nested_ci[0] <= 0.5 <= nested_ci[1] and abs(pooled["nested"][0] - 0.5) < 0.2
     assert abs(pooled["nested"][1:].mean() - 0.5) < 0.02
     assert pooled["peeking"][1:].mean() > pooled["nested"][1:].mean() + 0.05
+
+
+@pytest.mark.slow  # a fold of one epoch, and the fixture's three folds
+@pytest.mark.timeout(900)
+def test_a_fold_alone_trains_as_after_the_other_folds(no_signal_run, tmp_path):
+    """The folds of one call share one model, traced once (the same train function), its
+    variables and optimizer reset for each fold: fold 2 trained alone for one epoch under
+    --deterministic predicts as fold 2 did after its first epoch in the three-fold run."""
+    _, config, pixels, recorder = no_signal_run
+    assert len(recorder.train_functions) == NO_SIGNAL["folds"] and recorder.train_functions[0] is not None
+    assert all(function is recorder.train_functions[0] for function in recorder.train_functions)
+    alone = epoch_predictions(pixels)
+    train_cross_validation(
+        dataclasses.replace(config, run_dir=tmp_path / "cv", fold=2, epochs=1), callbacks=[alone]
+    )
+    assert len(alone.folds) == 1 and len(alone.folds[0]) == 1
+    np.testing.assert_array_equal(alone.folds[0][0], recorder.folds[2][0])

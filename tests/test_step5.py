@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import last_line, send_ctrl_c
+from helpers import last_line, reference_heatmaps, send_ctrl_c
 from PIL import Image
 
 import step2_predict as step2
@@ -104,23 +104,6 @@ def model_inputs(image_dir) -> np.ndarray:
     return np.stack([load_image(image_dir / r, (MODEL_SIZE, MODEL_SIZE)) for r, _, _ in TEST_IMAGES]).astype(
         np.float32
     )
-
-
-def reference_heatmaps(model, images: np.ndarray, sign: float, layer: str = "top_activation") -> list:
-    """Grad-CAM of sign * logit, one image at a time, written out independently of step5."""
-    import keras
-    import tensorflow as tf
-
-    inner = keras.Model(model.inputs[0], [model.get_layer(layer).output, model.get_layer("logit").output])
-    heatmaps = []
-    for image in images:
-        with tf.GradientTape() as tape:
-            activations, logit = inner(tf.constant(image[np.newaxis]), training=False)
-            target = sign * logit[0, 0]
-        grads = tape.gradient(target, activations)[0].numpy()
-        cam = np.maximum(activations[0].numpy() @ grads.mean(axis=(0, 1)), 0.0)
-        heatmaps.append(cam / cam.max() if cam.max() > 0 else cam)
-    return heatmaps
 
 
 def run_step5(*args) -> int:
@@ -237,10 +220,7 @@ def test_class_sign_convention(tmp_path, tiny_model, tiny_model_path, image_dir,
     """--class gbm gives the map of the negated logit, --class pcnsl that of the logit, and
     auto picks per image by the sign of the logit; checked against an independent
     per-image GradientTape computation."""
-    reference = {
-        "pcnsl": reference_heatmaps(tiny_model, model_inputs, +1.0),
-        "gbm": reference_heatmaps(tiny_model, model_inputs, -1.0),
-    }
+    reference = reference_heatmaps(tiny_model, model_inputs)
     # The two signs really give different maps (else this test would prove nothing).
     assert max(np.abs(g - p).max() for g, p in zip(reference["gbm"], reference["pcnsl"], strict=True)) > 0.5
     grad_model = make_grad_model(tiny_model)
@@ -442,9 +422,14 @@ def write_cv_folder(folder: Path, checkpoints: list[Path], held_out: list[list[s
 
 
 def test_out_of_fold_explains_each_image_by_the_fold_that_held_its_patient_out(
-    tmp_path, image_dir, tiny_model_path, capsys
+    tmp_path, image_dir, tiny_model_path, tiny_model, model_inputs, capsys
 ):
+    """Each image's heatmap is its own fold's (the model that did not train on its patient),
+    or the ensemble's for a patient outside the cohort: checked against Grad-CAM written
+    out independently (reference_heatmaps), member by member."""
     import keras
+
+    from gbmpcnsl.checkpoints import load_model_for_inference
 
     # A second model that disagrees with the first: its logit layer changed.
     model = keras.saving.load_model(tiny_model_path, compile=False)
@@ -456,33 +441,46 @@ def test_out_of_fold_explains_each_image_by_the_fold_that_held_its_patient_out(
     # fold 0 held out gbm/p1, fold 1 pcnsl/p1; pcnsl/p2 is outside the cohort
     cv_dir = write_cv_folder(tmp_path / "cv", [tiny_model_path, other], [["gbm/p1"], ["pcnsl/p1"]])
 
-    layer = ("--layer", "block4a_expand_activation", "--save-heatmaps")
-    heatmaps = {}
-    for name, weights in (
-        ("fold0", [tiny_model_path]),
-        ("fold1", [other]),
-        ("both", [tiny_model_path, other]),
-    ):
-        assert run_step5("--model-weights", *weights, "--output-dir", tmp_path / name, *layer, image_dir) == 0
-        heatmaps[name] = dict(np.load(tmp_path / name / "heatmaps.npz"))
-    capsys.readouterr()
+    # The expected heatmaps: each fold explains its own call; the ensemble of both explains
+    # its call (mean P(PCNSL) > 0.5) with the normalised mean of the members' heatmaps.
+    layer = "block4a_expand_activation"
+    members = [tiny_model, load_model_for_inference(other)]
+    maps = [reference_heatmaps(m, model_inputs, layer) for m in members]
+    prob_pcnsl = [m.predict(model_inputs, verbose=0)[:, 0] for m in members]
+    ensemble = np.where(np.mean(prob_pcnsl, axis=0) > 0.5, "pcnsl", "gbm")
+    mean = np.stack([(maps[0][c][i] + maps[1][c][i]) / 2 for i, c in enumerate(ensemble)])
+    expected = {
+        "fold0": np.where((prob_pcnsl[0] > 0.5)[:, None, None], maps[0]["pcnsl"], maps[0]["gbm"]),
+        "fold1": np.where((prob_pcnsl[1] > 0.5)[:, None, None], maps[1]["pcnsl"], maps[1]["gbm"]),
+        "both": mean / mean.max(axis=(1, 2), keepdims=True),
+    }
+
     out = tmp_path / "oof"
-    assert run_step5("--model-weights", cv_dir, "--out-of-fold", "--output-dir", out, *layer, image_dir) == 0
+    args = (
+        "--model-weights",
+        cv_dir,
+        "--out-of-fold",
+        "--output-dir",
+        out,
+        "--layer",
+        layer,
+        "--save-heatmaps",
+    )
+    assert run_step5(*args, image_dir) == 0
     assert (
         "--out-of-fold: 3 image(s) explained by the fold that held their patient out (fold0 2, fold1 1); "
         "3 image(s) of patients outside the cross-validation cohort explained by the ensemble of all 2 folds"
     ) in capsys.readouterr().err
     got = dict(np.load(out / "heatmaps.npz"))
-    assert sorted(got) == sorted(heatmaps["both"]) and len(got) == len(TEST_IMAGES)
+    names = sorted(overlay_name(r) for r, _, _ in TEST_IMAGES)
+    assert sorted(got) == names
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == names
     expected_source = {"gbm/p1": "fold0", "pcnsl/p1": "fold1", "pcnsl/p2": "both"}
-    for key, heatmap in got.items():
-        source = expected_source["/".join(key.split("/")[:2])]
-        np.testing.assert_allclose(heatmap, heatmaps[source][key], rtol=0, atol=1e-5)
+    for index, (relative, _, _) in enumerate(TEST_IMAGES):
+        heatmap, source = got[overlay_name(relative)], expected_source[relative.rsplit("/", 1)[0]]
+        np.testing.assert_allclose(heatmap, expected[source][index], rtol=0, atol=1e-5, err_msg=relative)
         # ... and not what another choice gives (the three differ on these images)
-        assert all(not np.allclose(heatmap, heatmaps[o][key], atol=1e-3) for o in heatmaps if o != source)
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(
-        p.relative_to(tmp_path / "both").as_posix() for p in (tmp_path / "both").rglob("*.png")
-    )
+        assert all(not np.allclose(heatmap, expected[o][index], atol=1e-3) for o in expected if o != source)
 
     # --out-of-fold needs one cross-validation run folder
     assert (
