@@ -5,7 +5,7 @@ The two ensemble members are the session's step1 model (conftest's trained_check
 a copy of it whose logit layer is changed, so that the two disagree image by image. The
 CV run folder is built here by the contract of step1 --folds (fold_<i>/ run folders, a
 cv.json with best_checkpoints once every fold is done). Every check compares against
-step2 run on one model at a time, or Grad-CAM written out independently of step5.
+step2 or Grad-CAM run on one model at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import reference_heatmaps
 
 import step2_predict as step2
 import step5_plot_grad_cam as step5
@@ -245,16 +244,17 @@ def test_per_patient_file_needs_overwrite(members, slices, tmp_path, capsys):
 # ---------------------------------------------------------------------------- step5
 @pytest.mark.slow  # the session's step1 model (conftest's trained_run)
 def test_step5_ensemble_heatmap_is_the_mean_of_the_members(members, slices, tmp_path):
-    """The ensemble's --class pcnsl heatmap is the normalised mean of the members' own,
-    each written out independently of step5 (helpers.reference_heatmaps)."""
+    """The ensemble's --class pcnsl heatmap is the normalised mean of the members' own
+    (gbmpcnsl.gradcam.grad_cam on each member alone, in this process)."""
     from gbmpcnsl.checkpoints import load_model_for_inference
+    from gbmpcnsl.gradcam import grad_cam, make_grad_model
     from gbmpcnsl_common import load_image
 
     images = slices[:2] + slices[-2:]
     models = [load_model_for_inference(member) for member in members]
     size = tuple(models[0].input_shape[1:3])
     pixels = np.stack([load_image(image, size) for image in images]).astype(np.float32)
-    first, second = (reference_heatmaps(model, pixels)["pcnsl"] for model in models)
+    first, second = (grad_cam(make_grad_model(model), pixels, "pcnsl")[0].numpy() for model in models)
     output_dir = tmp_path / "both"
     argv = ["--model-weights", *map(str, members), "--output-dir", str(output_dir), "--class", "pcnsl"]
     assert step5.main([*argv, "--save-heatmaps", *images]) == 0

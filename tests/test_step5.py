@@ -425,11 +425,13 @@ def test_out_of_fold_explains_each_image_by_the_fold_that_held_its_patient_out(
     tmp_path, image_dir, tiny_model_path, tiny_model, model_inputs, capsys
 ):
     """Each image's heatmap is its own fold's (the model that did not train on its patient),
-    or the ensemble's for a patient outside the cohort: checked against Grad-CAM written
-    out independently (reference_heatmaps), member by member."""
+    or the ensemble's for a patient outside the cohort: checked against gbmpcnsl.gradcam
+    run in this process on each fold alone and on both (its numbers against an independent
+    computation: test_class_sign_convention)."""
     import keras
 
     from gbmpcnsl.checkpoints import load_model_for_inference
+    from gbmpcnsl.gradcam import ensemble_grad_cam
 
     # A second model that disagrees with the first: its logit layer changed.
     model = keras.saving.load_model(tiny_model_path, compile=False)
@@ -441,18 +443,13 @@ def test_out_of_fold_explains_each_image_by_the_fold_that_held_its_patient_out(
     # fold 0 held out gbm/p1, fold 1 pcnsl/p1; pcnsl/p2 is outside the cohort
     cv_dir = write_cv_folder(tmp_path / "cv", [tiny_model_path, other], [["gbm/p1"], ["pcnsl/p1"]])
 
-    # The expected heatmaps: each fold explains its own call; the ensemble of both explains
-    # its call (mean P(PCNSL) > 0.5) with the normalised mean of the members' heatmaps.
+    # The expected heatmaps: each fold alone, and the ensemble of both (auto: each its own call).
     layer = "block4a_expand_activation"
-    members = [tiny_model, load_model_for_inference(other)]
-    maps = [reference_heatmaps(m, model_inputs, layer) for m in members]
-    prob_pcnsl = [m.predict(model_inputs, verbose=0)[:, 0] for m in members]
-    ensemble = np.where(np.mean(prob_pcnsl, axis=0) > 0.5, "pcnsl", "gbm")
-    mean = np.stack([(maps[0][c][i] + maps[1][c][i]) / 2 for i, c in enumerate(ensemble)])
+    grad_models = [make_grad_model(m, layer) for m in (tiny_model, load_model_for_inference(other))]
     expected = {
-        "fold0": np.where((prob_pcnsl[0] > 0.5)[:, None, None], maps[0]["pcnsl"], maps[0]["gbm"]),
-        "fold1": np.where((prob_pcnsl[1] > 0.5)[:, None, None], maps[1]["pcnsl"], maps[1]["gbm"]),
-        "both": mean / mean.max(axis=(1, 2), keepdims=True),
+        "fold0": grad_cam(grad_models[0], model_inputs)[0].numpy(),
+        "fold1": grad_cam(grad_models[1], model_inputs)[0].numpy(),
+        "both": ensemble_grad_cam(grad_models, model_inputs)[0].numpy(),
     }
 
     out = tmp_path / "oof"

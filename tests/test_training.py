@@ -279,25 +279,41 @@ atexit.register(lambda: print(json.dumps(seen)))
 """
 
 
-@pytest.mark.slow  # two trainings in a process of their own
+@pytest.mark.slow  # three trainings in a process of their own
 @pytest.mark.timeout(660)  # a subprocess of up to 600 s
-def test_deterministic_run_replayed_from_its_run_json_into_mlflow(tmp_path, monkeypatch):
-    """A run with --deterministic, then `step1 --config RUN/run.json` with the original
-    moved aside and the replay written where it was: the same history, split and
-    checkpoint names, and a run.json that is the original's but for the times and the
-    command line. Op determinism is on during both fits (off before the first: the flag
-    turned it on; the control, a fit without the flag that has it off, is
-    test_mirrored_strategy_on_two_logical_cpus). The replay also goes to a local MLflow
-    store (--mlflow): settings, command, each epoch's metrics, the run folder."""
+def test_mirrored_then_deterministic_run_replayed_from_its_run_json_into_mlflow(tmp_path, monkeypatch):
+    """In one process with two logical CPUs: a --distribute mirrored run (two replicas)
+    without --deterministic, the control: op determinism is off during its fit. Then a
+    run with --deterministic, and `step1 --config RUN/run.json` with the original moved
+    aside and the replay written where it was: op determinism on during both fits, the
+    same history, split and checkpoint names, and a run.json that is the original's but
+    for the times and the command line. The replay also goes to a local MLflow store
+    (--mlflow): settings, command, each epoch's metrics, the run folder."""
     h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
-    run_dir, original, store = tmp_path / "run", tmp_path / "original", tmp_path / "mlruns"
+    mirrored_dir, run_dir = tmp_path / "mirrored", tmp_path / "run"
+    original, store = tmp_path / "original", tmp_path / "mlruns"
+    mirrored = [
+        "--augmentation",
+        "base",
+        "--epochs",
+        "1",
+        *TINY,
+        "--batch-size",
+        "4",
+        "--distribute",
+        "mirrored",
+    ]
     argv = ["--augmentation", "base_and_noise", "--epochs", "2", *TINY, "--seed", "3", "--batch-size", "4"]
     replay_argv = ["--config", str(original / "run.json"), "--mlflow", str(store), str(h5_path), str(run_dir)]
     result = run_python(
         LOOK_AT_DETERMINISM
         + f"""
 import os
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import step1_train_model as step1
+assert step1.main({mirrored!r} + [{str(h5_path)!r}, {str(mirrored_dir)!r}]) == 0
 assert not is_op_determinism_enabled()
 assert step1.main({argv!r} + ["--deterministic", {str(h5_path)!r}, {str(run_dir)!r}]) == 0
 os.rename({str(run_dir)!r}, {str(original)!r})
@@ -306,12 +322,18 @@ assert step1.main({replay_argv!r}) == 0
         tmp_path,
         timeout=600,
     )
+    assert "batch size 4 per replica x 2 replica(s) = global batch 8 (MirroredStrategy)" in result.stderr
+    run = json.loads((mirrored_dir / "run.json").read_text())
+    assert run["replicas"] == 2 and run["global_batch_size"] == 8 and run["strategy"] == "MirroredStrategy"
+    assert len(history_rows(mirrored_dir)) == 1 and list(mirrored_dir.glob("ckpt_001_*.keras"))
     seen = json.loads(result.stdout.splitlines()[-1])
-    assert len(seen) == 2 and all(seen) and all(all(run) for run in seen)
+    assert len(seen) == 3 and seen[0] and not any(seen[0])  # the control: off without the flag
+    assert all(seen[1:]) and all(all(run) for run in seen[1:])
     first, replay = (json.loads((folder / "run.json").read_text()) for folder in (original, run_dir))
     assert first["command"][0] == "step1_train_model.py" and first["command"][-1] == str(run_dir)
     assert replay["command"][1:3] == ["--config", str(original / "run.json")]
     assert replay["arguments"]["batch_size"] == 4 and replay["arguments"]["deterministic"]
+    assert first["strategy"] == replay["strategy"] == "default strategy" and first["replicas"] == 1
     for info in (first, replay):
         for key in ("command", "start_time", "end_time"):
             del info[key]
@@ -336,34 +358,6 @@ assert step1.main({replay_argv!r}) == 0
     artifacts = {artifact.path for artifact in client.list_artifacts(logged.info.run_id)}
     assert {"run.json", "history.csv", "split.csv", replay["best_checkpoint"]} <= artifacts
     assert "backup" not in artifacts
-
-
-@pytest.mark.slow  # a training in a process of its own
-@pytest.mark.timeout(360)  # a subprocess of up to 300 s
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
-    """Also the control of the --deterministic test: without the flag, op determinism is
-    off during the fit."""
-    h5_path = write_h5(tmp_path / "d.h5", patients=(4, 4), slices=3)
-    run_dir = tmp_path / "run"
-    argv = ["--augmentation", "base", "--epochs", "1", *TINY, "--batch-size", "4", "--distribute", "mirrored"]
-    result = run_python(
-        LOOK_AT_DETERMINISM
-        + f"""
-import sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import step1_train_model as step1
-sys.exit(step1.main({argv!r} + [{str(h5_path)!r}, {str(run_dir)!r}]))
-""",
-        tmp_path,
-    )
-    assert "batch size 4 per replica x 2 replica(s) = global batch 8 (MirroredStrategy)" in result.stderr
-    run = json.loads((run_dir / "run.json").read_text())
-    assert run["replicas"] == 2 and run["global_batch_size"] == 8 and run["strategy"] == "MirroredStrategy"
-    assert len(history_rows(run_dir)) == 1 and list(run_dir.glob("ckpt_001_*.keras"))
-    seen = json.loads(result.stdout.splitlines()[-1])
-    assert len(seen) == 1 and seen[0] and not any(seen[0])
 
 
 def test_learning_rate_schedule():
