@@ -63,6 +63,8 @@ class Cluster:
             dump,
         )
         self.workers = 2
+        self.scratch = tmp_path / "tmp"  # the workers' TMPDIR
+        self.scratch.mkdir(exist_ok=True)
         self.processes: list[subprocess.Popen] = []
         self.launches = 0
 
@@ -77,6 +79,7 @@ class Cluster:
             for index in range(self.workers):
                 tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
                 env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "3"}
+                env["TMPDIR"] = str(self.scratch)  # where a SIGKILLed worker leaves its scratch folder
                 with open(self.stderr_path(index), "w") as stderr:
                     process = self.spawn.popen(
                         self.command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr
@@ -357,12 +360,14 @@ def test_two_workers_train_one_model_through_a_sigkill_and_resume(tmp_path, coho
     cluster.kill(0)  # ...and the job with it (the chief would wait for it in vain)
     assert "x 2 replica(s) = global batch 16 (MultiWorkerMirroredStrategy)" in cluster.stderr(0)
     finished = backup_epoch(run_dir / "backup")  # at least 2 of the 4 epochs are left
+    killed_scratch = set(cluster.scratch.glob("gbmpcnsl-worker-*"))  # the killed worker 1's
     assert 1 <= finished < 3 and json.loads((run_dir / "run.json").read_text())["status"] == "running"
 
     resumed = Cluster(processes, tmp_path, [*argv, "--resume"], deadline, dump=dump)
     resumed.launches = cluster.launches
     resumed.start()
     assert resumed.wait() == [0, 0], resumed.stderr(0)[-3000:] + resumed.stderr(1)[-3000:]
+    assert set(resumed.scratch.glob("gbmpcnsl-worker-*")) == killed_scratch  # the resumed one removed its own
     assert f"resuming {run_dir} after epoch {finished} of 4" in resumed.stderr(0)
     assert "x 2 replica(s) = global batch 16 (MultiWorkerMirroredStrategy)" in resumed.stderr(0)
     rows = history(run_dir)
