@@ -1,8 +1,7 @@
 """Helpers shared by the test modules: small HDF5 files in step0's layout, images, small
 DICOM files, fake ImageNet weight files, predictions CSVs and scores with correlated slices
-per patient, Grad-CAM written out independently of step5, the readers of a step's stderr
-and of a folder's bytes, and the killing of process trees and a read from a child's pipe
-with a deadline. Test files import these from
+per patient, and the readers of a step's stderr and of a folder's bytes, and the killing of
+process trees and a read from a child's pipe with a deadline. Test files import these from
 here, never from one another."""
 
 from __future__ import annotations
@@ -209,23 +208,3 @@ def read_csv(path: Path) -> list[dict]:
     """A CSV file's rows as dicts (csv.DictReader)."""
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def reference_heatmaps(model, images: np.ndarray, layer: str = "top_activation") -> dict[str, np.ndarray]:
-    """Grad-CAM written out independently of step5, one image at a time: {"pcnsl": maps of
-    the logit, "gbm": maps of the negated logit} (each (N, h, w), 0-1). One gradient per
-    image serves both: that of the negated logit is the negated gradient."""
-    import keras
-    import tensorflow as tf
-
-    inner = keras.Model(model.inputs[0], [model.get_layer(layer).output, model.get_layer("logit").output])
-    heatmaps = {"pcnsl": [], "gbm": []}
-    for image in images:
-        with tf.GradientTape() as tape:
-            activations, logit = inner(tf.constant(image[np.newaxis]), training=False)
-            target = logit[0, 0]
-        grads = tape.gradient(target, activations)[0].numpy()
-        for name, sign in (("pcnsl", 1.0), ("gbm", -1.0)):
-            cam = np.maximum(activations[0].numpy() @ (sign * grads.mean(axis=(0, 1))), 0.0)
-            heatmaps[name].append(cam / cam.max() if cam.max() > 0 else cam)
-    return {name: np.stack(maps) for name, maps in heatmaps.items()}

@@ -51,7 +51,6 @@ def epoch_predictions(pixels: np.ndarray):
         def __init__(self):
             super().__init__()
             self.folds: list[list[np.ndarray]] = []
-
             self.train_functions: list = []
 
         def on_train_begin(self, logs=None):

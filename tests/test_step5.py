@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import last_line, reference_heatmaps, send_ctrl_c
+from helpers import last_line, send_ctrl_c
 from PIL import Image
 
 import step2_predict as step2
@@ -104,6 +104,26 @@ def model_inputs(image_dir) -> np.ndarray:
     return np.stack([load_image(image_dir / r, (MODEL_SIZE, MODEL_SIZE)) for r, _, _ in TEST_IMAGES]).astype(
         np.float32
     )
+
+
+def reference_heatmaps(model, images: np.ndarray, layer: str = "top_activation") -> dict[str, np.ndarray]:
+    """Grad-CAM written out independently of step5, one image at a time: {"pcnsl": maps of
+    the logit, "gbm": maps of the negated logit} (each (N, h, w), 0-1). One gradient per
+    image serves both: that of the negated logit is the negated gradient."""
+    import keras
+    import tensorflow as tf
+
+    inner = keras.Model(model.inputs[0], [model.get_layer(layer).output, model.get_layer("logit").output])
+    heatmaps = {"pcnsl": [], "gbm": []}
+    for image in images:
+        with tf.GradientTape() as tape:
+            activations, logit = inner(tf.constant(image[np.newaxis]), training=False)
+            target = logit[0, 0]
+        grads = tape.gradient(target, activations)[0].numpy()
+        for name, sign in (("pcnsl", 1.0), ("gbm", -1.0)):
+            cam = np.maximum(activations[0].numpy() @ (sign * grads.mean(axis=(0, 1))), 0.0)
+            heatmaps[name].append(cam / cam.max() if cam.max() > 0 else cam)
+    return {name: np.stack(maps) for name, maps in heatmaps.items()}
 
 
 def run_step5(*args) -> int:
@@ -430,7 +450,6 @@ def test_out_of_fold_explains_each_image_by_the_fold_that_held_its_patient_out(
     computation: test_class_sign_convention)."""
     import keras
 
-    from gbmpcnsl.checkpoints import load_model_for_inference
     from gbmpcnsl.gradcam import ensemble_grad_cam
 
     # A second model that disagrees with the first: its logit layer changed.
@@ -445,7 +464,7 @@ def test_out_of_fold_explains_each_image_by_the_fold_that_held_its_patient_out(
 
     # The expected heatmaps: each fold alone, and the ensemble of both (auto: each its own call).
     layer = "block4a_expand_activation"
-    grad_models = [make_grad_model(m, layer) for m in (tiny_model, load_model_for_inference(other))]
+    grad_models = [make_grad_model(m, layer) for m in (tiny_model, model)]
     expected = {
         "fold0": grad_cam(grad_models[0], model_inputs)[0].numpy(),
         "fold1": grad_cam(grad_models[1], model_inputs)[0].numpy(),
